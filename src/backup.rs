@@ -1,0 +1,378 @@
+//! The backup pipeline.
+//!
+//! One dispatcher walks the blocks to read in order; `threads` workers each
+//! read a block, skip it if it is all zeros, hash it, and compress and seal
+//! it only if the repository does not have it yet; the calling thread
+//! collects results (in any order), appends new chunks to the current pack,
+//! stores full packs, and builds the block map. Bounded channels between the
+//! stages keep memory constant whatever the disk size, and let reading,
+//! hashing, compressing and writing overlap.
+//!
+//! Nothing becomes visible until `Session::commit` writes, in order, the last
+//! pack, the index files, and the snapshot manifest.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+
+use crate::blockmap::{self, MapBuilder};
+use crate::chunk::{self, EncodedChunk};
+use crate::error::{Error, Result};
+use crate::format::{self, ChunkKind};
+use crate::id::ChunkId;
+use crate::pack::PackWriter;
+use crate::reader::{NodeCache, RepoNodes};
+use crate::repo::Repository;
+use crate::snapshot::{self, Capture, CaptureMode, Disk, DiskStats, Snapshot};
+use crate::source::{Range, Source};
+
+pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
+
+#[derive(Clone)]
+pub struct BackupOptions {
+    /// Worker threads for read, hash, compress and seal.
+    pub threads: usize,
+    /// Set to stop the backup early; it then fails with `Interrupted`.
+    pub cancel: Arc<AtomicBool>,
+    /// Called with the number of bytes of the disk processed so far.
+    pub progress: Option<Progress>,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        BackupOptions {
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            cancel: Arc::new(AtomicBool::new(false)),
+            progress: None,
+        }
+    }
+}
+
+/// What to back up for one disk.
+pub struct DiskPlan<'a> {
+    pub name: String,
+    pub source: &'a dyn Source,
+    /// For an incremental: the same disk in the parent snapshot. Only the
+    /// source's dirty ranges are read; every other block comes from it.
+    pub incremental_parent: Option<&'a Disk>,
+    pub capture: Capture,
+}
+
+enum Outcome {
+    Zero,
+    Known(ChunkId),
+    New(EncodedChunk),
+}
+
+enum Msg {
+    Block { idx: u64, len: u64, outcome: Result<Outcome> },
+    Keep { from: u64, to: u64 },
+}
+
+/// One backup session: any number of disks, then one commit.
+pub struct Session<'r> {
+    repo: &'r Repository,
+    /// Touched only by the collecting thread; the lock is never contended.
+    pack: Mutex<PackWriter>,
+    /// Chunks stored (or being stored) by this session and not yet in the
+    /// index: the guard that keeps a chunk from being encoded twice.
+    inflight: Mutex<HashSet<ChunkId>>,
+    nodes: NodeCache,
+    disks: Vec<Disk>,
+    started: Instant,
+}
+
+/// Turn byte ranges into sorted, merged runs of block indices.
+fn block_runs(ranges: &[Range], cs: u64, nchunks: u64) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for r in ranges {
+        if r.len == 0 {
+            continue;
+        }
+        let first = r.offset / cs;
+        let last = ((r.offset + r.len - 1) / cs + 1).min(nchunks);
+        if first >= last {
+            continue;
+        }
+        match runs.last_mut() {
+            Some(l) if first <= l.1 => l.1 = l.1.max(last),
+            _ => runs.push((first, last)),
+        }
+    }
+    runs
+}
+
+impl<'r> Session<'r> {
+    pub fn new(repo: &'r Repository) -> Session<'r> {
+        Session {
+            repo,
+            pack: Mutex::new(PackWriter::new()),
+            inflight: Mutex::new(HashSet::new()),
+            nodes: NodeCache::new(1024),
+            disks: Vec::new(),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn repo(&self) -> &Repository {
+        self.repo
+    }
+
+    /// Append an encoded chunk to the current pack, storing the pack first
+    /// if it is full. Returns the bytes it adds to the repository.
+    fn append(&self, c: &EncodedChunk) -> Result<u64> {
+        let limit = usize::try_from(self.repo.config().pack_size).unwrap_or(usize::MAX);
+        let full = {
+            let p = self.pack.lock().expect("pack lock");
+            !p.is_empty() && p.len() + c.sealed.len() > limit
+        };
+        if full {
+            self.flush_pack()?;
+        }
+        self.pack.lock().expect("pack lock").add(c);
+        Ok(u64::try_from(c.sealed.len()).expect("fits"))
+    }
+
+    fn flush_pack(&self) -> Result<()> {
+        let pack = std::mem::take(&mut *self.pack.lock().expect("pack lock"));
+        if pack.is_empty() {
+            return Ok(());
+        }
+        let entries = pack.finish(self.repo.backend().as_ref(), self.repo.keys())?;
+        {
+            let mut inflight = self.inflight.lock().expect("inflight lock");
+            for (id, _) in &entries {
+                inflight.remove(id);
+            }
+        }
+        if self.repo.index().add_pending(entries) {
+            self.repo.index().flush(self.repo.backend().as_ref(), self.repo.keys())?;
+        }
+        Ok(())
+    }
+
+    /// Is this chunk already stored, or claimed by another worker of this
+    /// session? Claims it if not.
+    fn claim(&self, id: &ChunkId) -> Result<bool> {
+        if self.repo.index().contains(id)? {
+            return Ok(false);
+        }
+        Ok(self.inflight.lock().expect("inflight lock").insert(*id))
+    }
+
+    fn store_map_node(&self, entries: &[ChunkId], stored: &AtomicU64) -> Result<ChunkId> {
+        let plain = format::encode_map_node(entries);
+        let id = self.repo.keys().chunk_id(&plain);
+        if self.claim(&id)? {
+            let enc = chunk::encode(self.repo.keys(), id, ChunkKind::Map, &plain, 0);
+            stored.fetch_add(self.append(&enc)?, Ordering::Relaxed);
+        }
+        Ok(id)
+    }
+
+    /// Back up one disk; its entry goes into the snapshot at commit.
+    pub fn backup_disk(&mut self, plan: DiskPlan<'_>, opts: &BackupOptions) -> Result<Disk> {
+        let cs = u64::from(self.repo.config().chunk_size);
+        let size = plan.source.size();
+        let nchunks = size.div_ceil(cs);
+        let (ranges, parent_leaves) = match plan.incremental_parent {
+            Some(parent) => {
+                if parent.size != size || u64::from(parent.chunk_size) != cs {
+                    return Err(Error::Invalid(format!(
+                        "disk {}: size or chunk size differs from the parent; an incremental is impossible",
+                        plan.name
+                    )));
+                }
+                let dirty = plan.source.dirty_ranges()?.ok_or_else(|| {
+                    Error::Invalid(format!("disk {}: the source has no dirty bitmap", plan.name))
+                })?;
+                let nodes = RepoNodes { repo: self.repo, cache: &self.nodes };
+                (dirty, Some(blockmap::leaf_ids(&nodes, &parent.map, nchunks)?))
+            }
+            None => (plan.source.data_ranges()?, None),
+        };
+        let runs = block_runs(&ranges, cs, nchunks);
+        let mut builder = MapBuilder::new(nchunks, parent_leaves)?;
+        let mut stats = DiskStats { chunks: nchunks, ..DiskStats::default() };
+
+        let threads = opts.threads.max(1);
+        let (job_tx, job_rx) = bounded::<(u64, u64)>(threads * 2);
+        let (res_tx, res_rx) = bounded::<Msg>(threads * 2);
+        let bytes_read = AtomicU64::new(0);
+        let source = plan.source;
+        let cancel = &opts.cancel;
+
+        let result: Result<()> = std::thread::scope(|scope| {
+            // Dispatcher: blocks in order, gaps as `Keep`.
+            let res_tx_d = res_tx.clone();
+            scope.spawn(move || dispatch(&runs, nchunks, size, cs, &job_tx, &res_tx_d, cancel));
+            let this = &*self;
+            for _ in 0..threads {
+                let (job_rx, res_tx) = (job_rx.clone(), res_tx.clone());
+                let bytes_read = &bytes_read;
+                scope.spawn(move || this.worker(source, &job_rx, &res_tx, bytes_read));
+            }
+            drop(res_tx);
+            drop(job_rx);
+            this.collect(&res_rx, &mut builder, &mut stats, opts, size)
+        });
+        if let Err(e) = result {
+            return Err(e);
+        }
+        if opts.cancel.load(Ordering::Relaxed) {
+            return Err(Error::Interrupted);
+        }
+        stats.bytes_read = bytes_read.into_inner();
+        let node_bytes = AtomicU64::new(0);
+        let map = builder.finish(&mut |e| self.store_map_node(e, &node_bytes))?;
+        stats.bytes_stored += node_bytes.into_inner();
+        let disk = Disk {
+            name: plan.name,
+            size,
+            chunk_size: self.repo.config().chunk_size,
+            map,
+            source: source.describe(),
+            capture: plan.capture,
+            stats,
+        };
+        self.disks.push(disk.clone());
+        Ok(disk)
+    }
+
+    fn worker(&self, source: &dyn Source, jobs: &Receiver<(u64, u64)>, out: &Sender<Msg>, bytes_read: &AtomicU64) {
+        let mut buf = Vec::new();
+        for (idx, len) in jobs {
+            let outcome = (|| {
+                let n = usize::try_from(len).expect("chunk fits in memory");
+                buf.resize(n, 0);
+                source.read_at(&mut buf, idx * u64::from(self.repo.config().chunk_size))?;
+                bytes_read.fetch_add(len, Ordering::Relaxed);
+                if chunk::is_zero(&buf) {
+                    return Ok(Outcome::Zero);
+                }
+                let id = self.repo.keys().chunk_id(&buf);
+                if !self.claim(&id)? {
+                    return Ok(Outcome::Known(id));
+                }
+                Ok(Outcome::New(chunk::encode(
+                    self.repo.keys(),
+                    id,
+                    ChunkKind::Data,
+                    &buf,
+                    self.repo.config().compression_level,
+                )))
+            })();
+            if out.send(Msg::Block { idx, len, outcome }).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn collect(
+        &self,
+        rx: &Receiver<Msg>,
+        builder: &mut MapBuilder,
+        stats: &mut DiskStats,
+        opts: &BackupOptions,
+        size: u64,
+    ) -> Result<()> {
+        let cs = u64::from(self.repo.config().chunk_size);
+        let nodes = RepoNodes { repo: self.repo, cache: &self.nodes };
+        let node_bytes = AtomicU64::new(0);
+        let mut store = |e: &[ChunkId]| self.store_map_node(e, &node_bytes);
+        let mut first_err: Option<Error> = None;
+        let mut done = 0u64;
+        for msg in rx {
+            if first_err.is_some() {
+                continue; // drain, so that the other stages finish
+            }
+            let r = match msg {
+                Msg::Keep { from, to } => {
+                    done += (to * cs).min(size) - (from * cs).min(size);
+                    builder.keep(from, to, &mut store)
+                }
+                Msg::Block { idx, len, outcome } => {
+                    done += len;
+                    outcome
+                        .and_then(|o| match o {
+                            Outcome::Zero => {
+                                stats.chunks_zero += 1;
+                                Ok(ChunkId::ZERO)
+                            }
+                            Outcome::Known(id) => Ok(id),
+                            Outcome::New(enc) => {
+                                stats.chunks_new += 1;
+                                stats.bytes_new += u64::from(enc.raw_len);
+                                stats.bytes_stored += self.append(&enc)?;
+                                Ok(enc.id)
+                            }
+                        })
+                        .and_then(|id| builder.set(idx, id, &nodes, &mut store))
+                }
+            };
+            if let Some(p) = &opts.progress {
+                p(done);
+            }
+            if let Err(e) = r {
+                opts.cancel.store(true, Ordering::Relaxed);
+                first_err = Some(e);
+            }
+        }
+        stats.bytes_stored += node_bytes.into_inner();
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Write the last pack, the index, then the snapshot manifest.
+    pub fn commit(mut self, vm: &str, time: String, parent: Option<String>) -> Result<Snapshot> {
+        if self.disks.is_empty() {
+            return Err(Error::Invalid("a snapshot needs at least one disk".into()));
+        }
+        self.flush_pack()?;
+        self.repo.index().flush(self.repo.backend().as_ref(), self.repo.keys())?;
+        let snap = Snapshot {
+            id: snapshot::new_id(),
+            vm: vm.to_string(),
+            time,
+            parent,
+            host: crate::time::hostname(),
+            disks: std::mem::take(&mut self.disks),
+            ekko_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        snapshot::save(self.repo.backend().as_ref(), self.repo.keys(), &snap)?;
+        tracing::info!(snapshot = %snap.id, elapsed = ?self.started.elapsed(), "snapshot committed");
+        Ok(snap)
+    }
+}
+
+fn dispatch(
+    runs: &[(u64, u64)],
+    nchunks: u64,
+    size: u64,
+    cs: u64,
+    jobs: &Sender<(u64, u64)>,
+    out: &Sender<Msg>,
+    cancel: &AtomicBool,
+) {
+    let mut next = 0u64;
+    for &(from, to) in runs {
+        if next < from && out.send(Msg::Keep { from: next, to: from }).is_err() {
+            return;
+        }
+        for idx in from..to {
+            if cancel.load(Ordering::Relaxed) {
+                return;
+            }
+            let len = cs.min(size - idx * cs);
+            if jobs.send((idx, len)).is_err() {
+                return;
+            }
+        }
+        next = to;
+    }
+    if next < nchunks {
+        let _ = out.send(Msg::Keep { from: next, to: nchunks });
+    }
+}

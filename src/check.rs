@@ -1,0 +1,260 @@
+//! Verify a repository: structure always, every chunk's bytes on request.
+//!
+//! Structure: every manifest, index file and pack trailer opens and
+//! authenticates; every index entry matches its pack's trailer; every map
+//! node and data chunk a snapshot references is indexed. With `read_data`,
+//! every stored chunk is read, decrypted, decompressed and hashed again.
+//! Damage is reported by chunk, by pack, and by the snapshots it affects.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+
+use crate::chunk;
+use crate::error::{Error, Result};
+use crate::format::{self, BlobEntry, ChunkKind, Location};
+use crate::id::{ChunkId, ObjectId};
+use crate::index;
+use crate::pack;
+use crate::repo::Repository;
+use crate::snapshot;
+
+#[derive(Debug, Default, Serialize)]
+pub struct CheckReport {
+    pub snapshots: usize,
+    pub packs: usize,
+    pub index_files: usize,
+    pub chunks: usize,
+    pub chunks_read: usize,
+    /// Every problem found, one line each.
+    pub problems: Vec<String>,
+    /// Damaged or missing chunks (hex id → reason).
+    pub damaged_chunks: Vec<(String, String)>,
+    /// Snapshots that reference damaged or missing data.
+    pub damaged_snapshots: Vec<String>,
+    /// Packs no index refers to (left by interrupted backups; harmless).
+    pub unreferenced_packs: usize,
+}
+
+impl CheckReport {
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+pub fn check(repo: &Repository, read_data: bool, threads: usize) -> Result<CheckReport> {
+    let backend = repo.backend().as_ref();
+    let keys = repo.keys();
+    let mut report = CheckReport::default();
+    let mut damaged: HashMap<ChunkId, String> = HashMap::new();
+
+    // 1. Packs and their trailers.
+    let packs = backend.list("packs/")?;
+    report.packs = packs.len();
+    let mut trailers: HashMap<ObjectId, HashMap<ChunkId, BlobEntry>> = HashMap::new();
+    let mut bad_packs: HashSet<ObjectId> = HashSet::new();
+    for p in &packs {
+        let Some(pid) = pack::pack_id_from_name(&p.name) else {
+            report.problems.push(format!("{}: not a pack name", p.name));
+            continue;
+        };
+        match pack::read_trailer(backend, keys, &p.name) {
+            Ok(entries) => {
+                trailers.insert(pid, entries.into_iter().map(|e| (e.id, e)).collect());
+            }
+            Err(e) => {
+                report.problems.push(format!("pack {}: {e}", p.name));
+                bad_packs.insert(pid);
+            }
+        }
+    }
+
+    // 2. Index files, each entry against its pack.
+    let mut indexed: HashMap<ChunkId, Location> = HashMap::new();
+    let mut referenced_packs: HashSet<ObjectId> = HashSet::new();
+    let index_files = backend.list("index/")?;
+    report.index_files = index_files.len();
+    for f in &index_files {
+        match index::read_index_file(backend, keys, &f.name) {
+            Ok(entries) => {
+                for (id, loc) in entries {
+                    referenced_packs.insert(loc.pack);
+                    let pname = pack::pack_name(&loc.pack);
+                    if bad_packs.contains(&loc.pack) {
+                        damaged.entry(id).or_insert_with(|| format!("in damaged pack {pname}"));
+                    } else {
+                        match trailers.get(&loc.pack).and_then(|t| t.get(&id)) {
+                            None => {
+                                damaged.entry(id).or_insert_with(|| format!("pack {pname} is missing or lacks it"));
+                            }
+                            Some(e) if e.offset != loc.offset || e.stored_len != loc.stored_len || e.kind != loc.kind => {
+                                damaged.entry(id).or_insert_with(|| format!("index disagrees with pack {pname}"));
+                            }
+                            Some(_) => {}
+                        }
+                    }
+                    indexed.insert(id, loc);
+                }
+            }
+            Err(e) => report.problems.push(format!("index file {}: {e}", f.name)),
+        }
+    }
+    report.chunks = indexed.len();
+    report.unreferenced_packs = trailers.keys().filter(|p| !referenced_packs.contains(p)).count();
+
+    // 3. With --read-data: every chunk of every indexed pack.
+    if read_data {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .build()
+            .map_err(|e| Error::Invalid(format!("thread pool: {e}")))?;
+        let found = Mutex::new(Vec::<(ChunkId, String)>::new());
+        let read = std::sync::atomic::AtomicUsize::new(0);
+        let pack_list: Vec<(&ObjectId, &HashMap<ChunkId, BlobEntry>)> = trailers.iter().collect();
+        pool.install(|| {
+            pack_list.par_iter().for_each(|(pid, entries)| {
+                let pname = pack::pack_name(pid);
+                let data = match backend.get(&pname) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        let mut f = found.lock().expect("lock");
+                        for id in entries.keys() {
+                            f.push((*id, format!("pack {pname} unreadable: {e}")));
+                        }
+                        return;
+                    }
+                };
+                for e in entries.values() {
+                    read.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if let Err(reason) = verify_blob(repo, &pname, &data, e) {
+                        found.lock().expect("lock").push((e.id, reason));
+                    }
+                }
+            })
+        });
+        report.chunks_read = read.into_inner();
+        for (id, reason) in found.into_inner().expect("lock") {
+            damaged.entry(id).or_insert(reason);
+        }
+    }
+
+    // 4. Snapshots: walk every map; note which reference damage.
+    let (snaps, bad_snaps) = snapshot::load_all(backend, keys)?;
+    report.snapshots = snaps.len() + bad_snaps.len();
+    for e in bad_snaps {
+        report.problems.push(format!("snapshot manifest: {e}"));
+    }
+    let mut walker = Walker { repo, indexed: &indexed, damaged: &mut damaged, memo: HashMap::new(), problems: Vec::new() };
+    for s in &snaps {
+        let mut bad = false;
+        for d in &s.disks {
+            let nchunks = d.nchunks();
+            if walker.subtree_bad(d.map.root, d.map.depth, nchunks)? {
+                bad = true;
+            }
+        }
+        if bad {
+            report.damaged_snapshots.push(format!("{} ({} at {})", s.id, s.vm, s.time));
+        }
+    }
+    report.problems.extend(walker.problems);
+    let mut dl: Vec<(String, String)> = damaged.into_iter().map(|(id, r)| (id.to_hex(), r)).collect();
+    dl.sort();
+    for (id, reason) in &dl {
+        report.problems.push(format!("chunk {id}: {reason}"));
+    }
+    for s in &report.damaged_snapshots {
+        report.problems.push(format!("snapshot {s} references damaged or missing data"));
+    }
+    report.damaged_chunks = dl;
+    Ok(report)
+}
+
+fn verify_blob(repo: &Repository, pname: &str, pack: &[u8], e: &BlobEntry) -> std::result::Result<(), String> {
+    let start = usize::try_from(e.offset).map_err(|_| "offset".to_string())?;
+    let len = usize::try_from(e.stored_len).map_err(|_| "length".to_string())?;
+    let sealed = start
+        .checked_add(len)
+        .and_then(|end| pack.get(start..end))
+        .ok_or_else(|| format!("lies past the end of pack {pname}"))?;
+    let loc = Location {
+        pack: ObjectId([0; 16]),
+        offset: e.offset,
+        stored_len: e.stored_len,
+        raw_len: e.raw_len,
+        kind: e.kind,
+        compressed: e.compressed,
+    };
+    let plain = chunk::decode(repo.keys(), &e.id, &loc, pname, &sealed.to_vec()).map_err(|err| err.to_string())?;
+    if repo.keys().chunk_id(&plain) != e.id {
+        return Err(format!("content does not match its id (pack {pname})"));
+    }
+    Ok(())
+}
+
+struct Walker<'a> {
+    repo: &'a Repository,
+    indexed: &'a HashMap<ChunkId, Location>,
+    damaged: &'a mut HashMap<ChunkId, String>,
+    /// node id → does its subtree reference damage?
+    memo: HashMap<ChunkId, bool>,
+    problems: Vec<String>,
+}
+
+impl Walker<'_> {
+    fn chunk_bad(&mut self, id: &ChunkId) -> bool {
+        if id.is_zero() {
+            return false;
+        }
+        if self.damaged.contains_key(id) {
+            return true;
+        }
+        if !self.indexed.contains_key(id) {
+            self.damaged.insert(*id, "referenced but not in any index".into());
+            return true;
+        }
+        false
+    }
+
+    fn subtree_bad(&mut self, node: ChunkId, depth: u8, _nchunks: u64) -> Result<bool> {
+        if node.is_zero() {
+            return Ok(false);
+        }
+        if let Some(&b) = self.memo.get(&node) {
+            return Ok(b);
+        }
+        let bad = if self.chunk_bad(&node) {
+            true
+        } else {
+            match self.indexed.get(&node).map(|l| l.kind) {
+                Some(ChunkKind::Map) => {}
+                _ => {
+                    self.damaged.insert(node, "expected a map node".into());
+                    self.memo.insert(node, true);
+                    return Ok(true);
+                }
+            }
+            match self.repo.read_chunk(&node).and_then(|d| format::decode_map_node("map node", &d)) {
+                Err(e) if e.is_damage() => {
+                    self.damaged.entry(node).or_insert_with(|| e.to_string());
+                    true
+                }
+                Err(e) => return Err(e),
+                Ok(children) => {
+                    let mut bad = false;
+                    for c in children {
+                        let b = if depth > 1 { self.subtree_bad(c, depth - 1, 0)? } else { self.chunk_bad(&c) };
+                        bad |= b;
+                    }
+                    bad
+                }
+            }
+        };
+        self.memo.insert(node, bad);
+        Ok(bad)
+    }
+}
+

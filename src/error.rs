@@ -1,0 +1,113 @@
+//! Errors of the core library.
+//!
+//! Rules: every variant carries the context a user needs to act (the object,
+//! chunk, disk or offset involved), and its message says what to do next when
+//! there is something to do. `anyhow` is for the binary and the tests only.
+
+use std::path::PathBuf;
+
+use crate::id::ChunkId;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("repository object {name} does not exist")]
+    NotFound { name: String },
+
+    #[error("no repository at {path}: run `ekko init` first, or point --repo / EKKO_REPO at an existing one")]
+    NoRepository { path: PathBuf },
+
+    #[error("a repository already exists at {path}")]
+    AlreadyExists { path: PathBuf },
+
+    #[error("wrong passphrase: none of the {tried} key file(s) in the repository opens with it")]
+    WrongPassphrase { tried: usize },
+
+    #[error("{name} is damaged: {reason}")]
+    Corrupt { name: String, reason: String },
+
+    #[error("chunk {id} in pack {pack} is damaged ({reason}); run `ekko check --read-data` for the full list")]
+    ChunkDamaged {
+        id: ChunkId,
+        pack: String,
+        reason: String,
+    },
+
+    #[error("chunk {id} is referenced but is not in any pack of the repository index")]
+    ChunkMissing { id: ChunkId },
+
+    #[error("unsupported {what} version {version} (this ekko reads up to {supported}); upgrade ekko")]
+    UnsupportedVersion {
+        what: &'static str,
+        version: u32,
+        supported: u32,
+    },
+
+    #[error("no snapshot matches {spec:?}; list them with `ekko snapshots`")]
+    SnapshotNotFound { spec: String },
+
+    #[error("snapshot prefix {spec:?} is ambiguous: it matches {count} snapshots")]
+    AmbiguousSnapshot { spec: String, count: usize },
+
+    #[error("snapshot {snapshot} has no disk {disk:?} (it has: {available})")]
+    DiskNotFound {
+        snapshot: String,
+        disk: String,
+        available: String,
+    },
+
+    #[error("read at offset {offset} of disk {disk:?} is past its end ({size} bytes)")]
+    OutOfRange { disk: String, offset: u64, size: u64 },
+
+    #[error("source {source_name}: {reason}")]
+    Source { source_name: String, reason: String },
+
+    #[error("NBD: {0}")]
+    Nbd(#[from] ekko_libnbd::Error),
+
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+
+    #[error("repository is locked by {holder}; wait for it to finish, or remove {name} if that process is gone")]
+    Locked { holder: String, name: String },
+
+    #[error("interrupted")]
+    Interrupted,
+
+    #[error("index cache: {0}")]
+    Cache(String),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn corrupt(name: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Corrupt {
+            name: name.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// True when the error means data in the repository is damaged or missing
+    /// (as opposed to a usage or environment problem).
+    pub fn is_damage(&self) -> bool {
+        matches!(
+            self,
+            Error::Corrupt { .. } | Error::ChunkDamaged { .. } | Error::ChunkMissing { .. }
+        )
+    }
+}

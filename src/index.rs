@@ -1,0 +1,270 @@
+//! The chunk index: chunk id → location in a pack.
+//!
+//! Truth lives in the repository: every backup session writes its own
+//! `index/<random>` files after its packs. This module keeps a local redb
+//! database (the cache) in step with those files, so that opening a large
+//! repository does not decrypt every index file and lookups do not need the
+//! whole index in memory. The cache can be deleted at any time; it is rebuilt
+//! from the index files (and `ekko index rebuild` rebuilds those from the
+//! packs' trailers). When the cache cannot be opened, the index is loaded into
+//! memory instead.
+//!
+//! Why redb and not sled: sled is beta, its last stable release was in 2021
+//! and its own README advises against it where reliability matters. redb has
+//! a stable file format and supports several processes at once.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::backend::Backend;
+use crate::crypto::Keys;
+use crate::error::{Error, Result};
+use crate::format::{self, ChunkKind, Location, MAGIC_INDEX};
+use crate::id::{ChunkId, ObjectId};
+
+const CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunks");
+const FILES: TableDefinition<&str, u64> = TableDefinition::new("index_files");
+
+/// Entries per index file; bounds a session's memory on huge disks.
+const FLUSH_ENTRIES: usize = 65_536;
+
+fn cache_err(e: impl std::fmt::Display) -> Error {
+    Error::Cache(e.to_string())
+}
+
+fn loc_bytes(l: &Location) -> [u8; 34] {
+    let mut b = [0u8; 34];
+    b[..16].copy_from_slice(&l.pack.0);
+    b[16..24].copy_from_slice(&l.offset.to_le_bytes());
+    b[24..28].copy_from_slice(&l.stored_len.to_le_bytes());
+    b[28..32].copy_from_slice(&l.raw_len.to_le_bytes());
+    b[32] = l.kind as u8;
+    b[33] = u8::from(l.compressed);
+    b
+}
+
+fn loc_from(b: &[u8]) -> Option<Location> {
+    if b.len() != 34 {
+        return None;
+    }
+    let mut pack = [0u8; 16];
+    pack.copy_from_slice(&b[..16]);
+    Some(Location {
+        pack: ObjectId(pack),
+        offset: u64::from_le_bytes(b[16..24].try_into().ok()?),
+        stored_len: u32::from_le_bytes(b[24..28].try_into().ok()?),
+        raw_len: u32::from_le_bytes(b[28..32].try_into().ok()?),
+        kind: match b[32] {
+            0 => ChunkKind::Data,
+            1 => ChunkKind::Map,
+            _ => return None,
+        },
+        compressed: b[33] != 0,
+    })
+}
+
+enum Store {
+    Redb(redb::Database),
+    Memory(RwLock<HashMap<ChunkId, Location>>),
+}
+
+pub struct Index {
+    store: Store,
+    /// Entries stored by this process and not yet written to an index file.
+    pending: RwLock<HashMap<ChunkId, Location>>,
+}
+
+pub fn index_name(id: &ObjectId) -> String {
+    format!("index/{}", id.to_hex())
+}
+
+/// Read and authenticate one index file.
+pub fn read_index_file(backend: &dyn Backend, keys: &Keys, name: &str) -> Result<Vec<(ChunkId, Location)>> {
+    let data = backend.get(name)?;
+    let body = format::open_file(keys, MAGIC_INDEX, "index", name, &data)?;
+    format::decode_index(name, &body)
+}
+
+impl Index {
+    /// Open the index, bringing the cache at `cache_path` in step with the
+    /// repository's index files. `None` keeps everything in memory.
+    pub fn open(backend: &dyn Backend, keys: &Keys, cache_path: Option<&Path>) -> Result<Index> {
+        let listed: HashMap<String, u64> = backend
+            .list("index/")?
+            .into_iter()
+            .map(|o| (o.name, o.size))
+            .collect();
+        if let Some(path) = cache_path {
+            match Self::open_cache(path) {
+                Ok(db) => {
+                    let idx = Index {
+                        store: Store::Redb(db),
+                        pending: RwLock::default(),
+                    };
+                    idx.sync_cache(backend, keys, &listed)?;
+                    return Ok(idx);
+                }
+                Err(e) => tracing::warn!(
+                    "index cache {} unusable ({e}); loading the index into memory",
+                    path.display()
+                ),
+            }
+        }
+        let mut map = HashMap::new();
+        for name in listed.keys() {
+            for (id, loc) in read_index_file(backend, keys, name)? {
+                map.insert(id, loc);
+            }
+        }
+        Ok(Index {
+            store: Store::Memory(RwLock::new(map)),
+            pending: RwLock::default(),
+        })
+    }
+
+    fn open_cache(path: &Path) -> Result<redb::Database> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        let open = || {
+            redb::Database::builder()
+                .set_concurrency_mode(redb::ConcurrencyMode::MultiWriter)
+                .set_cache_size(8 << 20)
+                .create(path)
+        };
+        match open() {
+            Ok(db) => Ok(db),
+            Err(e @ redb::DatabaseError::DatabaseAlreadyOpen) => Err(cache_err(e)),
+            Err(e) => {
+                // A damaged cache is only a cache: start it afresh.
+                tracing::warn!("index cache {} is damaged ({e}); rebuilding it", path.display());
+                let _ = std::fs::remove_file(path);
+                open().map_err(cache_err)
+            }
+        }
+    }
+
+    fn sync_cache(&self, backend: &dyn Backend, keys: &Keys, listed: &HashMap<String, u64>) -> Result<()> {
+        let Store::Redb(db) = &self.store else { return Ok(()) };
+        let known: HashSet<String> = {
+            let tx = db.begin_read().map_err(cache_err)?;
+            match tx.open_table(FILES) {
+                Ok(t) => t
+                    .iter()
+                    .map_err(cache_err)?
+                    .filter_map(|r| r.ok().map(|(k, _)| k.value().to_string()))
+                    .collect(),
+                Err(redb::TableError::TableDoesNotExist(_)) => HashSet::new(),
+                Err(e) => return Err(cache_err(e)),
+            }
+        };
+        let vanished = known.iter().any(|k| !listed.contains_key(k));
+        let new: Vec<&String> = listed.keys().filter(|k| !known.contains(*k)).collect();
+        if !vanished && new.is_empty() {
+            return Ok(());
+        }
+        let tx = db.begin_write().map_err(cache_err)?;
+        {
+            if vanished {
+                // Index files were removed (prune): rebuild from scratch.
+                tx.delete_table(CHUNKS).map_err(cache_err)?;
+                tx.delete_table(FILES).map_err(cache_err)?;
+            }
+            let mut chunks = tx.open_table(CHUNKS).map_err(cache_err)?;
+            let mut files = tx.open_table(FILES).map_err(cache_err)?;
+            let todo: Vec<&String> = if vanished { listed.keys().collect() } else { new };
+            for name in todo {
+                for (id, loc) in read_index_file(backend, keys, name)? {
+                    chunks
+                        .insert(id.0.as_slice(), loc_bytes(&loc).as_slice())
+                        .map_err(cache_err)?;
+                }
+                files.insert(name.as_str(), listed[name]).map_err(cache_err)?;
+            }
+        }
+        tx.commit().map_err(cache_err)?;
+        Ok(())
+    }
+
+    pub fn lookup(&self, id: &ChunkId) -> Result<Option<Location>> {
+        if let Some(l) = self.pending.read().expect("index lock").get(id) {
+            return Ok(Some(*l));
+        }
+        match &self.store {
+            Store::Memory(m) => Ok(m.read().expect("index lock").get(id).copied()),
+            Store::Redb(db) => {
+                let tx = db.begin_read().map_err(cache_err)?;
+                let t = match tx.open_table(CHUNKS) {
+                    Ok(t) => t,
+                    Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                    Err(e) => return Err(cache_err(e)),
+                };
+                let v = t.get(id.0.as_slice()).map_err(cache_err)?;
+                Ok(v.and_then(|g| loc_from(g.value())))
+            }
+        }
+    }
+
+    pub fn contains(&self, id: &ChunkId) -> Result<bool> {
+        Ok(self.lookup(id)?.is_some())
+    }
+
+    /// Record chunks of a pack that has been stored. Returns true when enough
+    /// are pending that the caller should `flush`.
+    pub fn add_pending(&self, entries: Vec<(ChunkId, Location)>) -> bool {
+        let mut p = self.pending.write().expect("index lock");
+        p.extend(entries);
+        p.len() >= FLUSH_ENTRIES
+    }
+
+    /// Write the pending entries as a new index file, then move them into the
+    /// cache. Must only run after the packs they point to are stored.
+    pub fn flush(&self, backend: &dyn Backend, keys: &Keys) -> Result<()> {
+        let entries: Vec<(ChunkId, Location)> = {
+            let p = self.pending.read().expect("index lock");
+            if p.is_empty() {
+                return Ok(());
+            }
+            p.iter().map(|(k, v)| (*k, *v)).collect()
+        };
+        let name = index_name(&ObjectId::random());
+        let body = format::encode_index(&entries);
+        let data = format::seal_file(keys, MAGIC_INDEX, &name, &body);
+        backend.put(&name, &data)?;
+        let size = u64::try_from(data.len()).expect("fits");
+        match &self.store {
+            Store::Memory(m) => m.write().expect("index lock").extend(entries.iter().copied()),
+            Store::Redb(db) => {
+                let tx = db.begin_write().map_err(cache_err)?;
+                {
+                    let mut chunks = tx.open_table(CHUNKS).map_err(cache_err)?;
+                    let mut files = tx.open_table(FILES).map_err(cache_err)?;
+                    for (id, loc) in &entries {
+                        chunks
+                            .insert(id.0.as_slice(), loc_bytes(loc).as_slice())
+                            .map_err(cache_err)?;
+                    }
+                    files.insert(name.as_str(), size).map_err(cache_err)?;
+                }
+                tx.commit().map_err(cache_err)?;
+            }
+        }
+        let mut p = self.pending.write().expect("index lock");
+        for (id, _) in &entries {
+            p.remove(id);
+        }
+        Ok(())
+    }
+}
+
+/// Default place of the index cache for a repository.
+pub fn default_cache_path(repo_id: &str) -> Option<PathBuf> {
+    let base = std::env::var_os("EKKO_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("ekko")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/ekko")))?;
+    Some(base.join(repo_id).join("index.redb"))
+}

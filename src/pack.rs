@@ -1,0 +1,147 @@
+//! Packs: append-only files of many sealed chunks with a self-describing
+//! trailer, so the index can always be rebuilt from packs alone.
+//!
+//! A pack is built in memory up to the repository's pack size and then stored
+//! with one atomic `put`; a pack is never modified after that.
+
+use crate::backend::Backend;
+use crate::chunk::EncodedChunk;
+use crate::crypto::Keys;
+use crate::error::{Error, Result};
+use crate::format::{self, BlobEntry, Location, HEADER_LEN, MAGIC_PACK, PACK_FOOTER_LEN};
+use crate::id::{ChunkId, ObjectId};
+
+pub fn pack_name(id: &ObjectId) -> String {
+    let h = id.to_hex();
+    format!("packs/{}/{}", &h[..2], h)
+}
+
+/// Parse `packs/xx/<hex>` back into an id.
+pub fn pack_id_from_name(name: &str) -> Option<ObjectId> {
+    let file = name.strip_prefix("packs/")?.split('/').nth(1)?;
+    ObjectId::from_hex(file)
+}
+
+fn trailer_ad(id: &ObjectId) -> [&[u8]; 2] {
+    [b"ekko pack trailer", &id.0]
+}
+
+pub struct PackWriter {
+    id: ObjectId,
+    buf: Vec<u8>,
+    entries: Vec<BlobEntry>,
+}
+
+impl Default for PackWriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PackWriter {
+    pub fn new() -> PackWriter {
+        let mut buf = Vec::new();
+        buf.extend_from_slice(&format::header(MAGIC_PACK, 0));
+        PackWriter {
+            id: ObjectId::random(),
+            buf,
+            entries: Vec::new(),
+        }
+    }
+
+    pub fn id(&self) -> ObjectId {
+        self.id
+    }
+
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Append a chunk; returns where it will live.
+    pub fn add(&mut self, c: &EncodedChunk) -> Location {
+        let offset = u64::try_from(self.buf.len()).expect("pack length fits u64");
+        let stored_len = u32::try_from(c.sealed.len()).expect("a sealed chunk is below 4 GiB");
+        self.buf.extend_from_slice(&c.sealed);
+        self.entries.push(BlobEntry {
+            id: c.id,
+            offset,
+            stored_len,
+            raw_len: c.raw_len,
+            kind: c.kind,
+            compressed: c.compressed,
+        });
+        Location {
+            pack: self.id,
+            offset,
+            stored_len,
+            raw_len: c.raw_len,
+            kind: c.kind,
+            compressed: c.compressed,
+        }
+    }
+
+    /// Seal the trailer and store the pack. Returns the index entries.
+    pub fn finish(mut self, backend: &dyn Backend, keys: &Keys) -> Result<Vec<(ChunkId, Location)>> {
+        let trailer = keys.seal(&trailer_ad(&self.id), &format::encode_pack_trailer(&self.entries));
+        let tlen = u32::try_from(trailer.len()).expect("trailer below 4 GiB");
+        self.buf.extend_from_slice(&trailer);
+        self.buf.extend_from_slice(&format::encode_pack_footer(tlen));
+        backend.put(&pack_name(&self.id), &self.buf)?;
+        let id = self.id;
+        Ok(self
+            .entries
+            .into_iter()
+            .map(|e| {
+                (
+                    e.id,
+                    Location {
+                        pack: id,
+                        offset: e.offset,
+                        stored_len: e.stored_len,
+                        raw_len: e.raw_len,
+                        kind: e.kind,
+                        compressed: e.compressed,
+                    },
+                )
+            })
+            .collect())
+    }
+}
+
+/// Read and authenticate a pack's trailer: the list of its chunks.
+pub fn read_trailer(backend: &dyn Backend, keys: &Keys, name: &str) -> Result<Vec<BlobEntry>> {
+    let id = pack_id_from_name(name).ok_or_else(|| Error::corrupt(name, "not a pack name"))?;
+    let size = backend.size(name)?;
+    let min = u64::try_from(HEADER_LEN + PACK_FOOTER_LEN).expect("small");
+    if size < min {
+        return Err(Error::corrupt(name, format!("only {size} bytes: truncated")));
+    }
+    let head = backend.get_range(name, 0, HEADER_LEN)?;
+    format::check_header(name, &head, MAGIC_PACK, "pack")?;
+    let footer = backend.get_range(name, size - 16, PACK_FOOTER_LEN)?;
+    let tlen = format::decode_pack_footer(name, &footer)?;
+    let tstart = (size - 16)
+        .checked_sub(u64::from(tlen))
+        .filter(|&s| s >= 16)
+        .ok_or_else(|| Error::corrupt(name, "trailer length exceeds the pack"))?;
+    let sealed = backend.get_range(
+        name,
+        tstart,
+        usize::try_from(tlen).map_err(|_| Error::corrupt(name, "trailer length"))?,
+    )?;
+    let body = keys
+        .open(&trailer_ad(&id), &sealed)
+        .ok_or_else(|| Error::corrupt(name, "trailer authentication failed"))?;
+    let entries = format::decode_pack_trailer(name, &body)?;
+    for e in &entries {
+        let end = e.offset.checked_add(u64::from(e.stored_len));
+        if e.offset < 16 || end.is_none_or(|end| end > tstart) {
+            return Err(Error::corrupt(name, format!("entry for chunk {} lies outside the pack", e.id)));
+        }
+    }
+    Ok(entries)
+}

@@ -1,0 +1,274 @@
+//! An open repository: its config, keys, backend and chunk index.
+//!
+//! Layout (see docs/FORMAT.md):
+//! ```text
+//! config                 parameters, written once by `init`
+//! keys/<id>              the master key wrapped by one passphrase each
+//! packs/<xx>/<id>        sealed chunks with a trailer
+//! index/<id>             chunk → pack locations, one or more per backup session
+//! snapshots/<id>         snapshot manifests
+//! locks/<id>             who is working on the repository
+//! ```
+//! Writers never modify an object: they only add new ones with random names,
+//! so any number of backups may run at once. Commit order is packs, then
+//! index, then snapshot; a crash leaves at worst unreferenced packs.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::Backend;
+use crate::chunk::{self, EncodedChunk};
+use crate::crypto::{random_bytes, KeyFile, Keys, MASTER_KEY_LEN};
+use crate::error::{Error, Result};
+use crate::format::{self, ChunkKind, Location, HEADER_LEN, MAGIC_CONFIG, MAGIC_KEY};
+use crate::id::{ChunkId, ObjectId};
+use crate::index::{self, Index};
+use crate::pack;
+
+pub const MIN_CHUNK_SIZE: u32 = 64 * 1024;
+pub const MAX_CHUNK_SIZE: u32 = 4 * 1024 * 1024;
+/// 1 MiB: see docs/DESIGN-NOTES.md for the measurement behind it.
+pub const DEFAULT_CHUNK_SIZE: u32 = 1024 * 1024;
+pub const DEFAULT_PACK_SIZE: u32 = 16 * 1024 * 1024;
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Config {
+    pub id: String,
+    pub chunk_size: u32,
+    pub pack_size: u32,
+    pub compression_level: i32,
+    /// "aes256-siv" or "none".
+    pub encryption: String,
+    /// Only in unencrypted repositories: the chunk-id key, in hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_key: Option<String>,
+    pub created: String,
+}
+
+pub struct InitOptions {
+    pub chunk_size: u32,
+    pub compression_level: i32,
+    pub encrypt: bool,
+    pub pack_size: u32,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            compression_level: DEFAULT_ZSTD_LEVEL,
+            encrypt: true,
+            pack_size: DEFAULT_PACK_SIZE,
+        }
+    }
+}
+
+fn encode_json_file(magic: &[u8; 8], value: &impl Serialize) -> Vec<u8> {
+    let mut out = format::header(magic, 0).to_vec();
+    out.extend_from_slice(&serde_json::to_vec_pretty(value).expect("serializable"));
+    out
+}
+
+fn decode_json_file<T: for<'de> Deserialize<'de>>(
+    name: &str,
+    data: &[u8],
+    magic: &[u8; 8],
+    what: &'static str,
+) -> Result<T> {
+    format::check_header(name, data, magic, what)?;
+    serde_json::from_slice(&data[HEADER_LEN..]).map_err(|e| Error::corrupt(name, e.to_string()))
+}
+
+pub struct Repository {
+    backend: Arc<dyn Backend>,
+    config: Config,
+    keys: Keys,
+    index: Index,
+}
+
+impl Repository {
+    /// Create a new repository. `passphrase` is required when encrypting.
+    pub fn init(backend: Arc<dyn Backend>, opts: &InitOptions, passphrase: Option<&[u8]>) -> Result<Config> {
+        if !opts.chunk_size.is_power_of_two()
+            || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&opts.chunk_size)
+        {
+            return Err(Error::Invalid(format!(
+                "chunk size {} must be a power of two from 64 KiB to 4 MiB",
+                opts.chunk_size
+            )));
+        }
+        if !(-7..=22).contains(&opts.compression_level) {
+            return Err(Error::Invalid("zstd level must be from -7 to 22 (0 = off)".into()));
+        }
+        match backend.size("config") {
+            Ok(_) => return Err(Error::AlreadyExists { path: PathBuf::from(backend.location()) }),
+            Err(Error::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let mut rid = [0u8; 16];
+        random_bytes(&mut rid);
+        let id = hex::encode(rid);
+        let mut config = Config {
+            id: id.clone(),
+            chunk_size: opts.chunk_size,
+            pack_size: opts.pack_size,
+            compression_level: opts.compression_level,
+            encryption: if opts.encrypt { "aes256-siv" } else { "none" }.into(),
+            id_key: None,
+            created: crate::time::now_rfc3339(),
+        };
+        if opts.encrypt {
+            let pass = passphrase
+                .filter(|p| !p.is_empty())
+                .ok_or_else(|| Error::Invalid("an encrypted repository needs a passphrase".into()))?;
+            let mut master = [0u8; MASTER_KEY_LEN];
+            random_bytes(&mut master);
+            let kf = KeyFile::wrap(&master, pass, &id)?;
+            // Key before config: a config without a key is never visible.
+            backend.put(&format!("keys/{}", ObjectId::random()), &encode_json_file(MAGIC_KEY, &kf))?;
+        } else {
+            let mut k = [0u8; 32];
+            random_bytes(&mut k);
+            config.id_key = Some(hex::encode(k));
+        }
+        backend.put("config", &encode_json_file(MAGIC_CONFIG, &config))?;
+        Ok(config)
+    }
+
+    pub fn read_config(backend: &dyn Backend) -> Result<Config> {
+        let data = match backend.get("config") {
+            Ok(d) => d,
+            Err(Error::NotFound { .. }) => {
+                return Err(Error::NoRepository { path: PathBuf::from(backend.location()) })
+            }
+            Err(e) => return Err(e),
+        };
+        let c: Config = decode_json_file("config", &data, MAGIC_CONFIG, "config")?;
+        if !c.chunk_size.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&c.chunk_size) {
+            return Err(Error::corrupt("config", "chunk size out of range"));
+        }
+        if !(1 << 20..=1 << 30).contains(&c.pack_size) {
+            return Err(Error::corrupt("config", "pack size out of range"));
+        }
+        Ok(c)
+    }
+
+    /// Open a repository. `passphrase` is called only if it is encrypted.
+    pub fn open(
+        backend: Arc<dyn Backend>,
+        passphrase: impl FnOnce() -> Result<Vec<u8>>,
+    ) -> Result<Repository> {
+        Self::open_with_cache(backend, passphrase, true)
+    }
+
+    pub fn open_with_cache(
+        backend: Arc<dyn Backend>,
+        passphrase: impl FnOnce() -> Result<Vec<u8>>,
+        use_cache: bool,
+    ) -> Result<Repository> {
+        let config = Self::read_config(backend.as_ref())?;
+        let keys = Self::unlock(backend.as_ref(), &config, passphrase)?;
+        let cache = if use_cache { index::default_cache_path(&config.id) } else { None };
+        let index = Index::open(backend.as_ref(), &keys, cache.as_deref())?;
+        Ok(Repository { backend, config, keys, index })
+    }
+
+    fn key_files(backend: &dyn Backend) -> Result<Vec<(String, KeyFile)>> {
+        let mut out = Vec::new();
+        for o in backend.list("keys/")? {
+            let data = backend.get(&o.name)?;
+            out.push((o.name.clone(), decode_json_file(&o.name, &data, MAGIC_KEY, "key")?));
+        }
+        Ok(out)
+    }
+
+    fn unlock(backend: &dyn Backend, config: &Config, passphrase: impl FnOnce() -> Result<Vec<u8>>) -> Result<Keys> {
+        let key_files = Self::key_files(backend)?;
+        match config.encryption.as_str() {
+            "none" => {
+                if !key_files.is_empty() {
+                    return Err(Error::corrupt("config", "says unencrypted, but key files exist"));
+                }
+                let hexkey = config.id_key.as_deref().ok_or_else(|| Error::corrupt("config", "id_key missing"))?;
+                let mut k = [0u8; 32];
+                hex::decode_to_slice(hexkey, &mut k).map_err(|_| Error::corrupt("config", "id_key is not 32 hex bytes"))?;
+                Ok(Keys::clear(k))
+            }
+            "aes256-siv" => {
+                if key_files.is_empty() {
+                    return Err(Error::corrupt("keys/", "no key files: the repository cannot be opened"));
+                }
+                let pass = passphrase()?;
+                for (name, kf) in &key_files {
+                    if let Some(master) = kf.unwrap_key(&pass, &config.id, name)? {
+                        return Ok(Keys::from_master(&master));
+                    }
+                }
+                Err(Error::WrongPassphrase { tried: key_files.len() })
+            }
+            other => Err(Error::corrupt("config", format!("unknown encryption {other:?}"))),
+        }
+    }
+
+    /// Add a key file so that `new_passphrase` also opens the repository.
+    pub fn add_key(&self, current_passphrase: &[u8], new_passphrase: &[u8]) -> Result<String> {
+        if !self.keys.is_encrypted() {
+            return Err(Error::Invalid("the repository is not encrypted; it has no keys".into()));
+        }
+        for (name, kf) in Self::key_files(self.backend.as_ref())? {
+            if let Some(master) = kf.unwrap_key(current_passphrase, &self.config.id, &name)? {
+                let nk = KeyFile::wrap(&master, new_passphrase, &self.config.id)?;
+                let name = format!("keys/{}", ObjectId::random());
+                self.backend.put(&name, &encode_json_file(MAGIC_KEY, &nk))?;
+                return Ok(name);
+            }
+        }
+        Err(Error::WrongPassphrase { tried: 0 })
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    pub fn encode_chunk(&self, kind: ChunkKind, plain: &[u8]) -> EncodedChunk {
+        let id = self.keys.chunk_id(plain);
+        chunk::encode(&self.keys, id, kind, plain, self.config.compression_level)
+    }
+
+    /// Fetch and decode one stored chunk.
+    pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let loc = self.index.lookup(id)?.ok_or(Error::ChunkMissing { id: *id })?;
+        self.read_chunk_at(id, &loc)
+    }
+
+    pub fn read_chunk_at(&self, id: &ChunkId, loc: &Location) -> Result<Vec<u8>> {
+        let pname = pack::pack_name(&loc.pack);
+        let len = usize::try_from(loc.stored_len).map_err(|_| Error::corrupt(&pname, "length"))?;
+        let sealed = match self.backend.get_range(&pname, loc.offset, len) {
+            Ok(s) => s,
+            Err(Error::NotFound { .. }) => {
+                return Err(Error::ChunkDamaged { id: *id, pack: pname, reason: "pack is missing".into() })
+            }
+            Err(Error::Corrupt { reason, .. }) => {
+                return Err(Error::ChunkDamaged { id: *id, pack: pname, reason })
+            }
+            Err(e) => return Err(e),
+        };
+        chunk::decode(&self.keys, id, loc, &pname, &sealed)
+    }
+}

@@ -1,0 +1,168 @@
+//! Snapshot manifests: one sealed file per snapshot, written last.
+//!
+//! A manifest names the VM, the instant, the parent, and for each disk its
+//! size, chunk size, block map root, source and how it was captured. The set
+//! of chunks a snapshot references follows from the manifest alone (walk the
+//! maps), which is what garbage collection will need.
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::Backend;
+use crate::blockmap::MapRef;
+use crate::crypto::Keys;
+use crate::error::{Error, Result};
+use crate::format::{self, MAGIC_SNAPSHOT};
+use crate::id::ObjectId;
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureMode {
+    Full,
+    Incremental,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Capture {
+    pub mode: CaptureMode,
+    /// Dirty bitmap whose extents were read (incremental only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bitmap: Option<String>,
+    /// Bitmap generation that records writes after this snapshot, for the
+    /// next incremental.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_bitmap: Option<String>,
+    /// Why a full read was done when an incremental was possible in principle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct DiskStats {
+    pub bytes_read: u64,
+    pub bytes_new: u64,
+    pub bytes_stored: u64,
+    pub chunks: u64,
+    pub chunks_new: u64,
+    pub chunks_zero: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Disk {
+    pub name: String,
+    pub size: u64,
+    pub chunk_size: u32,
+    pub map: MapRef,
+    pub source: String,
+    pub capture: Capture,
+    pub stats: DiskStats,
+}
+
+impl Disk {
+    pub fn nchunks(&self) -> u64 {
+        self.size.div_ceil(u64::from(self.chunk_size))
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Snapshot {
+    pub id: String,
+    pub vm: String,
+    /// RFC 3339 UTC, nanosecond precision.
+    pub time: String,
+    pub parent: Option<String>,
+    pub host: String,
+    pub disks: Vec<Disk>,
+    pub ekko_version: String,
+}
+
+impl Snapshot {
+    pub fn disk(&self, name: &str) -> Result<&Disk> {
+        self.disks.iter().find(|d| d.name == name).ok_or_else(|| Error::DiskNotFound {
+            snapshot: self.id.clone(),
+            disk: name.to_string(),
+            available: self.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", "),
+        })
+    }
+
+    pub fn short_id(&self) -> &str {
+        &self.id[..self.id.len().min(8)]
+    }
+}
+
+pub fn snapshot_name(id: &str) -> String {
+    format!("snapshots/{id}")
+}
+
+pub fn new_id() -> String {
+    ObjectId::random().to_hex()
+}
+
+pub fn save(backend: &dyn Backend, keys: &Keys, snap: &Snapshot) -> Result<()> {
+    let name = snapshot_name(&snap.id);
+    let body = serde_json::to_vec(snap).expect("serializable");
+    backend.put(&name, &format::seal_file(keys, MAGIC_SNAPSHOT, &name, &body))
+}
+
+pub fn load(backend: &dyn Backend, keys: &Keys, id: &str) -> Result<Snapshot> {
+    let name = snapshot_name(id);
+    let data = backend.get(&name)?;
+    let body = format::open_file(keys, MAGIC_SNAPSHOT, "snapshot", &name, &data)?;
+    let s: Snapshot = serde_json::from_slice(&body).map_err(|e| Error::corrupt(&name, e.to_string()))?;
+    if s.id != id {
+        return Err(Error::corrupt(&name, "manifest id does not match its name"));
+    }
+    for d in &s.disks {
+        if !d.chunk_size.is_power_of_two() || d.chunk_size < 4096 || usize::try_from(d.map.fanout) != Ok(crate::blockmap::FANOUT) {
+            return Err(Error::corrupt(&name, format!("disk {:?} has an invalid chunk size or map", d.name)));
+        }
+    }
+    Ok(s)
+}
+
+/// Ids of all snapshots (names under `snapshots/`).
+pub fn list_ids(backend: &dyn Backend) -> Result<Vec<String>> {
+    Ok(backend
+        .list("snapshots/")?
+        .into_iter()
+        .filter_map(|o| o.name.strip_prefix("snapshots/").map(str::to_string))
+        .filter(|n| ObjectId::from_hex(n).is_some())
+        .collect())
+}
+
+/// Load every snapshot, sorted by time. Damaged manifests are returned
+/// separately so that listing still works around them.
+pub fn load_all(backend: &dyn Backend, keys: &Keys) -> Result<(Vec<Snapshot>, Vec<Error>)> {
+    let mut ok = Vec::new();
+    let mut bad = Vec::new();
+    for id in list_ids(backend)? {
+        match load(backend, keys, &id) {
+            Ok(s) => ok.push(s),
+            Err(e) if e.is_damage() || matches!(e, Error::UnsupportedVersion { .. }) => bad.push(e),
+            Err(e) => return Err(e),
+        }
+    }
+    ok.sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
+    Ok((ok, bad))
+}
+
+/// Resolve a full id, a unique prefix, or `VM@latest`.
+pub fn resolve(backend: &dyn Backend, keys: &Keys, spec: &str) -> Result<Snapshot> {
+    if let Some(vm) = spec.strip_suffix("@latest") {
+        let (all, _) = load_all(backend, keys)?;
+        return all
+            .into_iter()
+            .rev()
+            .find(|s| s.vm == vm)
+            .ok_or_else(|| Error::SnapshotNotFound { spec: spec.into() });
+    }
+    let spec_l = spec.to_ascii_lowercase();
+    if spec_l.is_empty() || !spec_l.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(Error::SnapshotNotFound { spec: spec.into() });
+    }
+    let matches: Vec<String> = list_ids(backend)?.into_iter().filter(|id| id.starts_with(&spec_l)).collect();
+    match matches.len() {
+        0 => Err(Error::SnapshotNotFound { spec: spec.into() }),
+        1 => load(backend, keys, &matches[0]),
+        n => Err(Error::AmbiguousSnapshot { spec: spec.into(), count: n }),
+    }
+}

@@ -1,0 +1,71 @@
+//! A raw image file or block device, read with `pread`; holes are found with
+//! `SEEK_DATA`/`SEEK_HOLE` so that sparse regions are never read.
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::{Range, Source};
+use crate::error::{Error, Result};
+
+pub struct FileSource {
+    path: PathBuf,
+    file: File,
+    size: u64,
+}
+
+impl FileSource {
+    pub fn open(path: &Path) -> Result<FileSource> {
+        let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let size = file.seek(SeekFrom::End(0)).map_err(|e| Error::io(path, e))?;
+        Ok(FileSource { path: path.to_path_buf(), file, size })
+    }
+}
+
+fn lseek(fd: i32, off: u64, whence: i32) -> Option<u64> {
+    let off = libc::off_t::try_from(off).ok()?;
+    // SAFETY: lseek on a valid descriptor with plain integer arguments.
+    let r = unsafe { libc::lseek(fd, off, whence) };
+    u64::try_from(r).ok()
+}
+
+impl Source for FileSource {
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.file.read_exact_at(buf, offset).map_err(|e| Error::io(&self.path, e))
+    }
+
+    fn data_ranges(&self) -> Result<Vec<Range>> {
+        let fd = self.file.as_raw_fd();
+        let mut out = Vec::new();
+        let mut pos = 0u64;
+        while pos < self.size {
+            // ENXIO (None) past the last data means the rest is a hole.
+            let Some(data) = lseek(fd, pos, libc::SEEK_DATA) else { break };
+            if data >= self.size {
+                break;
+            }
+            let hole = lseek(fd, data, libc::SEEK_HOLE).unwrap_or(self.size).min(self.size);
+            out.push(Range { offset: data, len: hole - data });
+            pos = hole;
+        }
+        if out.is_empty() && pos == 0 && lseek(fd, 0, libc::SEEK_DATA).is_none() && self.size > 0 {
+            // Either fully sparse, or SEEK_DATA unsupported (then ENXIO is not
+            // what we get; EINVAL is). Be safe: check errno.
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::ENXIO) {
+                return Ok(vec![Range { offset: 0, len: self.size }]);
+            }
+        }
+        Ok(out)
+    }
+}
