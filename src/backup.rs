@@ -26,7 +26,7 @@ use crate::id::ChunkId;
 use crate::pack::PackWriter;
 use crate::reader::{NodeCache, RepoNodes};
 use crate::repo::Repository;
-use crate::snapshot::{self, Capture, CaptureMode, Disk, DiskStats, Snapshot};
+use crate::snapshot::{self, Capture, Disk, DiskStats, Snapshot};
 use crate::source::{Range, Source};
 
 pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;

@@ -1,1 +1,26 @@
-fn main() {}
+//! The `ekko` command.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    cli::init_logging(args.global.verbose, args.global.quiet);
+    match cli::run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            // A closed pipe (`ekko snapshots | head`) is not a failure.
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                if io.kind() == std::io::ErrorKind::BrokenPipe {
+                    return ExitCode::SUCCESS;
+                }
+            }
+            eprintln!("ekko: error: {e:#}");
+            let damage = e.downcast_ref::<ekko::Error>().is_some_and(ekko::Error::is_damage);
+            ExitCode::from(if damage { 3 } else { 1 })
+        }
+    }
+}

@@ -13,7 +13,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The QMP (or guest agent) socket could not be opened.
-    #[error("cannot connect to {what} socket {path}: {source} (is QEMU running and is the path right?)")]
+    #[error(
+        "cannot connect to {what} socket {path}: {source} (is QEMU running and is the path right?)"
+    )]
     Connect {
         what: &'static str,
         path: PathBuf,

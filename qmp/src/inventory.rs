@@ -30,6 +30,8 @@ use crate::util::NAME_PREFIX;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct BitmapInfo {
+    /// Empty for QEMU-internal anonymous bitmaps (never listed).
+    #[serde(default)]
     pub name: String,
     /// Enabled: it records new writes.
     pub recording: bool,
@@ -105,7 +107,12 @@ impl From<RawNode> for NodeInfo {
             read_only: r.ro,
             size: r.image.map(|i| i.virtual_size).unwrap_or(0),
             filename: r.file,
-            bitmaps: r.dirty_bitmaps,
+            // Anonymous bitmaps are QEMU-internal (e.g. of backup jobs).
+            bitmaps: r
+                .dirty_bitmaps
+                .into_iter()
+                .filter(|b| !b.name.is_empty())
+                .collect(),
         }
     }
 }
@@ -292,7 +299,10 @@ pub fn list_disks(qmp: &mut Qmp) -> Result<Vec<DiskInfo>> {
             .flatten()
             .find(|s| !s.is_empty())
             .map(str::to_string);
-        candidates.push((Some(name.unwrap_or_else(|| node.to_string())), node.to_string()));
+        candidates.push((
+            Some(name.unwrap_or_else(|| node.to_string())),
+            node.to_string(),
+        ));
     }
     let storage_daemon = candidates.is_empty();
     if storage_daemon {
@@ -308,11 +318,9 @@ pub fn list_disks(qmp: &mut Qmp) -> Result<Vec<DiskInfo>> {
                     .collect()
             }
         };
-        candidates.extend(
-            tops.into_iter()
-                .filter(|n| !n.starts_with(NAME_PREFIX))
-                .map(|n| (None, n)),
-        );
+        // ekko-internal nodes are filtered after resolving: a session's
+        // snapshot-access node is the top of the disk it captures.
+        candidates.extend(tops.into_iter().map(|n| (None, n)));
     }
 
     let mut seen = HashSet::new();

@@ -21,7 +21,9 @@ pub fn probe_nbd(path: &Path) -> bool {
     let Ok(mut s) = UnixStream::connect(path) else {
         return false;
     };
-    if s.set_read_timeout(Some(Duration::from_millis(800))).is_err() {
+    if s.set_read_timeout(Some(Duration::from_millis(800)))
+        .is_err()
+    {
         return false;
     }
     let mut magic = [0u8; 16];
@@ -33,8 +35,7 @@ pub fn probe_nbd(path: &Path) -> bool {
 pub fn find_nbd_socket(pid: u32, exclude: &Path) -> Result<PathBuf, String> {
     let fd_dir = format!("/proc/{pid}/fd");
     let mut inodes = HashSet::new();
-    let entries =
-        std::fs::read_dir(&fd_dir).map_err(|e| format!("cannot list {fd_dir}: {e}"))?;
+    let entries = std::fs::read_dir(&fd_dir).map_err(|e| format!("cannot list {fd_dir}: {e}"))?;
     for entry in entries.flatten() {
         if let Ok(target) = std::fs::read_link(entry.path()) {
             let t = target.to_string_lossy();
@@ -84,5 +85,7 @@ pub fn find_nbd_socket(pid: u32, exclude: &Path) -> Result<PathBuf, String> {
     candidates
         .into_iter()
         .find(|p| probe_nbd(p))
-        .ok_or_else(|| format!("none of the {n} listening Unix socket(s) of QEMU PID {pid} is an NBD server"))
+        .ok_or_else(|| {
+            format!("none of the {n} listening Unix socket(s) of QEMU PID {pid} is an NBD server")
+        })
 }

@@ -230,7 +230,12 @@ impl Qmp {
     fn send_all(&mut self, data: &[u8], cmd: &str) -> Result<()> {
         match crate::util::send_all(&self.stream, data) {
             Ok(()) => Ok(()),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 Err(Error::Timeout {
                     what: format!("QEMU to accept command '{cmd}'"),
                     secs: self.timeout.as_secs(),

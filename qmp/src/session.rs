@@ -313,7 +313,9 @@ impl FleeceSession {
 
     /// The QMP connection, e.g. for queries while the session runs.
     pub fn qmp(&mut self) -> &mut Qmp {
-        self.qmp.as_mut().expect("the QMP connection lives as long as the session")
+        self.qmp
+            .as_mut()
+            .expect("the QMP connection lives as long as the session")
     }
 
     /// Ends the session. `committed = true` once the backup is durably
@@ -331,7 +333,10 @@ impl FleeceSession {
     pub fn finish_keep_qmp(mut self, committed: bool) -> (Result<()>, Qmp) {
         self.done = true;
         let result = self.teardown(committed);
-        let qmp = self.qmp.take().expect("the QMP connection lives as long as the session");
+        let qmp = self
+            .qmp
+            .take()
+            .expect("the QMP connection lives as long as the session");
         (result, qmp)
     }
 
@@ -657,7 +662,9 @@ fn validate_config(disks: &[DiskSpec], cfg: &SessionConfig) -> Result<()> {
     }
     if let Some(prev) = &cfg.prev_bitmap {
         if !valid_name(prev) {
-            return Err(Error::Config(format!("invalid previous bitmap name '{prev}'")));
+            return Err(Error::Config(format!(
+                "invalid previous bitmap name '{prev}'"
+            )));
         }
         if *prev == cfg.new_bitmap {
             return Err(Error::Config(format!(

@@ -111,7 +111,14 @@ pub fn sanitize(name: &str) -> String {
         })
         .collect();
     let s = s.trim_matches('_');
-    let s: String = s.chars().rev().take(48).collect::<Vec<_>>().into_iter().rev().collect();
+    let s: String = s
+        .chars()
+        .rev()
+        .take(48)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
     if s.is_empty() {
         "disk".into()
     } else {
@@ -152,7 +159,10 @@ mod tests {
     #[test]
     fn encoding() {
         assert_eq!(percent_encode("/tmp/a b?c"), "/tmp/a%20b%3Fc");
-        assert_eq!(sanitize("/machine/peripheral/virtio-disk0"), "machine_peripheral_virtio-disk0");
+        assert_eq!(
+            sanitize("/machine/peripheral/virtio-disk0"),
+            "machine_peripheral_virtio-disk0"
+        );
         assert_eq!(sanitize("///"), "disk");
     }
 }

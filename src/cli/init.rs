@@ -1,0 +1,49 @@
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Args;
+use ekko::repo::{InitOptions, Repository, DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, DEFAULT_ZSTD_LEVEL};
+
+use super::Global;
+
+#[derive(Args)]
+pub struct InitArgs {
+    /// Chunk size: a power of two from 64K to 4M.
+    #[arg(long, value_parser = super::parse_size, default_value_t = DEFAULT_CHUNK_SIZE)]
+    chunk_size: u32,
+    /// zstd level (0 = no compression).
+    #[arg(long, default_value_t = DEFAULT_ZSTD_LEVEL, allow_negative_numbers = true)]
+    compression: i32,
+    /// aes256-siv (default) or none.
+    #[arg(long, default_value = "aes256-siv", value_parser = ["aes256-siv", "none"])]
+    encryption: String,
+}
+
+pub fn run(g: &Global, a: InitArgs) -> Result<ExitCode> {
+    let encrypt = a.encryption != "none";
+    let pass = if encrypt {
+        Some(g.passphrase("New passphrase: ")?)
+    } else {
+        eprintln!("ekko: warning: creating an UNENCRYPTED repository: anyone who can read it can read your disks");
+        None
+    };
+    let opts = InitOptions {
+        chunk_size: a.chunk_size,
+        compression_level: a.compression,
+        encrypt,
+        pack_size: DEFAULT_PACK_SIZE,
+    };
+    let cfg = Repository::init(g.backend()?, &opts, pass.as_deref())?;
+    println!("{}", cfg.id);
+    if !g.quiet {
+        eprintln!(
+            "created repository {} at {} (chunk size {} KiB, zstd {}, encryption {})",
+            cfg.id,
+            g.repo_path()?.display(),
+            cfg.chunk_size / 1024,
+            cfg.compression_level,
+            cfg.encryption
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

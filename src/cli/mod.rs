@@ -1,0 +1,178 @@
+//! Command-line interface: one module per subcommand.
+//!
+//! Exit codes: 0 success, 1 error, 2 usage error, 3 repository damage found.
+
+mod backup;
+mod check;
+mod init;
+mod key;
+mod mount;
+mod restore;
+mod snapshots;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use ekko::{LocalBackend, Repository};
+
+#[derive(Parser)]
+#[command(name = "ekko", version, about = "Block-based incremental backup for QEMU/KVM virtual machines")]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct Global {
+    /// Repository path.
+    #[arg(long, env = "EKKO_REPO", global = true)]
+    pub repo: Option<PathBuf>,
+    /// File holding the passphrase (or set EKKO_PASSWORD).
+    #[arg(long, env = "EKKO_PASSWORD_FILE", global = true)]
+    pub password_file: Option<PathBuf>,
+    /// More logging (-v info, -vv debug); EKKO_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// No progress bars, only errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Create a new repository.
+    Init(init::InitArgs),
+    /// Back up the disks of a VM.
+    Backup(backup::BackupArgs),
+    /// List snapshots.
+    Snapshots(snapshots::SnapshotsArgs),
+    /// Restore one disk of a snapshot to a file.
+    Restore(restore::RestoreArgs),
+    /// Verify the repository.
+    Check(check::CheckArgs),
+    /// Manage passphrases (key files).
+    #[command(subcommand)]
+    Key(key::KeyCommand),
+    /// Show every snapshot as a read-only file tree (FUSE).
+    Mount(mount::MountArgs),
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let g = &cli.global;
+    match cli.command {
+        Command::Init(a) => init::run(g, a),
+        Command::Backup(a) => backup::run(g, a),
+        Command::Snapshots(a) => snapshots::run(g, a),
+        Command::Restore(a) => restore::run(g, a),
+        Command::Check(a) => check::run(g, a),
+        Command::Key(a) => key::run(g, a),
+        Command::Mount(a) => mount::run(g, a),
+    }
+}
+
+pub fn init_logging(verbose: u8, quiet: bool) {
+    let default = match (quiet, verbose) {
+        (true, _) => "error",
+        (_, 0) => "warn",
+        (_, 1) => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EKKO_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+}
+
+impl Global {
+    pub fn repo_path(&self) -> Result<PathBuf> {
+        self.repo
+            .clone()
+            .context("no repository given: pass --repo PATH or set EKKO_REPO")
+    }
+
+    pub fn backend(&self) -> Result<Arc<dyn ekko::Backend>> {
+        Ok(Arc::new(LocalBackend::new(self.repo_path()?)))
+    }
+
+    /// The passphrase from the environment, a file, or a prompt on a tty.
+    pub fn passphrase(&self, prompt: &str) -> ekko::Result<Vec<u8>> {
+        if let Some(p) = ekko::secret::from_env(self.password_file.as_deref())? {
+            return Ok(p);
+        }
+        if std::io::stdin().is_terminal() {
+            let p = rpassword::prompt_password(prompt)
+                .map_err(|e| ekko::Error::Invalid(format!("reading the passphrase: {e}")))?;
+            return Ok(p.into_bytes());
+        }
+        Err(ekko::Error::Invalid(
+            "the repository is encrypted: set EKKO_PASSWORD or EKKO_PASSWORD_FILE, or pass --password-file".into(),
+        ))
+    }
+
+    pub fn open(&self) -> Result<Repository> {
+        let backend = self.backend()?;
+        Ok(Repository::open(backend, || self.passphrase("Passphrase: "))?)
+    }
+
+    pub fn progress_enabled(&self) -> bool {
+        !self.quiet && std::io::stderr().is_terminal()
+    }
+}
+
+/// A progress bar on stderr when it is a terminal, hidden otherwise.
+pub fn progress_bar(g: &Global, len: u64, what: &str) -> indicatif::ProgressBar {
+    if !g.progress_enabled() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(len);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// A flag set by Ctrl-C or SIGTERM.
+pub fn cancel_flag() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&flag)).context("installing a signal handler")?;
+    }
+    Ok(flag)
+}
+
+pub fn cancelled(flag: &AtomicBool) -> bool {
+    flag.load(Ordering::Relaxed)
+}
+
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// Parse sizes such as `1M`, `64K`, `4MiB`, `1048576`.
+pub fn parse_size(s: &str) -> std::result::Result<u32, String> {
+    let t = s.trim().trim_end_matches("iB").trim_end_matches('B');
+    let (num, mult) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1024u64),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1024 * 1024),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1024 * 1024 * 1024),
+        _ => (t, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
+    u32::try_from(n.checked_mul(mult).ok_or("size too large")?).map_err(|_| "size too large".into())
+}

@@ -1,0 +1,56 @@
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Args;
+use serde_json::json;
+
+use super::Global;
+
+#[derive(Args)]
+pub struct SnapshotsArgs {
+    /// Only this VM's snapshots.
+    #[arg(long)]
+    vm: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(g: &Global, a: SnapshotsArgs) -> Result<ExitCode> {
+    let repo = g.open()?;
+    let (snaps, bad) = ekko::snapshot::load_all(repo.backend().as_ref(), repo.keys())?;
+    for e in &bad {
+        eprintln!("ekko: warning: {e}");
+    }
+    let snaps: Vec<_> = snaps.into_iter().filter(|s| a.vm.as_ref().is_none_or(|v| &s.vm == v)).collect();
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        let v: Vec<_> = snaps
+            .iter()
+            .map(|s| {
+                json!({
+                    "id": s.id, "vm": s.vm, "time": s.time, "parent": s.parent, "host": s.host,
+                    "disks": s.disks.iter().map(|d| json!({
+                        "name": d.name, "size": d.size, "chunk_size": d.chunk_size,
+                        "mode": d.capture.mode, "bitmap": d.capture.bitmap,
+                        "next_bitmap": d.capture.next_bitmap, "source": d.source,
+                        "bytes_new": d.stats.bytes_new,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+    } else {
+        writeln!(out, "{:<10} {:<16} {:<31} {:<12} disks", "id", "vm", "time", "mode")?;
+        for s in &snaps {
+            let mode = if s.disks.iter().any(|d| d.capture.mode == ekko::snapshot::CaptureMode::Incremental) {
+                "incremental"
+            } else {
+                "full"
+            };
+            let disks: Vec<String> = s.disks.iter().map(|d| format!("{}({} MiB)", d.name, d.size >> 20)).collect();
+            writeln!(out, "{:<10} {:<16} {:<31} {:<12} {}", s.short_id(), s.vm, s.time, mode, disks.join(" "))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
