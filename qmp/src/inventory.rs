@@ -3,8 +3,9 @@
 //! # Which nodes are "disks"
 //!
 //! 1. **qemu-system** (`query-block` lists devices): every device with
-//!    inserted media that is not read-only. Its name is the device name
-//!    (`-drive id`), else the qdev path, else the node name.
+//!    inserted media that is not read-only. Its name is the drive name
+//!    (`-drive id=`), else the device id (`-device id=`, taken from the qdev
+//!    path `/machine/peripheral/ID/...`), else the whole qdev path.
 //! 2. **qemu-storage-daemon** (`query-block` is empty: it has no devices):
 //!    every *top-level* named node, i.e. one that is no other node's child
 //!    in `x-debug-query-block-graph` (parents that are block backends of
@@ -272,6 +273,16 @@ fn resolve_filters(
     cur
 }
 
+/// `/machine/peripheral/ID[/virtio-backend]` -> `ID` (the `-device id=`, e.g.
+/// libvirt's `virtio-disk0`); any other qdev path is kept whole.
+fn qdev_name(qdev: &str) -> String {
+    qdev.strip_prefix("/machine/peripheral/")
+        .and_then(|rest| rest.split('/').next())
+        .filter(|id| !id.is_empty())
+        .unwrap_or(qdev)
+        .to_string()
+}
+
 /// Every writable top-level block device; see the module documentation for
 /// the rule.
 pub fn list_disks(qmp: &mut Qmp) -> Result<Vec<DiskInfo>> {
@@ -294,11 +305,9 @@ pub fn list_disks(qmp: &mut Qmp) -> Result<Vec<DiskInfo>> {
         let Some(node) = ins["node-name"].as_str() else {
             continue;
         };
-        let name = [b["device"].as_str(), b["qdev"].as_str()]
-            .into_iter()
-            .flatten()
-            .find(|s| !s.is_empty())
-            .map(str::to_string);
+        let device = b["device"].as_str().filter(|s| !s.is_empty());
+        let qdev = b["qdev"].as_str().filter(|s| !s.is_empty());
+        let name = device.map(str::to_string).or_else(|| qdev.map(qdev_name));
         candidates.push((
             Some(name.unwrap_or_else(|| node.to_string())),
             node.to_string(),

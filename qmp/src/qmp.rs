@@ -33,7 +33,6 @@ const MAX_EVENTS: usize = 4096;
 const MAX_LINE: usize = 64 << 20;
 
 /// A connection to a QEMU monitor, in command mode.
-#[derive(Debug)]
 pub struct Qmp {
     stream: UnixStream,
     path: PathBuf,
@@ -44,6 +43,18 @@ pub struct Qmp {
     peer_pid: Option<u32>,
     version: (u64, u64, u64),
     disconnected: bool,
+}
+
+impl std::fmt::Debug for Qmp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qmp")
+            .field("path", &self.path)
+            .field("peer_pid", &self.peer_pid)
+            .field("version", &self.version)
+            .field("buffered_events", &self.events.len())
+            .field("disconnected", &self.disconnected)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Qmp {

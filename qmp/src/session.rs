@@ -241,6 +241,7 @@ impl FleeceSession {
                 export_added: false,
             })
             .collect();
+        util::set_tag_live(&tag, true);
         let mut session = FleeceSession {
             qmp: Some(qmp),
             tag,
@@ -646,6 +647,8 @@ impl Drop for FleeceSession {
                 tracing::error!(session = %self.tag, "teardown on drop failed: {e}");
             }
         }
+        // Whatever is left now belongs to nobody: cleanup_stale may take it.
+        util::set_tag_live(&self.tag, false);
     }
 }
 
@@ -918,23 +921,30 @@ impl StaleCleanup {
 }
 
 /// Removes the exports, jobs, nodes and fleece images left in QEMU by
-/// sessions whose process died without tearing down (SIGKILL, power loss of
-/// the backup host...). Sessions of live processes are not touched: the
-/// owner PID is part of every name, so this assumes the backup processes run
-/// in this host's PID namespace.
+/// sessions that can no longer tear down: those of processes that died
+/// (SIGKILL, crash...), and those of this process that were dropped although
+/// their teardown failed (QMP timeout...). Sessions of other live processes,
+/// and live sessions of this one, are not touched. The owner PID is part of
+/// every name, so this assumes the backup processes run in this host's PID
+/// namespace.
 ///
 /// Bitmaps are not touched: the dead session's previous generation stays
 /// disabled, so the next session refuses it and a full backup follows; its
 /// new generation is an orphan the caller may remove with
 /// [`inventory::remove_bitmap`].
 pub fn cleanup_stale(qmp: &mut Qmp) -> Result<StaleCleanup> {
-    let me = std::process::id();
-    cleanup_stale_if(qmp, |pid| pid != me && !util::pid_alive(pid))
+    cleanup_stale_if(qmp, |pid| !util::pid_alive(pid))
 }
 
-/// [`cleanup_stale`] with a custom test of which owner PIDs are dead.
+/// [`cleanup_stale`] with a custom test of which *other* processes are dead
+/// (e.g. for backup processes in another PID namespace).
 pub fn cleanup_stale_if(qmp: &mut Qmp, owner_dead: impl Fn(u32) -> bool) -> Result<StaleCleanup> {
-    let stale = |name: &str| util::owner_pid(name).is_some_and(&owner_dead);
+    let me = std::process::id();
+    let stale = |name: &str| match util::owner_pid(name) {
+        Some(pid) if pid == me => util::session_of(name).is_some_and(|t| !util::is_live_tag(t)),
+        Some(pid) => owner_dead(pid),
+        None => false,
+    };
     let mut report = StaleCleanup::default();
 
     let exports = qmp.execute("query-block-exports", Value::Null)?;

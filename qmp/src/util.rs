@@ -1,9 +1,11 @@
 //! Small helpers: process liveness, unique names, URI encoding.
 
+use std::collections::BTreeSet;
 use std::io::{self, Read};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
 
 /// Prefix of every node, job and export name a session creates.
 pub const NAME_PREFIX: &str = "ekko-";
@@ -39,6 +41,27 @@ pub fn session_tag() -> String {
     // random part repeats.
     let mix = (random ^ n.wrapping_mul(0x9e37)) & 0xffff;
     format!("{NAME_PREFIX}{}-{mix:04x}", std::process::id())
+}
+
+/// Tags of the sessions of this process that may still own QEMU objects.
+static LIVE_TAGS: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+/// Marks a session of this process as live (or not) for [`is_live_tag`].
+pub fn set_tag_live(tag: &str, live: bool) {
+    let mut tags = LIVE_TAGS.lock().unwrap_or_else(|e| e.into_inner());
+    if live {
+        tags.insert(tag.to_string());
+    } else {
+        tags.remove(tag);
+    }
+}
+
+/// Whether a session of this process with this tag is still live.
+pub fn is_live_tag(tag: &str) -> bool {
+    LIVE_TAGS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(tag)
 }
 
 /// The PID encoded in a name made from [`session_tag`], if it is one.

@@ -360,25 +360,92 @@ fn concurrent_sessions_on_different_disks() {
     assert!(bitmap(&mut qi, "disk1", "g1").is_none());
 }
 
+/// Child role of `cleanup_removes_leftovers_of_dead_sessions`: start a
+/// session, say so, and wait to be killed.
+fn child_session_then_hang(qmp: &str, work: &str) -> ! {
+    let cfg = ekko_qmp::SessionConfig::new(work, "gen1", None);
+    let s = FleeceSession::start(ekko_qmp::Qmp::connect(qmp).unwrap(), &specs(), &cfg).unwrap();
+    println!("\nSESSION-READY {}", s.tag());
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 #[test]
 fn cleanup_removes_leftovers_of_dead_sessions() {
+    if let Ok(qmp) = std::env::var("EKKO_QMP_TEST_CHILD_QMP") {
+        child_session_then_hang(&qmp, &std::env::var("EKKO_QMP_TEST_CHILD_WORK").unwrap());
+    }
     let qsd = Qsd::start(false);
-    let s = FleeceSession::start(qsd.qmp("a"), &specs(), &qsd.config("gen1", None)).unwrap();
-    // Simulate a process that died without teardown.
-    std::mem::forget(s);
+    let work = qsd.workdir("work");
+    // A backup process (this test binary again) killed mid-session.
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "cleanup_removes_leftovers_of_dead_sessions",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("EKKO_QMP_TEST_CHILD_QMP", qsd.qmp_path("a"))
+        .env("EKKO_QMP_TEST_CHILD_WORK", &work)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert!(n > 0, "child exited before starting its session");
+        if line.starts_with("SESSION-READY") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
     let mut qi = qsd.qmp("i");
     assert!(!leftovers(&mut qi).is_empty());
-    // Live owners are never touched.
+    assert_eq!(files_in(&work).len(), 3, "{:?}", files_in(&work));
+
+    // A live session of this process (here on a disk the dead one also
+    // captured: QEMU stacks the filters) is never touched.
+    let live =
+        FleeceSession::start(qsd.qmp("b"), &specs()[1..], &qsd.config("mine", None)).unwrap();
+
     let r = ekko_qmp::cleanup_stale(&mut qi).unwrap();
-    assert!(r.is_empty(), "{r:?}");
-    let me = std::process::id();
-    let r = ekko_qmp::cleanup_stale_if(&mut qi, |pid| pid == me).unwrap();
-    assert_eq!(r.exports.len(), 2);
-    assert_eq!(r.jobs.len(), 2);
-    assert_eq!(r.files.len(), 2);
-    assert!(r.nbd_server_stopped);
+    assert_eq!(r.exports.len(), 2, "{r:?}");
+    assert_eq!(r.jobs.len(), 2, "{r:?}");
+    assert_eq!(r.files.len(), 2, "{r:?}");
+    assert!(!r.nbd_server_stopped, "the live session uses it: {r:?}");
+    assert_eq!(files_in(&work).len(), 2, "{:?}", files_in(&work)); // live + socket
+    let size =
+        run(std::process::Command::new("nbdinfo")
+            .args(["--size", &live.export_uri("disk1").unwrap()]));
+    assert_eq!(String::from_utf8_lossy(&size).trim(), DISK_SIZE.to_string());
+    live.finish(true).unwrap();
+
+    // The dead session's NBD server goes once nothing uses it.
+    let r = ekko_qmp::cleanup_stale(&mut qi).unwrap();
+    assert!(r.nbd_server_stopped, "{r:?}");
     assert_eq!(leftovers(&mut qi), Vec::<String>::new());
-    assert_eq!(files_in(&qsd.workdir("work")), Vec::<String>::new());
+    assert_eq!(files_in(&work), Vec::<String>::new());
+    // Idempotent.
+    assert!(ekko_qmp::cleanup_stale(&mut qi).unwrap().is_empty());
+    // The dead session's bitmap generation is an orphan the caller removes.
+    assert!(bitmap(&mut qi, "disk0", "gen1").is_some());
+}
+
+#[test]
+fn cleanup_spares_live_sessions_of_this_process() {
+    let qsd = Qsd::start(true);
+    let s = FleeceSession::start(qsd.qmp("a"), &specs(), &qsd.config("gen1", None)).unwrap();
+    let mut qi = qsd.qmp("i");
+    assert!(ekko_qmp::cleanup_stale(&mut qi).unwrap().is_empty());
+    assert!(ekko_qmp::cleanup_stale_if(&mut qi, |_| true)
+        .unwrap()
+        .is_empty());
+    s.finish(true).unwrap();
 }
 
 #[test]

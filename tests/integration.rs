@@ -1,0 +1,6 @@
+//! The one integration test binary. Tests run against the real `ekko`
+//! binary and real external components; see each module.
+
+mod util;
+
+mod engine;
