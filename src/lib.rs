@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod backup;
 pub mod blockmap;
+pub mod capture;
 pub mod check;
 pub mod chunk;
 pub mod crypto;
@@ -17,6 +18,7 @@ pub mod id;
 pub mod index;
 pub mod lock;
 pub mod pack;
+pub mod ratelimit;
 pub mod reader;
 pub mod secret;
 pub mod repo;

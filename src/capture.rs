@@ -1,0 +1,1 @@
+//! Live capture from a running QEMU (see docs/CAPTURE.md).

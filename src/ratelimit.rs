@@ -1,0 +1,1 @@
+//! Rate limiting of source reads.
