@@ -68,8 +68,15 @@ enum Outcome {
 }
 
 enum Msg {
-    Block { idx: u64, len: u64, outcome: Result<Outcome> },
-    Keep { from: u64, to: u64 },
+    Block {
+        idx: u64,
+        len: u64,
+        outcome: Result<Outcome>,
+    },
+    Keep {
+        from: u64,
+        to: u64,
+    },
 }
 
 /// One backup session: any number of disks, then one commit.
@@ -149,7 +156,9 @@ impl<'r> Session<'r> {
             }
         }
         if self.repo.index().add_pending(entries) {
-            self.repo.index().flush(self.repo.backend().as_ref(), self.repo.keys())?;
+            self.repo
+                .index()
+                .flush(self.repo.backend().as_ref(), self.repo.keys())?;
         }
         Ok(())
     }
@@ -187,16 +196,28 @@ impl<'r> Session<'r> {
                     )));
                 }
                 let dirty = plan.source.dirty_ranges()?.ok_or_else(|| {
-                    Error::Invalid(format!("disk {}: the source has no dirty bitmap", plan.name))
+                    Error::Invalid(format!(
+                        "disk {}: the source has no dirty bitmap",
+                        plan.name
+                    ))
                 })?;
-                let nodes = RepoNodes { repo: self.repo, cache: &self.nodes };
-                (dirty, Some(blockmap::leaf_ids(&nodes, &parent.map, nchunks)?))
+                let nodes = RepoNodes {
+                    repo: self.repo,
+                    cache: &self.nodes,
+                };
+                (
+                    dirty,
+                    Some(blockmap::leaf_ids(&nodes, &parent.map, nchunks)?),
+                )
             }
             None => (plan.source.data_ranges()?, None),
         };
         let runs = block_runs(&ranges, cs, nchunks);
         let mut builder = MapBuilder::new(nchunks, parent_leaves)?;
-        let mut stats = DiskStats { chunks: nchunks, ..DiskStats::default() };
+        let mut stats = DiskStats {
+            chunks: nchunks,
+            ..DiskStats::default()
+        };
 
         let threads = opts.threads.max(1);
         let (job_tx, job_rx) = bounded::<(u64, u64)>(threads * 2);
@@ -219,9 +240,7 @@ impl<'r> Session<'r> {
             drop(job_rx);
             this.collect(&res_rx, &mut builder, &mut stats, opts, size)
         });
-        if let Err(e) = result {
-            return Err(e);
-        }
+        result?;
         if opts.cancel.load(Ordering::Relaxed) {
             return Err(Error::Interrupted);
         }
@@ -242,7 +261,13 @@ impl<'r> Session<'r> {
         Ok(disk)
     }
 
-    fn worker(&self, source: &dyn Source, jobs: &Receiver<(u64, u64)>, out: &Sender<Msg>, bytes_read: &AtomicU64) {
+    fn worker(
+        &self,
+        source: &dyn Source,
+        jobs: &Receiver<(u64, u64)>,
+        out: &Sender<Msg>,
+        bytes_read: &AtomicU64,
+    ) {
         let mut buf = Vec::new();
         for (idx, len) in jobs {
             let outcome = (|| {
@@ -280,7 +305,10 @@ impl<'r> Session<'r> {
         size: u64,
     ) -> Result<()> {
         let cs = u64::from(self.repo.config().chunk_size);
-        let nodes = RepoNodes { repo: self.repo, cache: &self.nodes };
+        let nodes = RepoNodes {
+            repo: self.repo,
+            cache: &self.nodes,
+        };
         let node_bytes = AtomicU64::new(0);
         let mut store = |e: &[ChunkId]| self.store_map_node(e, &node_bytes);
         let mut first_err: Option<Error> = None;
@@ -331,7 +359,9 @@ impl<'r> Session<'r> {
             return Err(Error::Invalid("a snapshot needs at least one disk".into()));
         }
         self.flush_pack()?;
-        self.repo.index().flush(self.repo.backend().as_ref(), self.repo.keys())?;
+        self.repo
+            .index()
+            .flush(self.repo.backend().as_ref(), self.repo.keys())?;
         let snap = Snapshot {
             id: snapshot::new_id(),
             vm: vm.to_string(),
@@ -358,7 +388,14 @@ fn dispatch(
 ) {
     let mut next = 0u64;
     for &(from, to) in runs {
-        if next < from && out.send(Msg::Keep { from: next, to: from }).is_err() {
+        if next < from
+            && out
+                .send(Msg::Keep {
+                    from: next,
+                    to: from,
+                })
+                .is_err()
+        {
             return;
         }
         for idx in from..to {
@@ -373,6 +410,9 @@ fn dispatch(
         next = to;
     }
     if next < nchunks {
-        let _ = out.send(Msg::Keep { from: next, to: nchunks });
+        let _ = out.send(Msg::Keep {
+            from: next,
+            to: nchunks,
+        });
     }
 }

@@ -58,7 +58,10 @@ pub fn lookup(src: &dyn NodeSource, map: &MapRef, idx: u64) -> Result<ChunkId> {
         let node = src.node(&node_id)?;
         let pos = usize::try_from((idx / span(level)) % FANOUT_U64).expect("below FANOUT");
         node_id = *node.get(pos).ok_or_else(|| {
-            Error::corrupt(format!("map node {node_id}"), format!("has no entry {pos} (block {idx})"))
+            Error::corrupt(
+                format!("map node {node_id}"),
+                format!("has no entry {pos} (block {idx})"),
+            )
         })?;
     }
     Ok(node_id)
@@ -77,7 +80,10 @@ pub fn leaf_ids(src: &dyn NodeSource, map: &MapRef, nchunks: u64) -> Result<Vec<
             } else {
                 let node = src.node(id)?;
                 if node.len() != children {
-                    return Err(Error::corrupt(format!("map node {id}"), "wrong number of entries"));
+                    return Err(Error::corrupt(
+                        format!("map node {id}"),
+                        "wrong number of entries",
+                    ));
                 }
                 next.extend(node.iter().copied());
             }
@@ -145,7 +151,10 @@ impl MapBuilder {
         let (leaf, pos) = Self::split(idx);
         let len = self.leaf_len(leaf);
         let parent = self.parent_leaves.as_ref().map(|p| p[leaf]);
-        let p = self.pending.entry(leaf).or_insert(PendingLeaf { entries: None, filled: 0 });
+        let p = self.pending.entry(leaf).or_insert(PendingLeaf {
+            entries: None,
+            filled: 0,
+        });
         if p.entries.is_none() {
             p.entries = Some(match parent {
                 Some(pid) if !pid.is_zero() => nodes.node(&pid)?.as_ref().clone(),
@@ -153,13 +162,20 @@ impl MapBuilder {
             });
         }
         let entries = p.entries.as_mut().expect("just set");
-        *entries.get_mut(pos).ok_or_else(|| Error::corrupt("parent map", "leaf too short"))? = id;
+        *entries
+            .get_mut(pos)
+            .ok_or_else(|| Error::corrupt("parent map", "leaf too short"))? = id;
         p.filled += 1;
         self.maybe_finish(leaf, store)
     }
 
     /// Blocks `from..to` keep what the parent map (or a hole) says.
-    pub fn keep(&mut self, from: u64, to: u64, store: &mut dyn FnMut(&[ChunkId]) -> Result<ChunkId>) -> Result<()> {
+    pub fn keep(
+        &mut self,
+        from: u64,
+        to: u64,
+        store: &mut dyn FnMut(&[ChunkId]) -> Result<ChunkId>,
+    ) -> Result<()> {
         let mut idx = from;
         while idx < to {
             let (leaf, pos) = Self::split(idx);
@@ -167,7 +183,10 @@ impl MapBuilder {
             let n = (len - pos).min(usize::try_from(to - idx).unwrap_or(usize::MAX));
             self.pending
                 .entry(leaf)
-                .or_insert(PendingLeaf { entries: None, filled: 0 })
+                .or_insert(PendingLeaf {
+                    entries: None,
+                    filled: 0,
+                })
                 .filled += n;
             self.maybe_finish(leaf, store)?;
             idx += u64::try_from(n).expect("fits");
@@ -175,7 +194,11 @@ impl MapBuilder {
         Ok(())
     }
 
-    fn maybe_finish(&mut self, leaf: usize, store: &mut dyn FnMut(&[ChunkId]) -> Result<ChunkId>) -> Result<()> {
+    fn maybe_finish(
+        &mut self,
+        leaf: usize,
+        store: &mut dyn FnMut(&[ChunkId]) -> Result<ChunkId>,
+    ) -> Result<()> {
         let len = self.leaf_len(leaf);
         let done = self.pending.get(&leaf).is_some_and(|p| p.filled >= len);
         if !done {
@@ -184,7 +207,10 @@ impl MapBuilder {
         let p = self.pending.remove(&leaf).expect("present");
         self.leaves[leaf] = match p.entries {
             // Untouched: the parent's leaf (or a hole) stands as it is.
-            None => self.parent_leaves.as_ref().map_or(ChunkId::ZERO, |pl| pl[leaf]),
+            None => self
+                .parent_leaves
+                .as_ref()
+                .map_or(ChunkId::ZERO, |pl| pl[leaf]),
             Some(e) if e.iter().all(ChunkId::is_zero) => ChunkId::ZERO,
             Some(e) => store(&e)?,
         };
@@ -194,14 +220,20 @@ impl MapBuilder {
     /// Build the upper levels. Every block must have been set or kept.
     pub fn finish(self, store: &mut dyn FnMut(&[ChunkId]) -> Result<ChunkId>) -> Result<MapRef> {
         if !self.pending.is_empty() {
-            return Err(Error::Invalid("block map incomplete: a block was never reported".into()));
+            return Err(Error::Invalid(
+                "block map incomplete: a block was never reported".into(),
+            ));
         }
         let depth = depth_for(self.nchunks);
         let mut level = self.leaves;
         for _ in 1..depth {
             let mut up = Vec::with_capacity(level.len().div_ceil(FANOUT));
             for group in level.chunks(FANOUT) {
-                up.push(if group.iter().all(ChunkId::is_zero) { ChunkId::ZERO } else { store(group)? });
+                up.push(if group.iter().all(ChunkId::is_zero) {
+                    ChunkId::ZERO
+                } else {
+                    store(group)?
+                });
             }
             level = up;
         }
@@ -210,7 +242,11 @@ impl MapBuilder {
             1 => level[0],
             _ => unreachable!("depth_for guarantees a single root"),
         };
-        Ok(MapRef { root, depth, fanout: u32::try_from(FANOUT).expect("fits") })
+        Ok(MapRef {
+            root,
+            depth,
+            fanout: u32::try_from(FANOUT).expect("fits"),
+        })
     }
 }
 

@@ -12,7 +12,6 @@ use std::sync::Mutex;
 use rayon::prelude::*;
 use serde::Serialize;
 
-
 use crate::chunk;
 use crate::error::{Error, Result};
 use crate::format::{self, BlobEntry, ChunkKind, Location};
@@ -84,14 +83,24 @@ pub fn check(repo: &Repository, read_data: bool, threads: usize) -> Result<Check
                     referenced_packs.insert(loc.pack);
                     let pname = pack::pack_name(&loc.pack);
                     if bad_packs.contains(&loc.pack) {
-                        damaged.entry(id).or_insert_with(|| format!("in damaged pack {pname}"));
+                        damaged
+                            .entry(id)
+                            .or_insert_with(|| format!("in damaged pack {pname}"));
                     } else {
                         match trailers.get(&loc.pack).and_then(|t| t.get(&id)) {
                             None => {
-                                damaged.entry(id).or_insert_with(|| format!("pack {pname} is missing or lacks it"));
+                                damaged.entry(id).or_insert_with(|| {
+                                    format!("pack {pname} is missing or lacks it")
+                                });
                             }
-                            Some(e) if e.offset != loc.offset || e.stored_len != loc.stored_len || e.kind != loc.kind => {
-                                damaged.entry(id).or_insert_with(|| format!("index disagrees with pack {pname}"));
+                            Some(e)
+                                if e.offset != loc.offset
+                                    || e.stored_len != loc.stored_len
+                                    || e.kind != loc.kind =>
+                            {
+                                damaged.entry(id).or_insert_with(|| {
+                                    format!("index disagrees with pack {pname}")
+                                });
                             }
                             Some(_) => {}
                         }
@@ -103,7 +112,10 @@ pub fn check(repo: &Repository, read_data: bool, threads: usize) -> Result<Check
         }
     }
     report.chunks = indexed.len();
-    report.unreferenced_packs = trailers.keys().filter(|p| !referenced_packs.contains(p)).count();
+    report.unreferenced_packs = trailers
+        .keys()
+        .filter(|p| !referenced_packs.contains(p))
+        .count();
 
     // 3. With --read-data: every chunk of every indexed pack.
     if read_data {
@@ -147,7 +159,13 @@ pub fn check(repo: &Repository, read_data: bool, threads: usize) -> Result<Check
     for e in bad_snaps {
         report.problems.push(format!("snapshot manifest: {e}"));
     }
-    let mut walker = Walker { repo, indexed: &indexed, damaged: &mut damaged, memo: HashMap::new(), problems: Vec::new() };
+    let mut walker = Walker {
+        repo,
+        indexed: &indexed,
+        damaged: &mut damaged,
+        memo: HashMap::new(),
+        problems: Vec::new(),
+    };
     for s in &snaps {
         let mut bad = false;
         for d in &s.disks {
@@ -157,23 +175,35 @@ pub fn check(repo: &Repository, read_data: bool, threads: usize) -> Result<Check
             }
         }
         if bad {
-            report.damaged_snapshots.push(format!("{} ({} at {})", s.id, s.vm, s.time));
+            report
+                .damaged_snapshots
+                .push(format!("{} ({} at {})", s.id, s.vm, s.time));
         }
     }
     report.problems.extend(walker.problems);
-    let mut dl: Vec<(String, String)> = damaged.into_iter().map(|(id, r)| (id.to_hex(), r)).collect();
+    let mut dl: Vec<(String, String)> = damaged
+        .into_iter()
+        .map(|(id, r)| (id.to_hex(), r))
+        .collect();
     dl.sort();
     for (id, reason) in &dl {
         report.problems.push(format!("chunk {id}: {reason}"));
     }
     for s in &report.damaged_snapshots {
-        report.problems.push(format!("snapshot {s} references damaged or missing data"));
+        report
+            .problems
+            .push(format!("snapshot {s} references damaged or missing data"));
     }
     report.damaged_chunks = dl;
     Ok(report)
 }
 
-fn verify_blob(repo: &Repository, pname: &str, pack: &[u8], e: &BlobEntry) -> std::result::Result<(), String> {
+fn verify_blob(
+    repo: &Repository,
+    pname: &str,
+    pack: &[u8],
+    e: &BlobEntry,
+) -> std::result::Result<(), String> {
     let start = usize::try_from(e.offset).map_err(|_| "offset".to_string())?;
     let len = usize::try_from(e.stored_len).map_err(|_| "length".to_string())?;
     let sealed = start
@@ -188,7 +218,8 @@ fn verify_blob(repo: &Repository, pname: &str, pack: &[u8], e: &BlobEntry) -> st
         kind: e.kind,
         compressed: e.compressed,
     };
-    let plain = chunk::decode(repo.keys(), &e.id, &loc, pname, &sealed.to_vec()).map_err(|err| err.to_string())?;
+    let plain =
+        chunk::decode(repo.keys(), &e.id, &loc, pname, sealed).map_err(|err| err.to_string())?;
     if repo.keys().chunk_id(&plain) != e.id {
         return Err(format!("content does not match its id (pack {pname})"));
     }
@@ -213,7 +244,8 @@ impl Walker<'_> {
             return true;
         }
         if !self.indexed.contains_key(id) {
-            self.damaged.insert(*id, "referenced but not in any index".into());
+            self.damaged
+                .insert(*id, "referenced but not in any index".into());
             return true;
         }
         false
@@ -237,7 +269,11 @@ impl Walker<'_> {
                     return Ok(true);
                 }
             }
-            match self.repo.read_chunk(&node).and_then(|d| format::decode_map_node("map node", &d)) {
+            match self
+                .repo
+                .read_chunk(&node)
+                .and_then(|d| format::decode_map_node("map node", &d))
+            {
                 Err(e) if e.is_damage() => {
                     self.damaged.entry(node).or_insert_with(|| e.to_string());
                     true
@@ -246,7 +282,11 @@ impl Walker<'_> {
                 Ok(children) => {
                     let mut bad = false;
                     for c in children {
-                        let b = if depth > 1 { self.subtree_bad(c, depth - 1, 0)? } else { self.chunk_bad(&c) };
+                        let b = if depth > 1 {
+                            self.subtree_bad(c, depth - 1, 0)?
+                        } else {
+                            self.chunk_bad(&c)
+                        };
                         bad |= b;
                     }
                     bad
@@ -257,4 +297,3 @@ impl Walker<'_> {
         Ok(bad)
     }
 }
-

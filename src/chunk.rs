@@ -18,7 +18,7 @@ pub struct EncodedChunk {
     pub sealed: Vec<u8>,
 }
 
-fn ad<'a>(kind: ChunkKind, id: &'a ChunkId) -> [&'a [u8]; 3] {
+fn ad(kind: ChunkKind, id: &ChunkId) -> [&[u8]; 3] {
     [b"ekko chunk", kind.tag(), &id.0]
 }
 
@@ -46,7 +46,13 @@ pub fn encode(keys: &Keys, id: ChunkId, kind: ChunkKind, plain: &[u8], level: i3
 }
 
 /// Open and decompress a blob read from `pack`.
-pub fn decode(keys: &Keys, id: &ChunkId, loc: &Location, pack: &str, sealed: &[u8]) -> Result<Vec<u8>> {
+pub fn decode(
+    keys: &Keys,
+    id: &ChunkId,
+    loc: &Location,
+    pack: &str,
+    sealed: &[u8],
+) -> Result<Vec<u8>> {
     let damaged = |reason: &str| Error::ChunkDamaged {
         id: *id,
         pack: pack.to_string(),
@@ -105,7 +111,10 @@ mod tests {
     #[test]
     fn roundtrip_and_binding() {
         let keys = Keys::from_master(&[5; 64]);
-        for data in [vec![7u8; 5000], (0..5000u32).map(|i| (i * 7919 % 251) as u8).collect()] {
+        for data in [
+            vec![7u8; 5000],
+            (0..5000u32).map(|i| (i * 7919 % 251) as u8).collect(),
+        ] {
             let id = keys.chunk_id(&data);
             let e = encode(&keys, id, ChunkKind::Data, &data, 3);
             let loc = Location {
@@ -119,7 +128,10 @@ mod tests {
             assert_eq!(decode(&keys, &id, &loc, "p", &e.sealed).unwrap(), data);
             let other = ChunkId([1; 32]);
             assert!(decode(&keys, &other, &loc, "p", &e.sealed).is_err());
-            let map_loc = Location { kind: ChunkKind::Map, ..loc };
+            let map_loc = Location {
+                kind: ChunkKind::Map,
+                ..loc
+            };
             assert!(decode(&keys, &id, &map_loc, "p", &e.sealed).is_err());
         }
     }

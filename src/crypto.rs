@@ -196,8 +196,8 @@ impl KeyFile {
             return Err(Error::corrupt(name, "Argon2 cost out of range"));
         }
         let salt = hex::decode(&self.salt).map_err(|_| Error::corrupt(name, "salt is not hex"))?;
-        let wrapped =
-            hex::decode(&self.wrapped).map_err(|_| Error::corrupt(name, "wrapped key is not hex"))?;
+        let wrapped = hex::decode(&self.wrapped)
+            .map_err(|_| Error::corrupt(name, "wrapped key is not hex"))?;
         let k = kek(passphrase, &salt, self.m_kib, self.t, self.p)?;
         let mut siv = Aes256Siv::new_from_slice(&k).expect("64-byte key");
         let Ok(master) = siv.decrypt([b"ekko key file".as_slice(), repo_id.as_bytes()], &wrapped)
@@ -234,7 +234,10 @@ mod tests {
     fn key_file_roundtrip_and_wrong_passphrase() {
         let master = [3u8; 64];
         let kf = KeyFile::wrap(&master, b"secret", "repo1").unwrap();
-        assert_eq!(kf.unwrap_key(b"secret", "repo1", "k").unwrap(), Some(master));
+        assert_eq!(
+            kf.unwrap_key(b"secret", "repo1", "k").unwrap(),
+            Some(master)
+        );
         assert_eq!(kf.unwrap_key(b"wrong", "repo1", "k").unwrap(), None);
         assert_eq!(kf.unwrap_key(b"secret", "repo2", "k").unwrap(), None);
     }

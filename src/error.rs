@@ -45,7 +45,9 @@ pub enum Error {
     #[error("chunk {id} is referenced but is not in any pack of the repository index")]
     ChunkMissing { id: ChunkId },
 
-    #[error("unsupported {what} version {version} (this ekko reads up to {supported}); upgrade ekko")]
+    #[error(
+        "unsupported {what} version {version} (this ekko reads up to {supported}); upgrade ekko"
+    )]
     UnsupportedVersion {
         what: &'static str,
         version: u32,
@@ -66,7 +68,11 @@ pub enum Error {
     },
 
     #[error("read at offset {offset} of disk {disk:?} is past its end ({size} bytes)")]
-    OutOfRange { disk: String, offset: u64, size: u64 },
+    OutOfRange {
+        disk: String,
+        offset: u64,
+        size: u64,
+    },
 
     #[error("source {source_name}: {reason}")]
     Source { source_name: String, reason: String },

@@ -157,8 +157,8 @@ pub fn open_file(
 }
 
 pub fn decompress(name: &str, data: &[u8], max: usize) -> Result<Vec<u8>> {
-    let mut d = zstd::bulk::Decompressor::new()
-        .map_err(|e| Error::corrupt(name, format!("zstd: {e}")))?;
+    let mut d =
+        zstd::bulk::Decompressor::new().map_err(|e| Error::corrupt(name, format!("zstd: {e}")))?;
     d.decompress(data, max)
         .map_err(|e| Error::corrupt(name, format!("zstd: {e}")))
 }
@@ -210,7 +210,14 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn put_entry_tail(out: &mut Vec<u8>, e_offset: u64, stored: u32, raw: u32, kind: ChunkKind, comp: bool) {
+fn put_entry_tail(
+    out: &mut Vec<u8>,
+    e_offset: u64,
+    stored: u32,
+    raw: u32,
+    kind: ChunkKind,
+    comp: bool,
+) {
     out.extend_from_slice(&e_offset.to_le_bytes());
     out.extend_from_slice(&stored.to_le_bytes());
     out.extend_from_slice(&raw.to_le_bytes());
@@ -223,8 +230,8 @@ fn get_entry_tail(r: &mut Reader<'_>) -> Result<(u64, u32, u32, ChunkKind, bool)
     let offset = r.u64()?;
     let stored = r.u32()?;
     let raw = r.u32()?;
-    let kind = ChunkKind::from_u8(r.u8()?)
-        .ok_or_else(|| Error::corrupt(r.name, "unknown chunk kind"))?;
+    let kind =
+        ChunkKind::from_u8(r.u8()?).ok_or_else(|| Error::corrupt(r.name, "unknown chunk kind"))?;
     let comp = match r.u8()? {
         0 => false,
         1 => true,
@@ -242,7 +249,14 @@ pub fn encode_pack_trailer(entries: &[BlobEntry]) -> Vec<u8> {
     out.extend_from_slice(&[0u8; 4]);
     for e in entries {
         out.extend_from_slice(&e.id.0);
-        put_entry_tail(&mut out, e.offset, e.stored_len, e.raw_len, e.kind, e.compressed);
+        put_entry_tail(
+            &mut out,
+            e.offset,
+            e.stored_len,
+            e.raw_len,
+            e.kind,
+            e.compressed,
+        );
     }
     out
 }
@@ -252,7 +266,10 @@ pub fn decode_pack_trailer(name: &str, body: &[u8]) -> Result<Vec<BlobEntry>> {
     let n = usize::try_from(r.u32()?).map_err(|_| Error::corrupt(name, "entry count"))?;
     r.bytes(4)?;
     if r.remaining() != n.saturating_mul(PACK_ENTRY_LEN) {
-        return Err(Error::corrupt(name, "trailer length does not match its entry count"));
+        return Err(Error::corrupt(
+            name,
+            "trailer length does not match its entry count",
+        ));
     }
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
@@ -280,7 +297,10 @@ pub fn encode_pack_footer(trailer_len: u32) -> [u8; PACK_FOOTER_LEN] {
 /// Returns the sealed trailer's length.
 pub fn decode_pack_footer(name: &str, f: &[u8]) -> Result<u32> {
     if f.len() != PACK_FOOTER_LEN || &f[8..] != MAGIC_PACK_END {
-        return Err(Error::corrupt(name, "pack footer missing: the pack is truncated or not a pack"));
+        return Err(Error::corrupt(
+            name,
+            "pack footer missing: the pack is truncated or not a pack",
+        ));
     }
     Ok(u32::from_le_bytes([f[0], f[1], f[2], f[3]]))
 }
@@ -293,7 +313,14 @@ pub fn encode_index(entries: &[(ChunkId, Location)]) -> Vec<u8> {
     for (id, l) in entries {
         out.extend_from_slice(&id.0);
         out.extend_from_slice(&l.pack.0);
-        put_entry_tail(&mut out, l.offset, l.stored_len, l.raw_len, l.kind, l.compressed);
+        put_entry_tail(
+            &mut out,
+            l.offset,
+            l.stored_len,
+            l.raw_len,
+            l.kind,
+            l.compressed,
+        );
     }
     out
 }
@@ -303,7 +330,10 @@ pub fn decode_index(name: &str, body: &[u8]) -> Result<Vec<(ChunkId, Location)>>
     let n = usize::try_from(r.u32()?).map_err(|_| Error::corrupt(name, "entry count"))?;
     r.bytes(4)?;
     if r.remaining() != n.saturating_mul(INDEX_ENTRY_LEN) {
-        return Err(Error::corrupt(name, "index length does not match its entry count"));
+        return Err(Error::corrupt(
+            name,
+            "index length does not match its entry count",
+        ));
     }
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
@@ -336,7 +366,10 @@ pub fn encode_map_node(ids: &[ChunkId]) -> Vec<u8> {
 
 pub fn decode_map_node(name: &str, data: &[u8]) -> Result<Vec<ChunkId>> {
     if data.len() % 32 != 0 {
-        return Err(Error::corrupt(name, "map node length is not a multiple of 32"));
+        return Err(Error::corrupt(
+            name,
+            "map node length is not a multiple of 32",
+        ));
     }
     Ok(data
         .chunks_exact(32)
@@ -358,7 +391,11 @@ mod tests {
             offset: u64::from(i) * 1000,
             stored_len: 77,
             raw_len: 1 << 20,
-            kind: if i % 2 == 0 { ChunkKind::Data } else { ChunkKind::Map },
+            kind: if i % 2 == 0 {
+                ChunkKind::Data
+            } else {
+                ChunkKind::Map
+            },
             compressed: i % 3 == 0,
         }
     }
@@ -399,7 +436,10 @@ mod tests {
     fn sealed_file_detects_damage() {
         let keys = Keys::from_master(&[1; 64]);
         let f = seal_file(&keys, MAGIC_INDEX, "index/a", b"payload");
-        assert_eq!(open_file(&keys, MAGIC_INDEX, "index", "index/a", &f).unwrap(), b"payload");
+        assert_eq!(
+            open_file(&keys, MAGIC_INDEX, "index", "index/a", &f).unwrap(),
+            b"payload"
+        );
         assert!(open_file(&keys, MAGIC_INDEX, "index", "index/b", &f).is_err());
         assert!(open_file(&keys, MAGIC_SNAPSHOT, "snapshot", "index/a", &f).is_err());
         for cut in [0, 5, 16, f.len() - 1] {

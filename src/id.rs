@@ -81,6 +81,7 @@ impl serde::Serialize for ChunkId {
 impl<'de> serde::Deserialize<'de> for ChunkId {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        ChunkId::from_hex(&s).ok_or_else(|| serde::de::Error::custom("chunk id must be 64 hex digits"))
+        ChunkId::from_hex(&s)
+            .ok_or_else(|| serde::de::Error::custom("chunk id must be 64 hex digits"))
     }
 }

@@ -82,7 +82,11 @@ pub fn index_name(id: &ObjectId) -> String {
 }
 
 /// Read and authenticate one index file.
-pub fn read_index_file(backend: &dyn Backend, keys: &Keys, name: &str) -> Result<Vec<(ChunkId, Location)>> {
+pub fn read_index_file(
+    backend: &dyn Backend,
+    keys: &Keys,
+    name: &str,
+) -> Result<Vec<(ChunkId, Location)>> {
     let data = backend.get(name)?;
     let body = format::open_file(keys, MAGIC_INDEX, "index", name, &data)?;
     format::decode_index(name, &body)
@@ -140,15 +144,25 @@ impl Index {
             Err(e @ redb::DatabaseError::DatabaseAlreadyOpen) => Err(cache_err(e)),
             Err(e) => {
                 // A damaged cache is only a cache: start it afresh.
-                tracing::warn!("index cache {} is damaged ({e}); rebuilding it", path.display());
+                tracing::warn!(
+                    "index cache {} is damaged ({e}); rebuilding it",
+                    path.display()
+                );
                 let _ = std::fs::remove_file(path);
                 open().map_err(cache_err)
             }
         }
     }
 
-    fn sync_cache(&self, backend: &dyn Backend, keys: &Keys, listed: &HashMap<String, u64>) -> Result<()> {
-        let Store::Redb(db) = &self.store else { return Ok(()) };
+    fn sync_cache(
+        &self,
+        backend: &dyn Backend,
+        keys: &Keys,
+        listed: &HashMap<String, u64>,
+    ) -> Result<()> {
+        let Store::Redb(db) = &self.store else {
+            return Ok(());
+        };
         let known: HashSet<String> = {
             let tx = db.begin_read().map_err(cache_err)?;
             match tx.open_table(FILES) {
@@ -175,14 +189,20 @@ impl Index {
             }
             let mut chunks = tx.open_table(CHUNKS).map_err(cache_err)?;
             let mut files = tx.open_table(FILES).map_err(cache_err)?;
-            let todo: Vec<&String> = if vanished { listed.keys().collect() } else { new };
+            let todo: Vec<&String> = if vanished {
+                listed.keys().collect()
+            } else {
+                new
+            };
             for name in todo {
                 for (id, loc) in read_index_file(backend, keys, name)? {
                     chunks
                         .insert(id.0.as_slice(), loc_bytes(&loc).as_slice())
                         .map_err(cache_err)?;
                 }
-                files.insert(name.as_str(), listed[name]).map_err(cache_err)?;
+                files
+                    .insert(name.as_str(), listed[name])
+                    .map_err(cache_err)?;
             }
         }
         tx.commit().map_err(cache_err)?;
@@ -236,7 +256,10 @@ impl Index {
         backend.put(&name, &data)?;
         let size = u64::try_from(data.len()).expect("fits");
         match &self.store {
-            Store::Memory(m) => m.write().expect("index lock").extend(entries.iter().copied()),
+            Store::Memory(m) => m
+                .write()
+                .expect("index lock")
+                .extend(entries.iter().copied()),
             Store::Redb(db) => {
                 let tx = db.begin_write().map_err(cache_err)?;
                 {

@@ -38,16 +38,24 @@ fn alive(info: &LockInfo) -> bool {
 fn read_locks(backend: &dyn Backend, keys: &Keys) -> Result<Vec<(String, LockInfo)>> {
     let mut out = Vec::new();
     for o in backend.list("locks/")? {
-        let Ok(data) = backend.get(&o.name) else { continue };
+        let Ok(data) = backend.get(&o.name) else {
+            continue;
+        };
         let body = format::open_file(keys, MAGIC_LOCK, "lock", &o.name, &data)?;
-        let info: LockInfo = serde_json::from_slice(&body).map_err(|e| Error::corrupt(&o.name, e.to_string()))?;
+        let info: LockInfo =
+            serde_json::from_slice(&body).map_err(|e| Error::corrupt(&o.name, e.to_string()))?;
         out.push((o.name, info));
     }
     Ok(out)
 }
 
 impl<'a> Lock<'a> {
-    fn write(backend: &'a dyn Backend, keys: &Keys, exclusive: bool, purpose: &str) -> Result<Lock<'a>> {
+    fn write(
+        backend: &'a dyn Backend,
+        keys: &Keys,
+        exclusive: bool,
+        purpose: &str,
+    ) -> Result<Lock<'a>> {
         let info = LockInfo {
             exclusive,
             host: crate::time::hostname(),
@@ -61,14 +69,22 @@ impl<'a> Lock<'a> {
         Ok(Lock { backend, name })
     }
 
-    fn conflict(backend: &dyn Backend, keys: &Keys, me: Option<&str>, want_exclusive: bool) -> Result<()> {
+    fn conflict(
+        backend: &dyn Backend,
+        keys: &Keys,
+        me: Option<&str>,
+        want_exclusive: bool,
+    ) -> Result<()> {
         for (name, info) in read_locks(backend, keys)? {
             if Some(name.as_str()) == me || !alive(&info) {
                 continue;
             }
             if want_exclusive || info.exclusive {
                 return Err(Error::Locked {
-                    holder: format!("{} (pid {} on {}, since {})", info.purpose, info.pid, info.host, info.time),
+                    holder: format!(
+                        "{} (pid {} on {}, since {})",
+                        info.purpose, info.pid, info.host, info.time
+                    ),
                     name,
                 });
             }

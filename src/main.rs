@@ -19,7 +19,9 @@ fn main() -> ExitCode {
                 }
             }
             eprintln!("ekko: error: {e:#}");
-            let damage = e.downcast_ref::<ekko::Error>().is_some_and(ekko::Error::is_damage);
+            let damage = e
+                .downcast_ref::<ekko::Error>()
+                .is_some_and(ekko::Error::is_damage);
             ExitCode::from(if damage { 3 } else { 1 })
         }
     }

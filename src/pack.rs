@@ -85,11 +85,19 @@ impl PackWriter {
     }
 
     /// Seal the trailer and store the pack. Returns the index entries.
-    pub fn finish(mut self, backend: &dyn Backend, keys: &Keys) -> Result<Vec<(ChunkId, Location)>> {
-        let trailer = keys.seal(&trailer_ad(&self.id), &format::encode_pack_trailer(&self.entries));
+    pub fn finish(
+        mut self,
+        backend: &dyn Backend,
+        keys: &Keys,
+    ) -> Result<Vec<(ChunkId, Location)>> {
+        let trailer = keys.seal(
+            &trailer_ad(&self.id),
+            &format::encode_pack_trailer(&self.entries),
+        );
         let tlen = u32::try_from(trailer.len()).expect("trailer below 4 GiB");
         self.buf.extend_from_slice(&trailer);
-        self.buf.extend_from_slice(&format::encode_pack_footer(tlen));
+        self.buf
+            .extend_from_slice(&format::encode_pack_footer(tlen));
         backend.put(&pack_name(&self.id), &self.buf)?;
         let id = self.id;
         Ok(self
@@ -118,7 +126,10 @@ pub fn read_trailer(backend: &dyn Backend, keys: &Keys, name: &str) -> Result<Ve
     let size = backend.size(name)?;
     let min = u64::try_from(HEADER_LEN + PACK_FOOTER_LEN).expect("small");
     if size < min {
-        return Err(Error::corrupt(name, format!("only {size} bytes: truncated")));
+        return Err(Error::corrupt(
+            name,
+            format!("only {size} bytes: truncated"),
+        ));
     }
     let head = backend.get_range(name, 0, HEADER_LEN)?;
     format::check_header(name, &head, MAGIC_PACK, "pack")?;
@@ -140,7 +151,10 @@ pub fn read_trailer(backend: &dyn Backend, keys: &Keys, name: &str) -> Result<Ve
     for e in &entries {
         let end = e.offset.checked_add(u64::from(e.stored_len));
         if e.offset < 16 || end.is_none_or(|end| end > tstart) {
-            return Err(Error::corrupt(name, format!("entry for chunk {} lies outside the pack", e.id)));
+            return Err(Error::corrupt(
+                name,
+                format!("entry for chunk {} lies outside the pack", e.id),
+            ));
         }
     }
     Ok(entries)

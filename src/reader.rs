@@ -36,7 +36,10 @@ impl NodeSource for RepoNodes<'_> {
     fn node(&self, id: &ChunkId) -> Result<Arc<Vec<ChunkId>>> {
         self.cache.0.get_or_insert_with(id, || {
             let data = self.repo.read_chunk(id)?;
-            Ok(Arc::new(format::decode_map_node(&format!("map node {id}"), &data)?))
+            Ok(Arc::new(format::decode_map_node(
+                &format!("map node {id}"),
+                &data,
+            )?))
         })
     }
 }
@@ -56,7 +59,11 @@ impl quick_cache::Weighter<ChunkId, Arc<Vec<u8>>> for ChunkWeight {
 impl ChunkCache {
     pub fn new(bytes: u64) -> ChunkCache {
         let items = usize::try_from(bytes / 65536).unwrap_or(1024).max(16);
-        ChunkCache(quick_cache::sync::Cache::with_weighter(items, bytes.max(1 << 20), ChunkWeight))
+        ChunkCache(quick_cache::sync::Cache::with_weighter(
+            items,
+            bytes.max(1 << 20),
+            ChunkWeight,
+        ))
     }
 }
 
@@ -86,12 +93,24 @@ impl DiskReader {
         chunks: Arc<ChunkCache>,
     ) -> Result<DiskReader> {
         let disk = snapshot.disk(disk)?.clone();
-        Ok(DiskReader { repo, snapshot_id: snapshot.id.clone(), disk, nodes, chunks })
+        Ok(DiskReader {
+            repo,
+            snapshot_id: snapshot.id.clone(),
+            disk,
+            nodes,
+            chunks,
+        })
     }
 
     /// A reader with private caches of modest size.
     pub fn open(repo: Arc<Repository>, snapshot: &Snapshot, disk: &str) -> Result<DiskReader> {
-        Self::new(repo, snapshot, disk, Arc::new(NodeCache::new(4096)), Arc::new(ChunkCache::new(64 << 20)))
+        Self::new(
+            repo,
+            snapshot,
+            disk,
+            Arc::new(NodeCache::new(4096)),
+            Arc::new(ChunkCache::new(64 << 20)),
+        )
     }
 
     pub fn size(&self) -> u64 {
@@ -115,7 +134,10 @@ impl DiskReader {
     }
 
     fn nodes(&self) -> RepoNodes<'_> {
-        RepoNodes { repo: &self.repo, cache: &self.nodes }
+        RepoNodes {
+            repo: &self.repo,
+            cache: &self.nodes,
+        }
     }
 
     /// The chunk id of block `idx` (ZERO for a hole).
@@ -135,7 +157,10 @@ impl DiskReader {
         if id.is_zero() {
             return Ok(None);
         }
-        let data = self.chunks.0.get_or_insert_with(&id, || self.repo.read_chunk(&id).map(Arc::new))?;
+        let data = self
+            .chunks
+            .0
+            .get_or_insert_with(&id, || self.repo.read_chunk(&id).map(Arc::new))?;
         if u64::try_from(data.len()).ok() != Some(self.block_len(idx)) {
             return Err(Error::corrupt(
                 format!("snapshot {} disk {}", self.snapshot_id, self.disk.name),
@@ -157,7 +182,10 @@ impl DiskReader {
         }
         let data = self.repo.read_chunk(&id)?;
         if u64::try_from(data.len()).ok() != Some(self.block_len(idx)) {
-            return Err(Error::corrupt(format!("disk {}", self.disk.name), format!("block {idx} has the wrong length")));
+            return Err(Error::corrupt(
+                format!("disk {}", self.disk.name),
+                format!("block {idx} has the wrong length"),
+            ));
         }
         Ok(Some(data))
     }
@@ -166,8 +194,15 @@ impl DiskReader {
     /// within the disk.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let len = u64::try_from(buf.len()).expect("fits");
-        if offset.checked_add(len).is_none_or(|end| end > self.disk.size) {
-            return Err(Error::OutOfRange { disk: self.disk.name.clone(), offset, size: self.disk.size });
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.disk.size)
+        {
+            return Err(Error::OutOfRange {
+                disk: self.disk.name.clone(),
+                offset,
+                size: self.disk.size,
+            });
         }
         let cs = self.chunk_size();
         let mut done = 0usize;
@@ -210,7 +245,11 @@ impl DiskReader {
             let data = !self.chunk_id(idx)?.is_zero();
             match out.last_mut() {
                 Some(last) if last.data == data => last.len += block_end - pos,
-                _ => out.push(Extent { offset: pos, len: block_end - pos, data }),
+                _ => out.push(Extent {
+                    offset: pos,
+                    len: block_end - pos,
+                    data,
+                }),
             }
             pos = block_end;
         }

@@ -91,7 +91,11 @@ pub struct Repository {
 
 impl Repository {
     /// Create a new repository. `passphrase` is required when encrypting.
-    pub fn init(backend: Arc<dyn Backend>, opts: &InitOptions, passphrase: Option<&[u8]>) -> Result<Config> {
+    pub fn init(
+        backend: Arc<dyn Backend>,
+        opts: &InitOptions,
+        passphrase: Option<&[u8]>,
+    ) -> Result<Config> {
         if !opts.chunk_size.is_power_of_two()
             || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&opts.chunk_size)
         {
@@ -101,10 +105,16 @@ impl Repository {
             )));
         }
         if !(-7..=22).contains(&opts.compression_level) {
-            return Err(Error::Invalid("zstd level must be from -7 to 22 (0 = off)".into()));
+            return Err(Error::Invalid(
+                "zstd level must be from -7 to 22 (0 = off)".into(),
+            ));
         }
         match backend.size("config") {
-            Ok(_) => return Err(Error::AlreadyExists { path: PathBuf::from(backend.location()) }),
+            Ok(_) => {
+                return Err(Error::AlreadyExists {
+                    path: PathBuf::from(backend.location()),
+                })
+            }
             Err(Error::NotFound { .. }) => {}
             Err(e) => return Err(e),
         }
@@ -121,14 +131,17 @@ impl Repository {
             created: crate::time::now_rfc3339(),
         };
         if opts.encrypt {
-            let pass = passphrase
-                .filter(|p| !p.is_empty())
-                .ok_or_else(|| Error::Invalid("an encrypted repository needs a passphrase".into()))?;
+            let pass = passphrase.filter(|p| !p.is_empty()).ok_or_else(|| {
+                Error::Invalid("an encrypted repository needs a passphrase".into())
+            })?;
             let mut master = [0u8; MASTER_KEY_LEN];
             random_bytes(&mut master);
             let kf = KeyFile::wrap(&master, pass, &id)?;
             // Key before config: a config without a key is never visible.
-            backend.put(&format!("keys/{}", ObjectId::random()), &encode_json_file(MAGIC_KEY, &kf))?;
+            backend.put(
+                &format!("keys/{}", ObjectId::random()),
+                &encode_json_file(MAGIC_KEY, &kf),
+            )?;
         } else {
             let mut k = [0u8; 32];
             random_bytes(&mut k);
@@ -142,12 +155,16 @@ impl Repository {
         let data = match backend.get("config") {
             Ok(d) => d,
             Err(Error::NotFound { .. }) => {
-                return Err(Error::NoRepository { path: PathBuf::from(backend.location()) })
+                return Err(Error::NoRepository {
+                    path: PathBuf::from(backend.location()),
+                })
             }
             Err(e) => return Err(e),
         };
         let c: Config = decode_json_file("config", &data, MAGIC_CONFIG, "config")?;
-        if !c.chunk_size.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&c.chunk_size) {
+        if !c.chunk_size.is_power_of_two()
+            || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&c.chunk_size)
+        {
             return Err(Error::corrupt("config", "chunk size out of range"));
         }
         if !(1 << 20..=1 << 30).contains(&c.pack_size) {
@@ -171,35 +188,61 @@ impl Repository {
     ) -> Result<Repository> {
         let config = Self::read_config(backend.as_ref())?;
         let keys = Self::unlock(backend.as_ref(), &config, passphrase)?;
-        let cache = if use_cache { index::default_cache_path(&config.id) } else { None };
+        let cache = if use_cache {
+            index::default_cache_path(&config.id)
+        } else {
+            None
+        };
         let index = Index::open(backend.as_ref(), &keys, cache.as_deref())?;
-        Ok(Repository { backend, config, keys, index })
+        Ok(Repository {
+            backend,
+            config,
+            keys,
+            index,
+        })
     }
 
     fn key_files(backend: &dyn Backend) -> Result<Vec<(String, KeyFile)>> {
         let mut out = Vec::new();
         for o in backend.list("keys/")? {
             let data = backend.get(&o.name)?;
-            out.push((o.name.clone(), decode_json_file(&o.name, &data, MAGIC_KEY, "key")?));
+            out.push((
+                o.name.clone(),
+                decode_json_file(&o.name, &data, MAGIC_KEY, "key")?,
+            ));
         }
         Ok(out)
     }
 
-    fn unlock(backend: &dyn Backend, config: &Config, passphrase: impl FnOnce() -> Result<Vec<u8>>) -> Result<Keys> {
+    fn unlock(
+        backend: &dyn Backend,
+        config: &Config,
+        passphrase: impl FnOnce() -> Result<Vec<u8>>,
+    ) -> Result<Keys> {
         let key_files = Self::key_files(backend)?;
         match config.encryption.as_str() {
             "none" => {
                 if !key_files.is_empty() {
-                    return Err(Error::corrupt("config", "says unencrypted, but key files exist"));
+                    return Err(Error::corrupt(
+                        "config",
+                        "says unencrypted, but key files exist",
+                    ));
                 }
-                let hexkey = config.id_key.as_deref().ok_or_else(|| Error::corrupt("config", "id_key missing"))?;
+                let hexkey = config
+                    .id_key
+                    .as_deref()
+                    .ok_or_else(|| Error::corrupt("config", "id_key missing"))?;
                 let mut k = [0u8; 32];
-                hex::decode_to_slice(hexkey, &mut k).map_err(|_| Error::corrupt("config", "id_key is not 32 hex bytes"))?;
+                hex::decode_to_slice(hexkey, &mut k)
+                    .map_err(|_| Error::corrupt("config", "id_key is not 32 hex bytes"))?;
                 Ok(Keys::clear(k))
             }
             "aes256-siv" => {
                 if key_files.is_empty() {
-                    return Err(Error::corrupt("keys/", "no key files: the repository cannot be opened"));
+                    return Err(Error::corrupt(
+                        "keys/",
+                        "no key files: the repository cannot be opened",
+                    ));
                 }
                 let pass = passphrase()?;
                 for (name, kf) in &key_files {
@@ -207,16 +250,23 @@ impl Repository {
                         return Ok(Keys::from_master(&master));
                     }
                 }
-                Err(Error::WrongPassphrase { tried: key_files.len() })
+                Err(Error::WrongPassphrase {
+                    tried: key_files.len(),
+                })
             }
-            other => Err(Error::corrupt("config", format!("unknown encryption {other:?}"))),
+            other => Err(Error::corrupt(
+                "config",
+                format!("unknown encryption {other:?}"),
+            )),
         }
     }
 
     /// Add a key file so that `new_passphrase` also opens the repository.
     pub fn add_key(&self, current_passphrase: &[u8], new_passphrase: &[u8]) -> Result<String> {
         if !self.keys.is_encrypted() {
-            return Err(Error::Invalid("the repository is not encrypted; it has no keys".into()));
+            return Err(Error::Invalid(
+                "the repository is not encrypted; it has no keys".into(),
+            ));
         }
         for (name, kf) in Self::key_files(self.backend.as_ref())? {
             if let Some(master) = kf.unwrap_key(current_passphrase, &self.config.id, &name)? {
@@ -252,7 +302,10 @@ impl Repository {
 
     /// Fetch and decode one stored chunk.
     pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        let loc = self.index.lookup(id)?.ok_or(Error::ChunkMissing { id: *id })?;
+        let loc = self
+            .index
+            .lookup(id)?
+            .ok_or(Error::ChunkMissing { id: *id })?;
         self.read_chunk_at(id, &loc)
     }
 
@@ -262,10 +315,18 @@ impl Repository {
         let sealed = match self.backend.get_range(&pname, loc.offset, len) {
             Ok(s) => s,
             Err(Error::NotFound { .. }) => {
-                return Err(Error::ChunkDamaged { id: *id, pack: pname, reason: "pack is missing".into() })
+                return Err(Error::ChunkDamaged {
+                    id: *id,
+                    pack: pname,
+                    reason: "pack is missing".into(),
+                })
             }
             Err(Error::Corrupt { reason, .. }) => {
-                return Err(Error::ChunkDamaged { id: *id, pack: pname, reason })
+                return Err(Error::ChunkDamaged {
+                    id: *id,
+                    pack: pname,
+                    reason,
+                })
             }
             Err(e) => return Err(e),
         };

@@ -28,9 +28,14 @@ pub struct RestoreOptions<'a> {
 }
 
 pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Result<RestoreStats> {
-    let is_dev = std::fs::metadata(to).map(|m| m.file_type().is_block_device()).unwrap_or(false);
+    let is_dev = std::fs::metadata(to)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false);
     let file: File = if is_dev {
-        OpenOptions::new().write(true).open(to).map_err(|e| Error::io(to, e))?
+        OpenOptions::new()
+            .write(true)
+            .open(to)
+            .map_err(|e| Error::io(to, e))?
     } else {
         let mut o = OpenOptions::new();
         o.write(true);
@@ -41,7 +46,10 @@ pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Res
         }
         let f = o.open(to).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
-                Error::Invalid(format!("{} exists; pass --force to overwrite it", to.display()))
+                Error::Invalid(format!(
+                    "{} exists; pass --force to overwrite it",
+                    to.display()
+                ))
             } else {
                 Error::io(to, e)
             }
@@ -56,32 +64,43 @@ pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Res
         .num_threads(opts.threads.max(1))
         .build()
         .map_err(|e| Error::Invalid(format!("thread pool: {e}")))?;
-    let zeros = if is_dev { vec![0u8; usize::try_from(cs).expect("fits")] } else { Vec::new() };
+    let zeros = if is_dev {
+        vec![0u8; usize::try_from(cs).expect("fits")]
+    } else {
+        Vec::new()
+    };
     pool.install(|| {
-        (0..reader.nchunks()).into_par_iter().try_for_each(|idx| -> Result<()> {
-            if opts.cancel.load(Ordering::Relaxed) {
-                return Err(Error::Interrupted);
-            }
-            let off = idx * cs;
-            let len = reader.block_len(idx);
-            match reader.block_uncached(idx)? {
-                Some(block) => {
-                    file.write_all_at(&block, off).map_err(|e| Error::io(to, e))?;
-                    data.fetch_add(len, Ordering::Relaxed);
+        (0..reader.nchunks())
+            .into_par_iter()
+            .try_for_each(|idx| -> Result<()> {
+                if opts.cancel.load(Ordering::Relaxed) {
+                    return Err(Error::Interrupted);
                 }
-                None if is_dev => {
-                    let n = usize::try_from(len).expect("fits");
-                    file.write_all_at(&zeros[..n], off).map_err(|e| Error::io(to, e))?;
+                let off = idx * cs;
+                let len = reader.block_len(idx);
+                match reader.block_uncached(idx)? {
+                    Some(block) => {
+                        file.write_all_at(&block, off)
+                            .map_err(|e| Error::io(to, e))?;
+                        data.fetch_add(len, Ordering::Relaxed);
+                    }
+                    None if is_dev => {
+                        let n = usize::try_from(len).expect("fits");
+                        file.write_all_at(&zeros[..n], off)
+                            .map_err(|e| Error::io(to, e))?;
+                    }
+                    None => {}
                 }
-                None => {}
-            }
-            let d = done.fetch_add(len, Ordering::Relaxed) + len;
-            if let Some(p) = opts.progress {
-                p(d);
-            }
-            Ok(())
-        })
+                let d = done.fetch_add(len, Ordering::Relaxed) + len;
+                if let Some(p) = opts.progress {
+                    p(d);
+                }
+                Ok(())
+            })
     })?;
     file.sync_all().map_err(|e| Error::io(to, e))?;
-    Ok(RestoreStats { bytes: reader.size(), bytes_data: data.into_inner() })
+    Ok(RestoreStats {
+        bytes: reader.size(),
+        bytes_data: data.into_inner(),
+    })
 }

@@ -77,11 +77,19 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn disk(&self, name: &str) -> Result<&Disk> {
-        self.disks.iter().find(|d| d.name == name).ok_or_else(|| Error::DiskNotFound {
-            snapshot: self.id.clone(),
-            disk: name.to_string(),
-            available: self.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", "),
-        })
+        self.disks
+            .iter()
+            .find(|d| d.name == name)
+            .ok_or_else(|| Error::DiskNotFound {
+                snapshot: self.id.clone(),
+                disk: name.to_string(),
+                available: self
+                    .disks
+                    .iter()
+                    .map(|d| d.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
     }
 
     pub fn short_id(&self) -> &str {
@@ -100,20 +108,30 @@ pub fn new_id() -> String {
 pub fn save(backend: &dyn Backend, keys: &Keys, snap: &Snapshot) -> Result<()> {
     let name = snapshot_name(&snap.id);
     let body = serde_json::to_vec(snap).expect("serializable");
-    backend.put(&name, &format::seal_file(keys, MAGIC_SNAPSHOT, &name, &body))
+    backend.put(
+        &name,
+        &format::seal_file(keys, MAGIC_SNAPSHOT, &name, &body),
+    )
 }
 
 pub fn load(backend: &dyn Backend, keys: &Keys, id: &str) -> Result<Snapshot> {
     let name = snapshot_name(id);
     let data = backend.get(&name)?;
     let body = format::open_file(keys, MAGIC_SNAPSHOT, "snapshot", &name, &data)?;
-    let s: Snapshot = serde_json::from_slice(&body).map_err(|e| Error::corrupt(&name, e.to_string()))?;
+    let s: Snapshot =
+        serde_json::from_slice(&body).map_err(|e| Error::corrupt(&name, e.to_string()))?;
     if s.id != id {
         return Err(Error::corrupt(&name, "manifest id does not match its name"));
     }
     for d in &s.disks {
-        if !d.chunk_size.is_power_of_two() || d.chunk_size < 4096 || usize::try_from(d.map.fanout) != Ok(crate::blockmap::FANOUT) {
-            return Err(Error::corrupt(&name, format!("disk {:?} has an invalid chunk size or map", d.name)));
+        if !d.chunk_size.is_power_of_two()
+            || d.chunk_size < 4096
+            || usize::try_from(d.map.fanout) != Ok(crate::blockmap::FANOUT)
+        {
+            return Err(Error::corrupt(
+                &name,
+                format!("disk {:?} has an invalid chunk size or map", d.name),
+            ));
         }
     }
     Ok(s)
@@ -159,10 +177,16 @@ pub fn resolve(backend: &dyn Backend, keys: &Keys, spec: &str) -> Result<Snapsho
     if spec_l.is_empty() || !spec_l.chars().all(|c| c.is_ascii_hexdigit()) {
         return Err(Error::SnapshotNotFound { spec: spec.into() });
     }
-    let matches: Vec<String> = list_ids(backend)?.into_iter().filter(|id| id.starts_with(&spec_l)).collect();
+    let matches: Vec<String> = list_ids(backend)?
+        .into_iter()
+        .filter(|id| id.starts_with(&spec_l))
+        .collect();
     match matches.len() {
         0 => Err(Error::SnapshotNotFound { spec: spec.into() }),
         1 => load(backend, keys, &matches[0]),
-        n => Err(Error::AmbiguousSnapshot { spec: spec.into(), count: n }),
+        n => Err(Error::AmbiguousSnapshot {
+            spec: spec.into(),
+            count: n,
+        }),
     }
 }

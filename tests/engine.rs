@@ -13,20 +13,44 @@ const MIB: u64 = 1 << 20;
 fn roundtrip(env: &Env, vm: &str, img: &std::path::Path) -> String {
     let id = env.backup(vm, &[("sda", img)]);
     let out = env.restore(&id, "sda");
-    assert_eq!(sha256_file(&out), sha256_file(img), "restore of {} differs", img.display());
-    assert_eq!(fs::metadata(&out).unwrap().len(), fs::metadata(img).unwrap().len());
+    assert_eq!(
+        sha256_file(&out),
+        sha256_file(img),
+        "restore of {} differs",
+        img.display()
+    );
+    assert_eq!(
+        fs::metadata(&out).unwrap().len(),
+        fs::metadata(img).unwrap().len()
+    );
     id
 }
 
 #[test]
 fn restore_equals_source_for_many_kinds_of_image() {
     let env = Env::init(&["--chunk-size", "256K"]);
-    let cases: Vec<(&str, u64, Vec<(u64, Vec<u8>)>)> = vec![
+    type Case = (&'static str, u64, Vec<(u64, Vec<u8>)>);
+    let cases: Vec<Case> = vec![
         ("zero", 8 * MIB, vec![]),
-        ("random", 8 * MIB, vec![(0, random_bytes(1, 8 * MIB as usize))]),
+        (
+            "random",
+            8 * MIB,
+            vec![(0, random_bytes(1, 8 * MIB as usize))],
+        ),
         ("text", 6 * MIB, vec![(0, text_bytes(2, 6 * MIB as usize))]),
-        ("sparse-end", 64 * MIB, vec![(64 * MIB - 100_000, random_bytes(3, 100_000))]),
-        ("odd-size", 5 * MIB + 12345, vec![(0, random_bytes(4, 1000)), (5 * MIB, random_bytes(5, 12345))]),
+        (
+            "sparse-end",
+            64 * MIB,
+            vec![(64 * MIB - 100_000, random_bytes(3, 100_000))],
+        ),
+        (
+            "odd-size",
+            5 * MIB + 12345,
+            vec![
+                (0, random_bytes(4, 1000)),
+                (5 * MIB, random_bytes(5, 12345)),
+            ],
+        ),
         ("tiny", 1000, vec![(0, random_bytes(6, 1000))]),
         ("empty", 0, vec![]),
     ];
@@ -39,7 +63,11 @@ fn restore_equals_source_for_many_kinds_of_image() {
     // Holes stay holes: the restored sparse image allocates little.
     let out = env.restore("sparse-end@latest", "sda");
     let blocks = std::os::unix::fs::MetadataExt::blocks(&fs::metadata(&out).unwrap());
-    assert!(blocks * 512 < 2 * MIB, "restore is not sparse: {} bytes allocated", blocks * 512);
+    assert!(
+        blocks * 512 < 2 * MIB,
+        "restore is not sparse: {} bytes allocated",
+        blocks * 512
+    );
     env.ok(&["check", "--read-data"]);
 }
 
@@ -49,9 +77,21 @@ fn qcow2_through_real_qemu_nbd() {
     require("qemu-nbd");
     let env = Env::init(&[]);
     let raw = env.path("src.raw");
-    make_image(&raw, 20 * MIB + 4096, &[(MIB, &random_bytes(7, 3 * MIB as usize)), (19 * MIB, &text_bytes(8, 100_000))]);
+    make_image(
+        &raw,
+        20 * MIB + 4096,
+        &[
+            (MIB, &random_bytes(7, 3 * MIB as usize)),
+            (19 * MIB, &text_bytes(8, 100_000)),
+        ],
+    );
     let q = env.path("src.qcow2");
-    run_tool(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&q));
+    run_tool(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&q),
+    );
     let v = env.backup_json("vmq", &[("sda", q.to_str().unwrap())], &[]);
     // Only allocated extents are read.
     assert!(v["bytes_read"].as_u64().unwrap() <= 5 * MIB, "{v}");
@@ -68,14 +108,20 @@ fn second_backup_stores_almost_nothing_and_clones_share_chunks() {
     assert!(first["bytes_new"].as_u64().unwrap() >= 40 * MIB);
     let second = env.backup_json("a", &[("sda", base.to_str().unwrap())], &[]);
     let new = second["bytes_stored"].as_u64().unwrap();
-    assert!(new * 100 < first["bytes_stored"].as_u64().unwrap(), "second backup stored {new} bytes");
+    assert!(
+        new * 100 < first["bytes_stored"].as_u64().unwrap(),
+        "second backup stored {new} bytes"
+    );
     // A clone of the same base with a little changed, as another VM.
     let clone = env.path("clone.img");
     fs::copy(&base, &clone).unwrap();
     write_at(&clone, 10 * MIB, &random_bytes(10, 100_000));
     let c = env.backup_json("b", &[("sda", clone.to_str().unwrap())], &[]);
     let cn = c["bytes_new"].as_u64().unwrap();
-    assert!(cn <= 2 * MIB, "clone stored {cn} new bytes: chunks not shared across VMs");
+    assert!(
+        cn <= 2 * MIB,
+        "clone stored {cn} new bytes: chunks not shared across VMs"
+    );
     let out = env.restore("b@latest", "sda");
     assert_eq!(sha256_file(&out), sha256_file(&clone));
 }
@@ -87,7 +133,11 @@ fn incremental_chain_restores_every_point_in_time() {
     make_image(&img, 32 * MIB, &[(0, &random_bytes(11, 8 * MIB as usize))]);
     let mut points = Vec::new();
     for round in 0..5u64 {
-        write_at(&img, (round * 5 + 3) * MIB, &random_bytes(100 + round, 300_000));
+        write_at(
+            &img,
+            (round * 5 + 3) * MIB,
+            &random_bytes(100 + round, 300_000),
+        );
         let id = env.backup("chain", &[("sda", &img)]);
         points.push((id, sha256_file(&img)));
     }
@@ -96,8 +146,12 @@ fn incremental_chain_restores_every_point_in_time() {
     }
     // Prefix and VM@latest resolve.
     let last = &points.last().unwrap().0;
-    assert_eq!(sha256_file(&env.restore(&last[..8], "sda")), points.last().unwrap().1);
-    let js: serde_json::Value = serde_json::from_str(&env.ok(&["snapshots", "--json", "--vm", "chain"])).unwrap();
+    assert_eq!(
+        sha256_file(&env.restore(&last[..8], "sda")),
+        points.last().unwrap().1
+    );
+    let js: serde_json::Value =
+        serde_json::from_str(&env.ok(&["snapshots", "--json", "--vm", "chain"])).unwrap();
     let arr = js.as_array().unwrap();
     assert_eq!(arr.len(), 5);
     assert_eq!(arr[1]["parent"], arr[0]["id"]);
@@ -118,7 +172,10 @@ fn multi_disk_snapshot_and_unencrypted_repository() {
     let id = env.backup("two", &[("vda", &a), ("vdb", &b)]);
     assert_eq!(sha256_file(&env.restore(&id, "vda")), sha256_file(&a));
     assert_eq!(sha256_file(&env.restore(&id, "vdb")), sha256_file(&b));
-    let err = assert_clean_failure(&env.run(&["restore", &id, "--disk", "nope", "--to", "/tmp/x"]), "has no disk");
+    let err = assert_clean_failure(
+        &env.run(&["restore", &id, "--disk", "nope", "--to", "/tmp/x"]),
+        "has no disk",
+    );
     assert!(err.contains("vda"), "{err}");
     env.ok(&["check", "--read-data"]);
 }
@@ -131,18 +188,43 @@ fn wrong_passphrase_is_refused_and_writes_nothing() {
     env.backup("vm", &[("sda", &img)]);
     let before = env.repo_state();
     for args in [
-        vec!["backup".to_string(), "--vm".into(), "vm".into(), "--disk".into(), format!("sda={}", img.display())],
+        vec![
+            "backup".to_string(),
+            "--vm".into(),
+            "vm".into(),
+            "--disk".into(),
+            format!("sda={}", img.display()),
+        ],
         vec!["snapshots".into()],
         vec!["check".into()],
     ] {
-        let out = env.cmd().env("EKKO_PASSWORD", "wrong").args(&args).output().unwrap();
+        let out = env
+            .cmd()
+            .env("EKKO_PASSWORD", "wrong")
+            .args(&args)
+            .output()
+            .unwrap();
         assert_clean_failure(&out, "wrong passphrase");
     }
-    assert_eq!(env.repo_state(), before, "a refused command changed the repository");
+    assert_eq!(
+        env.repo_state(),
+        before,
+        "a refused command changed the repository"
+    );
     // A second passphrase opens it too.
-    let out = env.cmd().env("EKKO_NEW_PASSWORD", "second one").args(["key", "add"]).output().unwrap();
+    let out = env
+        .cmd()
+        .env("EKKO_NEW_PASSWORD", "second one")
+        .args(["key", "add"])
+        .output()
+        .unwrap();
     assert_success(&out, &["key add"]);
-    let out = env.cmd().env("EKKO_PASSWORD", "second one").args(["snapshots"]).output().unwrap();
+    let out = env
+        .cmd()
+        .env("EKKO_PASSWORD", "second one")
+        .args(["snapshots"])
+        .output()
+        .unwrap();
     assert_success(&out, &["snapshots"]);
 }
 
@@ -156,7 +238,11 @@ fn flipped_bit_in_a_pack_is_detected_and_never_restored() {
     assert!(!packs.is_empty());
     // Flip one bit in the middle of the data of the first pack.
     let p = &packs[0];
-    let f = fs::OpenOptions::new().read(true).write(true).open(p).unwrap();
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .unwrap();
     let len = f.metadata().unwrap().len();
     let at = len / 3;
     let mut b = [0u8; 1];
@@ -167,13 +253,29 @@ fn flipped_bit_in_a_pack_is_detected_and_never_restored() {
     let out = env.run(&["check", "--read-data"]);
     assert_eq!(out.status.code(), Some(3), "check must exit 3 on damage");
     let report = String::from_utf8_lossy(&out.stdout);
-    assert!(report.contains("chunk "), "check does not name the chunk: {report}");
-    assert!(report.contains(&id), "check does not name the affected snapshot: {report}");
+    assert!(
+        report.contains("chunk "),
+        "check does not name the chunk: {report}"
+    );
+    assert!(
+        report.contains(&id),
+        "check does not name the affected snapshot: {report}"
+    );
     let pack_name = p.file_name().unwrap().to_str().unwrap();
-    assert!(report.contains(pack_name), "check does not name the pack: {report}");
+    assert!(
+        report.contains(pack_name),
+        "check does not name the pack: {report}"
+    );
     // Restore fails loudly instead of returning wrong bytes.
     let to = env.path("r.img");
-    let out = env.run(&["restore", &id, "--disk", "sda", "--to", to.to_str().unwrap()]);
+    let out = env.run(&[
+        "restore",
+        &id,
+        "--disk",
+        "sda",
+        "--to",
+        to.to_str().unwrap(),
+    ]);
     assert_clean_failure(&out, "damaged");
     assert_eq!(out.status.code(), Some(3));
 }
@@ -189,13 +291,27 @@ fn truncated_empty_or_missing_files_give_precise_errors() {
     let to = env.path("r.img");
     let restore = |env: &Env| {
         let _ = fs::remove_file(&to);
-        env.run(&["restore", &id, "--disk", "sda", "--to", to.to_str().unwrap()])
+        env.run(&[
+            "restore",
+            &id,
+            "--disk",
+            "sda",
+            "--to",
+            to.to_str().unwrap(),
+        ])
     };
-    for (what, data) in [("truncated", &orig[..orig.len() / 2]), ("zero-length", &orig[..0]), ("bad magic", b"XXXXXXXXXXXXXXXXXXXXXXX".as_slice())] {
+    for (what, data) in [
+        ("truncated", &orig[..orig.len() / 2]),
+        ("zero-length", &orig[..0]),
+        ("bad magic", b"XXXXXXXXXXXXXXXXXXXXXXX".as_slice()),
+    ] {
         fs::write(&snap, data).unwrap();
         let out = restore(&env);
         let err = assert_clean_failure(&out, "snapshots/");
-        assert!(err.contains("damaged") || err.contains("truncated"), "{what}: {err}");
+        assert!(
+            err.contains("damaged") || err.contains("truncated"),
+            "{what}: {err}"
+        );
     }
     fs::write(&snap, &orig).unwrap();
     assert_success(&restore(&env), &["restore"]);
@@ -227,7 +343,12 @@ fn truncated_empty_or_missing_files_give_precise_errors() {
     // Index files lost: the cache keeps working, and a fresh cache reports
     // the missing chunks instead of guessing.
     let keydir = env.repo.join("keys");
-    let key = fs::read_dir(&keydir).unwrap().next().unwrap().unwrap().path();
+    let key = fs::read_dir(&keydir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let korig = fs::read(&key).unwrap();
     fs::write(&key, &korig[..20]).unwrap();
     assert_clean_failure(&env.run(&["snapshots"]), "keys/");
@@ -245,11 +366,23 @@ fn index_cache_is_only_a_cache() {
     fs::remove_dir_all(&env.cache).unwrap();
     assert_eq!(sha256_file(&env.restore(&id, "sda")), sha256_file(&img));
     // A damaged cache file is rebuilt, not trusted.
-    let cache_file = fs::read_dir(&env.cache).unwrap().next().unwrap().unwrap().path().join("index.redb");
+    let cache_file = fs::read_dir(&env.cache)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("index.redb");
     fs::write(&cache_file, b"garbage").unwrap();
     let second = env.backup_json("vm", &[("sda", img.to_str().unwrap())], &[]);
-    assert_eq!(second["bytes_new"], 0, "dedup lost after cache rebuild: {second}");
-    assert_eq!(sha256_file(&env.restore("vm@latest", "sda")), sha256_file(&img));
+    assert_eq!(
+        second["bytes_new"], 0,
+        "dedup lost after cache rebuild: {second}"
+    );
+    assert_eq!(
+        sha256_file(&env.restore("vm@latest", "sda")),
+        sha256_file(&img)
+    );
 }
 
 #[test]
@@ -282,7 +415,10 @@ fn sigkill_during_backup_never_damages_earlier_snapshots() {
         assert_success(&out, &["check --read-data"]);
         assert_eq!(sha256_file(&env.restore(&id0, "sda")), sum0);
     }
-    assert!(killed >= 4, "only {killed} backups were killed mid-way; the test lost its teeth");
+    assert!(
+        killed >= 4,
+        "only {killed} backups were killed mid-way; the test lost its teeth"
+    );
     // And the repository still takes backups.
     let id = env.backup("vm", &[("sda", &img)]);
     assert_eq!(sha256_file(&env.restore(&id, "sda")), sha256_file(&img));
@@ -292,9 +428,18 @@ fn sigkill_during_backup_never_damages_earlier_snapshots() {
 fn bad_arguments_are_clear() {
     let env = Env::init(&[]);
     assert_clean_failure(&env.run(&["init"]), "already exists");
-    assert_clean_failure(&env.run(&["backup", "--vm", "x", "--disk", "nonsense"]), "NAME=SOURCE");
-    assert_clean_failure(&env.run(&["backup", "--vm", "x", "--disk", "a=/nonexistent.img"]), "cannot open");
-    assert_clean_failure(&env.run(&["restore", "ffffffff", "--to", "/tmp/none"]), "no snapshot");
+    assert_clean_failure(
+        &env.run(&["backup", "--vm", "x", "--disk", "nonsense"]),
+        "NAME=SOURCE",
+    );
+    assert_clean_failure(
+        &env.run(&["backup", "--vm", "x", "--disk", "a=/nonexistent.img"]),
+        "cannot open",
+    );
+    assert_clean_failure(
+        &env.run(&["restore", "ffffffff", "--to", "/tmp/none"]),
+        "no snapshot",
+    );
     let e2 = Env::new();
     assert_clean_failure(&e2.run(&["init", "--chunk-size", "100K"]), "power of two");
     assert_clean_failure(&e2.run(&["snapshots"]), "ekko init");

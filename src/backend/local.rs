@@ -30,7 +30,9 @@ impl LocalBackend {
         // must never make us touch files outside the repository.
         if name.is_empty()
             || name.starts_with('/')
-            || name.split('/').any(|p| p.is_empty() || p == "." || p == "..")
+            || name
+                .split('/')
+                .any(|p| p.is_empty() || p == "." || p == "..")
         {
             return Err(Error::Invalid(format!("bad object name {name:?}")));
         }

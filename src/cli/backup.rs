@@ -68,7 +68,9 @@ pub fn run(g: &Global, a: BackupArgs) -> Result<ExitCode> {
     let cancel = super::cancel_flag()?;
     let mut specs = Vec::new();
     for d in &a.disks {
-        let (name, src) = d.split_once('=').with_context(|| format!("--disk {d:?}: expected NAME=SOURCE"))?;
+        let (name, src) = d
+            .split_once('=')
+            .with_context(|| format!("--disk {d:?}: expected NAME=SOURCE"))?;
         if name.is_empty() || name.contains('/') {
             bail!("--disk {d:?}: the name must be non-empty and contain no '/'");
         }
@@ -77,8 +79,16 @@ pub fn run(g: &Global, a: BackupArgs) -> Result<ExitCode> {
         }
         specs.push((name.to_string(), src.to_string()));
     }
-    let _lock = ekko::lock::Lock::shared(repo.backend().as_ref(), repo.keys(), &format!("backup of {}", a.vm))?;
-    let parent: Option<Snapshot> = match snapshot::resolve(repo.backend().as_ref(), repo.keys(), &format!("{}@latest", a.vm)) {
+    let _lock = ekko::lock::Lock::shared(
+        repo.backend().as_ref(),
+        repo.keys(),
+        &format!("backup of {}", a.vm),
+    )?;
+    let parent: Option<Snapshot> = match snapshot::resolve(
+        repo.backend().as_ref(),
+        repo.keys(),
+        &format!("{}@latest", a.vm),
+    ) {
         Ok(s) => Some(s),
         Err(ekko::Error::SnapshotNotFound { .. }) => None,
         Err(e) => return Err(e.into()),
@@ -86,15 +96,30 @@ pub fn run(g: &Global, a: BackupArgs) -> Result<ExitCode> {
     let time = ekko::time::now_rfc3339_nanos();
     let sources: Vec<(String, Box<dyn source::Source>)> = specs
         .iter()
-        .map(|(n, s)| Ok((n.clone(), source::open(s, a.bitmap.as_deref(), a.threads.clamp(1, 8))?)))
+        .map(|(n, s)| {
+            Ok((
+                n.clone(),
+                source::open(s, a.bitmap.as_deref(), a.threads.clamp(1, 8))?,
+            ))
+        })
         .collect::<Result<_>>()?;
 
     let mut session = Session::new(&repo);
-    let opts_base = BackupOptions { threads: a.threads, cancel: cancel.clone(), progress: None };
+    let opts_base = BackupOptions {
+        threads: a.threads,
+        cancel: cancel.clone(),
+        progress: None,
+    };
     let mut disk_json = Vec::new();
     for (name, src) in &sources {
         let parent_disk = parent.as_ref().and_then(|p| p.disk(name).ok());
-        let (incremental, reason) = decide(parent_disk, src.as_ref(), a.bitmap.as_deref(), a.full, repo.config().chunk_size);
+        let (incremental, reason) = decide(
+            parent_disk,
+            src.as_ref(),
+            a.bitmap.as_deref(),
+            a.full,
+            repo.config().chunk_size,
+        );
         if let Some(r) = &reason {
             if !g.quiet {
                 eprintln!("ekko: disk {name}: full read: {r}");
@@ -102,9 +127,16 @@ pub fn run(g: &Global, a: BackupArgs) -> Result<ExitCode> {
         }
         let pb = super::progress_bar(g, src.size(), name);
         let pbc = pb.clone();
-        let opts = BackupOptions { progress: Some(Arc::new(move |n| pbc.set_position(n))), ..opts_base.clone() };
+        let opts = BackupOptions {
+            progress: Some(Arc::new(move |n| pbc.set_position(n))),
+            ..opts_base.clone()
+        };
         let capture = Capture {
-            mode: if incremental { CaptureMode::Incremental } else { CaptureMode::Full },
+            mode: if incremental {
+                CaptureMode::Incremental
+            } else {
+                CaptureMode::Full
+            },
             bitmap: if incremental { a.bitmap.clone() } else { None },
             next_bitmap: a.bitmap.clone(),
             reason,
@@ -132,7 +164,12 @@ pub fn run(g: &Global, a: BackupArgs) -> Result<ExitCode> {
     }
     let snap = session.commit(&a.vm, time, parent.as_ref().map(|p| p.id.clone()))?;
     let (cpu, rss) = resource_usage();
-    let total = |k: &str| disk_json.iter().map(|d| d[k].as_u64().unwrap_or(0)).sum::<u64>();
+    let total = |k: &str| {
+        disk_json
+            .iter()
+            .map(|d| d[k].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
     if a.json {
         let v = json!({
             "id": snap.id, "vm": snap.vm, "time": snap.time, "parent": snap.parent,
@@ -169,16 +206,32 @@ fn decide(
     full: bool,
     chunk_size: u32,
 ) -> (bool, Option<String>) {
-    let Some(bitmap) = bitmap else { return (false, None) };
+    let Some(bitmap) = bitmap else {
+        return (false, None);
+    };
     if full {
         return (false, Some("--full was given".into()));
     }
-    let Some(p) = parent else { return (false, Some("no earlier snapshot of this disk".into())) };
+    let Some(p) = parent else {
+        return (false, Some("no earlier snapshot of this disk".into()));
+    };
     if p.capture.next_bitmap.as_deref() != Some(bitmap) {
-        return (false, Some(format!("the parent snapshot was not taken with bitmap {bitmap:?}")));
+        return (
+            false,
+            Some(format!(
+                "the parent snapshot was not taken with bitmap {bitmap:?}"
+            )),
+        );
     }
     if p.size != src.size() {
-        return (false, Some(format!("the disk size changed ({} → {})", p.size, src.size())));
+        return (
+            false,
+            Some(format!(
+                "the disk size changed ({} → {})",
+                p.size,
+                src.size()
+            )),
+        );
     }
     if p.chunk_size != chunk_size {
         return (false, Some("the repository chunk size changed".into()));

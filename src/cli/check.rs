@@ -32,13 +32,28 @@ pub fn run(g: &Global, a: CheckArgs) -> Result<ExitCode> {
                 r.packs,
                 r.index_files,
                 r.chunks,
-                if a.read_data { format!(" ({} read and verified)", r.chunks_read) } else { String::new() },
-                if r.ok() { "no problems".to_string() } else { format!("{} PROBLEMS", r.problems.len()) }
+                if a.read_data {
+                    format!(" ({} read and verified)", r.chunks_read)
+                } else {
+                    String::new()
+                },
+                if r.ok() {
+                    "no problems".to_string()
+                } else {
+                    format!("{} PROBLEMS", r.problems.len())
+                }
             );
             if r.unreferenced_packs > 0 {
-                eprintln!("{} pack(s) are not referenced by any index (left by interrupted backups)", r.unreferenced_packs);
+                eprintln!(
+                    "{} pack(s) are not referenced by any index (left by interrupted backups)",
+                    r.unreferenced_packs
+                );
             }
         }
     }
-    Ok(if r.ok() { ExitCode::SUCCESS } else { ExitCode::from(3) })
+    Ok(if r.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
 }

@@ -2,7 +2,9 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Args;
-use ekko::repo::{InitOptions, Repository, DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, DEFAULT_ZSTD_LEVEL};
+use ekko::repo::{
+    InitOptions, Repository, DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, DEFAULT_ZSTD_LEVEL,
+};
 
 use super::Global;
 

@@ -21,7 +21,11 @@ use clap::{Args, Parser, Subcommand};
 use ekko::{LocalBackend, Repository};
 
 #[derive(Parser)]
-#[command(name = "ekko", version, about = "Block-based incremental backup for QEMU/KVM virtual machines")]
+#[command(
+    name = "ekko",
+    version,
+    about = "Block-based incremental backup for QEMU/KVM virtual machines"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
@@ -122,7 +126,9 @@ impl Global {
 
     pub fn open(&self) -> Result<Repository> {
         let backend = self.backend()?;
-        Ok(Repository::open(backend, || self.passphrase("Passphrase: "))?)
+        Ok(Repository::open(backend, || {
+            self.passphrase("Passphrase: ")
+        })?)
     }
 
     pub fn progress_enabled(&self) -> bool {
@@ -151,7 +157,8 @@ pub fn progress_bar(g: &Global, len: u64, what: &str) -> indicatif::ProgressBar 
 pub fn cancel_flag() -> Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&flag)).context("installing a signal handler")?;
+        signal_hook::flag::register(sig, Arc::clone(&flag))
+            .context("installing a signal handler")?;
     }
     Ok(flag)
 }

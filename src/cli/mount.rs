@@ -21,7 +21,11 @@ pub struct MountArgs {
 pub fn sibling(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the ekko executable")?;
     let p = exe.with_file_name(name);
-    anyhow::ensure!(p.exists(), "{} is missing: build the whole workspace (cargo build --release --workspace)", p.display());
+    anyhow::ensure!(
+        p.exists(),
+        "{} is missing: build the whole workspace (cargo build --release --workspace)",
+        p.display()
+    );
     Ok(p)
 }
 

@@ -37,7 +37,11 @@ pub fn run(g: &Global, a: RestoreArgs) -> Result<ExitCode> {
         None => anyhow::bail!(
             "snapshot {} has several disks ({}); choose one with --disk",
             snap.short_id(),
-            snap.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")
+            snap.disks
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     };
     let reader = DiskReader::open(repo, &snap, &disk)?;
@@ -47,10 +51,16 @@ pub fn run(g: &Global, a: RestoreArgs) -> Result<ExitCode> {
     let result = restore(
         &reader,
         &a.to,
-        &RestoreOptions { threads: a.threads, overwrite: a.force, cancel: &cancel, progress: Some(&progress) },
+        &RestoreOptions {
+            threads: a.threads,
+            overwrite: a.force,
+            cancel: &cancel,
+            progress: Some(&progress),
+        },
     );
     pb.finish_and_clear();
-    let stats = result.with_context(|| format!("restoring disk {disk} of snapshot {}", snap.short_id()))?;
+    let stats =
+        result.with_context(|| format!("restoring disk {disk} of snapshot {}", snap.short_id()))?;
     if !g.quiet {
         let secs = start.elapsed().as_secs_f64();
         eprintln!(

@@ -22,7 +22,10 @@ pub fn run(g: &Global, a: SnapshotsArgs) -> Result<ExitCode> {
     for e in &bad {
         eprintln!("ekko: warning: {e}");
     }
-    let snaps: Vec<_> = snaps.into_iter().filter(|s| a.vm.as_ref().is_none_or(|v| &s.vm == v)).collect();
+    let snaps: Vec<_> = snaps
+        .into_iter()
+        .filter(|s| a.vm.as_ref().is_none_or(|v| &s.vm == v))
+        .collect();
     let mut out = std::io::stdout().lock();
     if a.json {
         let v: Vec<_> = snaps
@@ -41,15 +44,35 @@ pub fn run(g: &Global, a: SnapshotsArgs) -> Result<ExitCode> {
             .collect();
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     } else {
-        writeln!(out, "{:<10} {:<16} {:<31} {:<12} disks", "id", "vm", "time", "mode")?;
+        writeln!(
+            out,
+            "{:<10} {:<16} {:<31} {:<12} disks",
+            "id", "vm", "time", "mode"
+        )?;
         for s in &snaps {
-            let mode = if s.disks.iter().any(|d| d.capture.mode == ekko::snapshot::CaptureMode::Incremental) {
+            let mode = if s
+                .disks
+                .iter()
+                .any(|d| d.capture.mode == ekko::snapshot::CaptureMode::Incremental)
+            {
                 "incremental"
             } else {
                 "full"
             };
-            let disks: Vec<String> = s.disks.iter().map(|d| format!("{}({} MiB)", d.name, d.size >> 20)).collect();
-            writeln!(out, "{:<10} {:<16} {:<31} {:<12} {}", s.short_id(), s.vm, s.time, mode, disks.join(" "))?;
+            let disks: Vec<String> = s
+                .disks
+                .iter()
+                .map(|d| format!("{}({} MiB)", d.name, d.size >> 20))
+                .collect();
+            writeln!(
+                out,
+                "{:<10} {:<16} {:<31} {:<12} {}",
+                s.short_id(),
+                s.vm,
+                s.time,
+                mode,
+                disks.join(" ")
+            )?;
         }
     }
     Ok(ExitCode::SUCCESS)

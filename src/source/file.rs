@@ -19,8 +19,14 @@ pub struct FileSource {
 impl FileSource {
     pub fn open(path: &Path) -> Result<FileSource> {
         let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let size = file.seek(SeekFrom::End(0)).map_err(|e| Error::io(path, e))?;
-        Ok(FileSource { path: path.to_path_buf(), file, size })
+        let size = file
+            .seek(SeekFrom::End(0))
+            .map_err(|e| Error::io(path, e))?;
+        Ok(FileSource {
+            path: path.to_path_buf(),
+            file,
+            size,
+        })
     }
 }
 
@@ -41,7 +47,9 @@ impl Source for FileSource {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.file.read_exact_at(buf, offset).map_err(|e| Error::io(&self.path, e))
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| Error::io(&self.path, e))
     }
 
     fn data_ranges(&self) -> Result<Vec<Range>> {
@@ -50,12 +58,19 @@ impl Source for FileSource {
         let mut pos = 0u64;
         while pos < self.size {
             // ENXIO (None) past the last data means the rest is a hole.
-            let Some(data) = lseek(fd, pos, libc::SEEK_DATA) else { break };
+            let Some(data) = lseek(fd, pos, libc::SEEK_DATA) else {
+                break;
+            };
             if data >= self.size {
                 break;
             }
-            let hole = lseek(fd, data, libc::SEEK_HOLE).unwrap_or(self.size).min(self.size);
-            out.push(Range { offset: data, len: hole - data });
+            let hole = lseek(fd, data, libc::SEEK_HOLE)
+                .unwrap_or(self.size)
+                .min(self.size);
+            out.push(Range {
+                offset: data,
+                len: hole - data,
+            });
             pos = hole;
         }
         if out.is_empty() && pos == 0 && lseek(fd, 0, libc::SEEK_DATA).is_none() && self.size > 0 {
@@ -63,7 +78,10 @@ impl Source for FileSource {
             // what we get; EINVAL is). Be safe: check errno.
             let err = std::io::Error::last_os_error();
             if err.raw_os_error() != Some(libc::ENXIO) {
-                return Ok(vec![Range { offset: 0, len: self.size }]);
+                return Ok(vec![Range {
+                    offset: 0,
+                    len: self.size,
+                }]);
             }
         }
         Ok(out)

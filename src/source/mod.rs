@@ -38,7 +38,8 @@ pub trait Source: Send + Sync {
 /// Open `spec`: an `nbd://`/`nbd+unix://` URI, or an image path. qcow2 and
 /// other formats go through qemu-nbd; `bitmap` names a dirty bitmap to use.
 pub fn open(spec: &str, bitmap: Option<&str>, connections: usize) -> Result<Box<dyn Source>> {
-    if spec.starts_with("nbd://") || spec.starts_with("nbd+unix://") || spec.starts_with("nbds://") {
+    if spec.starts_with("nbd://") || spec.starts_with("nbd+unix://") || spec.starts_with("nbds://")
+    {
         return Ok(Box::new(NbdSource::connect_uri(spec, bitmap, connections)?));
     }
     let path = std::path::Path::new(spec);
@@ -47,7 +48,10 @@ pub fn open(spec: &str, bitmap: Option<&str>, connections: usize) -> Result<Box<
         reason: format!("cannot open: {e}"),
     })?;
     if meta.is_dir() {
-        return Err(Error::Source { source_name: spec.into(), reason: "is a directory, not a disk image".into() });
+        return Err(Error::Source {
+            source_name: spec.into(),
+            reason: "is a directory, not a disk image".into(),
+        });
     }
     let format = image_format(path)?;
     if format == "raw" && bitmap.is_none() {
@@ -59,7 +63,12 @@ pub fn open(spec: &str, bitmap: Option<&str>, connections: usize) -> Result<Box<
             reason: "a raw image has no dirty bitmaps; drop --bitmap or use a qcow2 image".into(),
         });
     }
-    Ok(Box::new(NbdSource::qemu_nbd(path, format, bitmap, connections)?))
+    Ok(Box::new(NbdSource::qemu_nbd(
+        path,
+        format,
+        bitmap,
+        connections,
+    )?))
 }
 
 /// Sniff the image format from its first bytes.
@@ -68,7 +77,11 @@ fn image_format(path: &std::path::Path) -> Result<&'static str> {
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut magic = [0u8; 4];
     let n = f.read(&mut magic).map_err(|e| Error::io(path, e))?;
-    Ok(if n == 4 && magic == *b"QFI\xfb" { "qcow2" } else { "raw" })
+    Ok(if n == 4 && magic == *b"QFI\xfb" {
+        "qcow2"
+    } else {
+        "raw"
+    })
 }
 
 /// Merge sorted-or-not ranges into sorted, non-overlapping ones.

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use ekko_libnbd::{Handle, CONTEXT_BASE_ALLOCATION, STATE_DIRTY, STATE_HOLE, STATE_ZERO};
+use ekko_libnbd::{Handle, CONTEXT_BASE_ALLOCATION, STATE_DIRTY, STATE_ZERO};
 
 use super::{normalize, Range, Source};
 use crate::error::{Error, Result};
@@ -40,7 +40,10 @@ impl NbdSource {
             }
             connect(&h)?;
             handles.push(h);
-            if !handles[0].can_multi_conn().unwrap_or(false) && handles.len() == 1 && connections > 1 {
+            if !handles[0].can_multi_conn().unwrap_or(false)
+                && handles.len() == 1
+                && connections > 1
+            {
                 // Read-only exports are consistent across connections even
                 // without multi-conn; QEMU point-in-time exports are read-only.
                 if !handles[0].is_read_only().unwrap_or(false) {
@@ -50,7 +53,9 @@ impl NbdSource {
         }
         let first = &handles[0];
         let size = first.size()?;
-        let has_allocation = first.can_meta_context(CONTEXT_BASE_ALLOCATION).unwrap_or(false);
+        let has_allocation = first
+            .can_meta_context(CONTEXT_BASE_ALLOCATION)
+            .unwrap_or(false);
         if let Some(c) = &bitmap_context {
             if !first.can_meta_context(c).unwrap_or(false) {
                 return Err(Error::Source {
@@ -72,21 +77,38 @@ impl NbdSource {
     }
 
     pub fn connect_uri(uri: &str, bitmap: Option<&str>, connections: usize) -> Result<NbdSource> {
-        Self::from_connector(uri.to_string(), bitmap, connections, &|h| Ok(h.connect_uri(uri)?))
+        Self::from_connector(uri.to_string(), bitmap, connections, &|h| {
+            Ok(h.connect_uri(uri)?)
+        })
     }
 
-    pub fn qemu_nbd(path: &Path, format: &str, bitmap: Option<&str>, connections: usize) -> Result<NbdSource> {
-        let p = path.to_str().ok_or_else(|| Error::Invalid(format!("{} is not UTF-8", path.display())))?;
-        let mut argv = vec!["qemu-nbd", "-r", "-f", format, "--cache=none", "--aio=threads"];
+    pub fn qemu_nbd(
+        path: &Path,
+        format: &str,
+        bitmap: Option<&str>,
+        connections: usize,
+    ) -> Result<NbdSource> {
+        let p = path
+            .to_str()
+            .ok_or_else(|| Error::Invalid(format!("{} is not UTF-8", path.display())))?;
+        let mut argv = vec![
+            "qemu-nbd",
+            "-r",
+            "-f",
+            format,
+            "--cache=none",
+            "--aio=threads",
+        ];
         if let Some(b) = bitmap {
             argv.extend(["-B", b]);
         }
         argv.push(p);
         Self::from_connector(path.display().to_string(), bitmap, connections, &|h| {
-            h.connect_systemd_socket_activation(&argv).map_err(|e| Error::Source {
-                source_name: p.to_string(),
-                reason: format!("qemu-nbd could not open it: {e}"),
-            })
+            h.connect_systemd_socket_activation(&argv)
+                .map_err(|e| Error::Source {
+                    source_name: p.to_string(),
+                    reason: format!("qemu-nbd could not open it: {e}"),
+                })
         })
     }
 
@@ -112,10 +134,11 @@ impl Source for NbdSource {
         while done < buf.len() {
             let n = (buf.len() - done).min(MAX_REQUEST);
             let off = offset + u64::try_from(done).expect("fits");
-            h.pread(&mut buf[done..done + n], off).map_err(|e| Error::Source {
-                source_name: self.describe.clone(),
-                reason: format!("read of {n} bytes at {off} failed: {e}"),
-            })?;
+            h.pread(&mut buf[done..done + n], off)
+                .map_err(|e| Error::Source {
+                    source_name: self.describe.clone(),
+                    reason: format!("read of {n} bytes at {off} failed: {e}"),
+                })?;
             done += n;
         }
         Ok(())
@@ -123,25 +146,36 @@ impl Source for NbdSource {
 
     fn data_ranges(&self) -> Result<Vec<Range>> {
         if !self.has_allocation {
-            return Ok(vec![Range { offset: 0, len: self.size }]);
+            return Ok(vec![Range {
+                offset: 0,
+                len: self.size,
+            }]);
         }
         let ext = self.extents(CONTEXT_BASE_ALLOCATION)?;
         // A region that reads as zeros need not be read, allocated or not.
         Ok(normalize(
             ext.into_iter()
-                .filter(|e| e.flags & STATE_ZERO == 0 || e.flags & STATE_HOLE == 0 && e.flags & STATE_ZERO == 0)
-                .map(|e| Range { offset: e.offset, len: e.length })
+                .filter(|e| e.flags & STATE_ZERO == 0)
+                .map(|e| Range {
+                    offset: e.offset,
+                    len: e.length,
+                })
                 .collect(),
         ))
     }
 
     fn dirty_ranges(&self) -> Result<Option<Vec<Range>>> {
-        let Some(c) = &self.bitmap_context else { return Ok(None) };
+        let Some(c) = &self.bitmap_context else {
+            return Ok(None);
+        };
         let ext = self.extents(c)?;
         Ok(Some(normalize(
             ext.into_iter()
                 .filter(|e| e.flags & STATE_DIRTY != 0)
-                .map(|e| Range { offset: e.offset, len: e.length })
+                .map(|e| Range {
+                    offset: e.offset,
+                    len: e.length,
+                })
                 .collect(),
         )))
     }

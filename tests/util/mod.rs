@@ -23,7 +23,10 @@ pub struct Env {
 
 impl Env {
     pub fn new() -> Env {
-        let dir = tempfile::Builder::new().prefix("ekko-test-").tempdir_in(scratch_root()).unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("ekko-test-")
+            .tempdir_in(scratch_root())
+            .unwrap();
         let repo = dir.path().join("repo");
         let cache = dir.path().join("cache");
         Env { dir, repo, cache }
@@ -73,8 +76,14 @@ impl Env {
         self.ok(&args).trim().to_string()
     }
 
-    pub fn backup_json(&self, vm: &str, disks: &[(&str, &str)], extra: &[&str]) -> serde_json::Value {
-        let mut args: Vec<String> = vec!["backup".into(), "--json".into(), "--vm".into(), vm.into()];
+    pub fn backup_json(
+        &self,
+        vm: &str,
+        disks: &[(&str, &str)],
+        extra: &[&str],
+    ) -> serde_json::Value {
+        let mut args: Vec<String> =
+            vec!["backup".into(), "--json".into(), "--vm".into(), vm.into()];
         for (n, p) in disks {
             args.push("--disk".into());
             args.push(format!("{n}={p}"));
@@ -84,8 +93,18 @@ impl Env {
     }
 
     pub fn restore(&self, snap: &str, disk: &str) -> PathBuf {
-        let out = self.path(&format!("restore-{snap}-{disk}-{}.img", rand::random::<u32>()));
-        self.ok(&["restore", snap, "--disk", disk, "--to", out.to_str().unwrap()]);
+        let out = self.path(&format!(
+            "restore-{snap}-{disk}-{}.img",
+            rand::random::<u32>()
+        ));
+        self.ok(&[
+            "restore",
+            snap,
+            "--disk",
+            disk,
+            "--to",
+            out.to_str().unwrap(),
+        ]);
         out
     }
 
@@ -126,14 +145,19 @@ fn walk(dir: &Path, root: &Path, out: &mut Vec<(String, String)>) {
         if p.is_dir() {
             walk(&p, root, out);
         } else {
-            out.push((p.strip_prefix(root).unwrap().display().to_string(), sha256_file(&p)));
+            out.push((
+                p.strip_prefix(root).unwrap().display().to_string(),
+                sha256_file(&p),
+            ));
         }
     }
 }
 
 /// Where test scratch files go: a real disk (sparse files, xattrs), not tmpfs.
 pub fn scratch_root() -> PathBuf {
-    let p = std::env::var_os("EKKO_TEST_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let p = std::env::var_os("EKKO_TEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
     fs::create_dir_all(&p).unwrap();
     p
 }
@@ -145,7 +169,11 @@ pub fn ekko_bin() -> PathBuf {
 /// A binary built beside `ekko` by `cargo build --workspace`.
 pub fn sibling_bin(name: &str) -> PathBuf {
     let p = ekko_bin().with_file_name(name);
-    assert!(p.exists(), "{} is missing: run `cargo build --release --workspace` first", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --release --workspace` first",
+        p.display()
+    );
     p
 }
 
@@ -154,11 +182,17 @@ pub fn require(tool: &str) {
     let found = std::env::var_os("PATH")
         .map(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file()))
         .unwrap_or(false);
-    assert!(found, "required program {tool:?} is not installed: run scripts/setup");
+    assert!(
+        found,
+        "required program {tool:?} is not installed: run scripts/setup"
+    );
 }
 
 pub fn assert_success<S: AsRef<OsStr>>(out: &Output, args: &[S]) {
-    let a: Vec<_> = args.iter().map(|s| s.as_ref().to_string_lossy().into_owned()).collect();
+    let a: Vec<_> = args
+        .iter()
+        .map(|s| s.as_ref().to_string_lossy().into_owned())
+        .collect();
     assert!(
         out.status.success(),
         "ekko {} failed ({}):\nstdout: {}\nstderr: {}",
@@ -172,7 +206,10 @@ pub fn assert_success<S: AsRef<OsStr>>(out: &Output, args: &[S]) {
 /// A failure that is reported cleanly: non-zero exit, a message, no panic.
 pub fn assert_clean_failure(out: &Output, must_mention: &str) -> String {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "expected failure, got success; stderr: {err}");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
     assert!(!err.contains("panicked"), "ekko panicked: {err}");
     assert!(
         err.to_lowercase().contains(&must_mention.to_lowercase()),
@@ -215,7 +252,9 @@ pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
 
 /// Text-like, compressible bytes.
 pub fn text_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let words = ["qemu", "block", "dirty", "bitmap", "snapshot", "chunk", "the", "of", "and", "backup\n"];
+    let words = [
+        "qemu", "block", "dirty", "bitmap", "snapshot", "chunk", "the", "of", "and", "backup\n",
+    ];
     let r = random_bytes(seed, len / 4 + 16);
     let mut v = Vec::with_capacity(len + 16);
     let mut i = 0;
@@ -230,7 +269,12 @@ pub fn text_bytes(seed: u64, len: usize) -> Vec<u8> {
 
 /// Create a sparse file of `size` with `data` written at each offset.
 pub fn make_image(path: &Path, size: u64, parts: &[(u64, &[u8])]) {
-    let f = OpenOptions::new().create(true).write(true).truncate(true).open(path).unwrap();
+    let f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .unwrap();
     f.set_len(size).unwrap();
     for (off, d) in parts {
         f.write_all_at(d, *off).unwrap();
@@ -244,7 +288,9 @@ pub fn write_at(path: &Path, off: u64, data: &[u8]) {
 }
 
 pub fn run_tool(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}\n{}",
