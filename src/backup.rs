@@ -83,7 +83,10 @@ enum Msg {
 pub struct Session<'r> {
     repo: &'r Repository,
     /// Touched only by the collecting thread; the lock is never contended.
-    pack: Mutex<PackWriter>,
+    pack: Mutex<Option<PackWriter>>,
+    /// While a disk is being backed up: the queue of full packs to store,
+    /// so that storing one overlaps with encoding the next.
+    uploader: Mutex<Option<Sender<PackWriter>>>,
     /// Chunks stored (or being stored) by this session and not yet in the
     /// index: the guard that keeps a chunk from being encoded twice.
     inflight: Mutex<HashSet<ChunkId>>,
@@ -116,7 +119,8 @@ impl<'r> Session<'r> {
     pub fn new(repo: &'r Repository) -> Session<'r> {
         Session {
             repo,
-            pack: Mutex::new(PackWriter::new()),
+            pack: Mutex::new(None),
+            uploader: Mutex::new(None),
             inflight: Mutex::new(HashSet::new()),
             nodes: NodeCache::new(1024),
             disks: Vec::new(),
@@ -128,37 +132,56 @@ impl<'r> Session<'r> {
         self.repo
     }
 
-    /// Append an encoded chunk to the current pack, storing the pack first
-    /// if it is full. Returns the bytes it adds to the repository.
+    /// Append an encoded chunk to the current pack, handing the pack on to
+    /// be stored once it is full. Returns the bytes it adds.
     fn append(&self, c: &EncodedChunk) -> Result<u64> {
-        let limit = usize::try_from(self.repo.config().pack_size).unwrap_or(usize::MAX);
+        let limit = u64::from(self.repo.config().pack_size);
         let full = {
-            let p = self.pack.lock().expect("pack lock");
-            !p.is_empty() && p.len() + c.sealed.len() > limit
+            let mut slot = self.pack.lock().expect("pack lock");
+            if slot.is_none() {
+                *slot = Some(PackWriter::create(self.repo.backend().as_ref())?);
+            }
+            let p = slot.as_mut().expect("just created");
+            p.add(c)?;
+            p.len() >= limit
         };
         if full {
             self.flush_pack()?;
         }
-        self.pack.lock().expect("pack lock").add(c);
         Ok(u64::try_from(c.sealed.len()).expect("fits"))
     }
 
+    /// Hand the current pack to the uploader thread if one runs (so that
+    /// committing it overlaps with encoding the next), else commit it now.
     fn flush_pack(&self) -> Result<()> {
-        let pack = std::mem::take(&mut *self.pack.lock().expect("pack lock"));
-        if pack.is_empty() {
+        let Some(pack) = self.pack.lock().expect("pack lock").take() else {
             return Ok(());
+        };
+        let tx = self.uploader.lock().expect("uploader lock").clone();
+        match tx {
+            Some(tx) => match tx.send(pack) {
+                Ok(()) => Ok(()),
+                // The uploader stopped: its error is reported by backup_disk.
+                Err(crossbeam_channel::SendError(pack)) => self.store_pack(pack),
+            },
+            None => self.store_pack(pack),
         }
-        let entries = pack.finish(self.repo.backend().as_ref(), self.repo.keys())?;
+    }
+
+    fn store_pack(&self, pack: PackWriter) -> Result<()> {
+        let entries = pack.finish(self.repo.keys())?;
+        let ids: Vec<ChunkId> = entries.iter().map(|(id, _)| *id).collect();
+        // Into the index first, then out of the claim set: no window in which
+        // a worker would see neither and encode the chunk again.
+        let flush = self.repo.index().add_pending(entries);
         {
             let mut inflight = self.inflight.lock().expect("inflight lock");
-            for (id, _) in &entries {
+            for id in &ids {
                 inflight.remove(id);
             }
         }
-        if self.repo.index().add_pending(entries) {
-            self.repo
-                .index()
-                .flush(self.repo.backend().as_ref(), self.repo.keys())?;
+        if flush {
+            self.repo.index().flush(self.repo.backend().as_ref(), self.repo.keys())?;
         }
         Ok(())
     }
@@ -226,11 +249,22 @@ impl<'r> Session<'r> {
         let source = plan.source;
         let cancel = &opts.cancel;
 
+        let (up_tx, up_rx) = bounded::<PackWriter>(1);
+        *self.uploader.lock().expect("uploader lock") = Some(up_tx);
         let result: Result<()> = std::thread::scope(|scope| {
+            let this = &*self;
+            let uploader = scope.spawn(move || -> Result<()> {
+                for pack in up_rx {
+                    if let Err(e) = this.store_pack(pack) {
+                        this.uploader.lock().expect("uploader lock").take();
+                        return Err(e);
+                    }
+                }
+                Ok(())
+            });
             // Dispatcher: blocks in order, gaps as `Keep`.
             let res_tx_d = res_tx.clone();
-            scope.spawn(move || dispatch(&runs, nchunks, size, cs, &job_tx, &res_tx_d, cancel));
-            let this = &*self;
+            scope.spawn(move || dispatch(source, &runs, nchunks, size, cs, &job_tx, &res_tx_d, cancel));
             for _ in 0..threads {
                 let (job_rx, res_tx) = (job_rx.clone(), res_tx.clone());
                 let bytes_read = &bytes_read;
@@ -238,7 +272,11 @@ impl<'r> Session<'r> {
             }
             drop(res_tx);
             drop(job_rx);
-            this.collect(&res_rx, &mut builder, &mut stats, opts, size)
+            let collected = this.collect(&res_rx, &mut builder, &mut stats, opts, size);
+            // Closing the queue ends the uploader once it has stored the rest.
+            this.uploader.lock().expect("uploader lock").take();
+            let uploaded = uploader.join().expect("uploader thread panicked");
+            collected.and(uploaded)
         });
         result?;
         if opts.cancel.load(Ordering::Relaxed) {
@@ -269,6 +307,7 @@ impl<'r> Session<'r> {
         bytes_read: &AtomicU64,
     ) {
         let mut buf = Vec::new();
+        let mut comp = chunk::Compressor::new(self.repo.config().compression_level);
         for (idx, len) in jobs {
             let outcome = (|| {
                 let n = usize::try_from(len).expect("chunk fits in memory");
@@ -282,13 +321,7 @@ impl<'r> Session<'r> {
                 if !self.claim(&id)? {
                     return Ok(Outcome::Known(id));
                 }
-                Ok(Outcome::New(chunk::encode(
-                    self.repo.keys(),
-                    id,
-                    ChunkKind::Data,
-                    &buf,
-                    self.repo.config().compression_level,
-                )))
+                Ok(Outcome::New(chunk::encode_with(self.repo.keys(), id, ChunkKind::Data, &buf, &mut comp)))
             })();
             if out.send(Msg::Block { idx, len, outcome }).is_err() {
                 return;
@@ -377,7 +410,12 @@ impl<'r> Session<'r> {
     }
 }
 
+/// How far ahead of the workers the dispatcher asks the source to fetch.
+const READ_AHEAD_BYTES: u64 = 32 << 20;
+
+#[allow(clippy::too_many_arguments)]
 fn dispatch(
+    source: &dyn Source,
     runs: &[(u64, u64)],
     nchunks: u64,
     size: u64,
@@ -386,6 +424,13 @@ fn dispatch(
     out: &Sender<Msg>,
     cancel: &AtomicBool,
 ) {
+    let ahead = (READ_AHEAD_BYTES / cs).max(2);
+    // Blocks in reading order, so that hints can run ahead of the workers.
+    let order = || runs.iter().flat_map(|&(from, to)| from..to);
+    let mut hints = order().skip(usize::try_from(ahead).unwrap_or(usize::MAX));
+    for idx in order().take(usize::try_from(ahead).unwrap_or(usize::MAX)) {
+        source.will_need(idx * cs, cs.min(size - idx * cs));
+    }
     let mut next = 0u64;
     for &(from, to) in runs {
         if next < from
@@ -403,6 +448,9 @@ fn dispatch(
                 return;
             }
             let len = cs.min(size - idx * cs);
+            if let Some(h) = hints.next() {
+                source.will_need(h * cs, cs.min(size - h * cs));
+            }
             if jobs.send((idx, len)).is_err() {
                 return;
             }

@@ -22,16 +22,35 @@ fn ad(kind: ChunkKind, id: &ChunkId) -> [&[u8]; 3] {
     [b"ekko chunk", kind.tag(), &id.0]
 }
 
+/// A reusable zstd context: creating one per chunk costs time and memory.
+pub struct Compressor(Option<zstd::bulk::Compressor<'static>>);
+
+impl Compressor {
+    /// `level` 0 disables compression.
+    pub fn new(level: i32) -> Compressor {
+        Compressor(if level == 0 { None } else { zstd::bulk::Compressor::new(level).ok() })
+    }
+
+    fn compress(&mut self, plain: &[u8]) -> Option<Vec<u8>> {
+        let c = self.0.as_mut()?;
+        // Output no larger than the input: incompressible data is stored raw.
+        let mut out = Vec::with_capacity(plain.len());
+        match c.compress_to_buffer(plain, &mut out) {
+            Ok(n) if n < plain.len() => Some(out),
+            _ => None,
+        }
+    }
+}
+
 /// Compress and seal. `level` 0 disables compression.
 pub fn encode(keys: &Keys, id: ChunkId, kind: ChunkKind, plain: &[u8], level: i32) -> EncodedChunk {
+    encode_with(keys, id, kind, plain, &mut Compressor::new(level))
+}
+
+/// Compress with a reusable context, then seal.
+pub fn encode_with(keys: &Keys, id: ChunkId, kind: ChunkKind, plain: &[u8], comp: &mut Compressor) -> EncodedChunk {
     let raw_len = u32::try_from(plain.len()).expect("chunks are at most 4 MiB");
-    let compressed = if level != 0 {
-        zstd::bulk::compress(plain, level)
-            .ok()
-            .filter(|c| c.len() < plain.len())
-    } else {
-        None
-    };
+    let compressed = comp.compress(plain);
     let (payload, compressed_flag) = match &compressed {
         Some(c) => (c.as_slice(), true),
         None => (plain, false),

@@ -4,7 +4,7 @@
 //! A pack is built in memory up to the repository's pack size and then stored
 //! with one atomic `put`; a pack is never modified after that.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, ObjectWriter};
 use crate::chunk::EncodedChunk;
 use crate::crypto::Keys;
 use crate::error::{Error, Result};
@@ -26,35 +26,30 @@ fn trailer_ad(id: &ObjectId) -> [&[u8]; 2] {
     [b"ekko pack trailer", &id.0]
 }
 
+/// A pack being written. Blobs stream straight to the backend's object
+/// writer (a temporary file locally), so a pack costs no memory; the pack
+/// becomes visible, whole, only at `finish`.
 pub struct PackWriter {
     id: ObjectId,
-    buf: Vec<u8>,
+    out: Box<dyn ObjectWriter>,
     entries: Vec<BlobEntry>,
 }
 
-impl Default for PackWriter {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl PackWriter {
-    pub fn new() -> PackWriter {
-        let mut buf = Vec::new();
-        buf.extend_from_slice(&format::header(MAGIC_PACK, 0));
-        PackWriter {
-            id: ObjectId::random(),
-            buf,
-            entries: Vec::new(),
-        }
+    pub fn create(backend: &dyn Backend) -> Result<PackWriter> {
+        let id = ObjectId::random();
+        let mut out = backend.create(&pack_name(&id))?;
+        out.write(&format::header(MAGIC_PACK, 0))?;
+        Ok(PackWriter { id, out, entries: Vec::new() })
     }
 
     pub fn id(&self) -> ObjectId {
         self.id
     }
 
-    pub fn len(&self) -> usize {
-        self.buf.len()
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.out.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -62,10 +57,10 @@ impl PackWriter {
     }
 
     /// Append a chunk; returns where it will live.
-    pub fn add(&mut self, c: &EncodedChunk) -> Location {
-        let offset = u64::try_from(self.buf.len()).expect("pack length fits u64");
+    pub fn add(&mut self, c: &EncodedChunk) -> Result<Location> {
+        let offset = self.out.len();
         let stored_len = u32::try_from(c.sealed.len()).expect("a sealed chunk is below 4 GiB");
-        self.buf.extend_from_slice(&c.sealed);
+        self.out.write(&c.sealed)?;
         self.entries.push(BlobEntry {
             id: c.id,
             offset,
@@ -74,31 +69,23 @@ impl PackWriter {
             kind: c.kind,
             compressed: c.compressed,
         });
-        Location {
+        Ok(Location {
             pack: self.id,
             offset,
             stored_len,
             raw_len: c.raw_len,
             kind: c.kind,
             compressed: c.compressed,
-        }
+        })
     }
 
-    /// Seal the trailer and store the pack. Returns the index entries.
-    pub fn finish(
-        mut self,
-        backend: &dyn Backend,
-        keys: &Keys,
-    ) -> Result<Vec<(ChunkId, Location)>> {
-        let trailer = keys.seal(
-            &trailer_ad(&self.id),
-            &format::encode_pack_trailer(&self.entries),
-        );
+    /// Seal the trailer and commit the pack. Returns the index entries.
+    pub fn finish(mut self, keys: &Keys) -> Result<Vec<(ChunkId, Location)>> {
+        let trailer = keys.seal(&trailer_ad(&self.id), &format::encode_pack_trailer(&self.entries));
         let tlen = u32::try_from(trailer.len()).expect("trailer below 4 GiB");
-        self.buf.extend_from_slice(&trailer);
-        self.buf
-            .extend_from_slice(&format::encode_pack_footer(tlen));
-        backend.put(&pack_name(&self.id), &self.buf)?;
+        self.out.write(&trailer)?;
+        self.out.write(&format::encode_pack_footer(tlen))?;
+        self.out.commit()?;
         let id = self.id;
         Ok(self
             .entries

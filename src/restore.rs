@@ -60,8 +60,10 @@ pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Res
     let cs = reader.chunk_size();
     let done = AtomicU64::new(0);
     let data = AtomicU64::new(0);
+    // Reads from the repository wait on I/O; more threads than cores keep
+    // the device's queue deep while the cores decrypt.
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.threads.max(1))
+        .num_threads(opts.threads.max(1) * 4)
         .build()
         .map_err(|e| Error::Invalid(format!("thread pool: {e}")))?;
     let zeros = if is_dev {

@@ -4,3 +4,5 @@
 mod util;
 
 mod engine;
+
+mod capture;

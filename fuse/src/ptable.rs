@@ -25,15 +25,6 @@ pub enum Table {
     Gpt(Vec<Partition>),
 }
 
-impl Table {
-    pub fn partitions(&self) -> &[Partition] {
-        match self {
-            Table::None => &[],
-            Table::Mbr(p) | Table::Gpt(p) => p,
-        }
-    }
-}
-
 const SECTOR: u64 = 512;
 /// More than any real table; bounds the work a hostile one can cause.
 const MAX_GPT_ENTRIES: u32 = 1024;

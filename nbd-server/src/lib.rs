@@ -25,6 +25,7 @@
 //! only during nbdkit's single-threaded configuration phase and `EXPORT` is
 //! set exactly once, by `get_ready`.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -67,22 +68,32 @@ struct Connection {
     export: &'static Export,
 }
 
-/// The single place where a core error becomes an NBD error.
-///
+/// The single place where a core error becomes an NBD error: logged, then
+/// mapped by [`errno_for`].
+fn nbd_error(op: &str, offset: u64, len: u64, e: Error) -> nbdkit::Error {
+    let (errno, what) = errno_for(&e);
+    tracing::error!(op, offset, len, errno, "{e}");
+    // nbdkit logs the returned error as well: keep it a one-line summary.
+    nbdkit::Error::new(
+        errno,
+        format!("{op} of {len} bytes at offset {offset} failed: {what}"),
+    )
+}
+
 /// NBD carries only EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP
 /// and ESHUTDOWN; nbdkit turns any other errno into EINVAL, which would tell
 /// the client it sent a bad request. So damage and storage failures are EIO,
 /// and EINVAL is kept for requests that really are invalid.
-fn nbd_error(op: &str, offset: u64, len: u64, e: Error) -> nbdkit::Error {
-    let errno = match &e {
-        e if e.is_damage() => libc::EIO,
-        Error::OutOfRange { .. } | Error::Invalid(_) => libc::EINVAL,
-        Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOMEM) => libc::ENOMEM,
-        Error::Interrupted => libc::ESHUTDOWN,
-        _ => libc::EIO,
-    };
-    tracing::error!(op, offset, len, errno, "{e}");
-    nbdkit::Error::new(errno, format!("{op} of {len} bytes at offset {offset}: {e}"))
+fn errno_for(e: &Error) -> (i32, &'static str) {
+    match e {
+        e if e.is_damage() => (libc::EIO, "damaged backup data"),
+        Error::OutOfRange { .. } | Error::Invalid(_) => (libc::EINVAL, "invalid request"),
+        Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOMEM) => {
+            (libc::ENOMEM, "out of memory")
+        }
+        Error::Interrupted => (libc::ESHUTDOWN, "shutting down"),
+        _ => (libc::EIO, "I/O error"),
+    }
 }
 
 /// An error during start-up; nbdkit prints it and exits.
@@ -92,7 +103,10 @@ fn config_error(msg: impl Into<String>) -> nbdkit::Error {
 
 fn open_export(p: &Params) -> Result<Export, String> {
     let repo_path = p.repo.as_ref().ok_or("missing parameter repo=PATH")?;
-    let spec = p.snapshot.as_deref().ok_or("missing parameter snapshot=SPEC")?;
+    let spec = p
+        .snapshot
+        .as_deref()
+        .ok_or("missing parameter snapshot=SPEC")?;
     let backend = Arc::new(LocalBackend::new(repo_path));
     let password_file = p.password_file.clone();
     let passphrase = move || {
@@ -109,7 +123,8 @@ fn open_export(p: &Params) -> Result<Export, String> {
     // path; see docs/NBD.md.
     let repo = Repository::open_with_cache(backend, passphrase, p.index_cache)
         .map_err(|e| format!("cannot open repository {}: {e}", repo_path.display()))?;
-    let snap = ekko::snapshot::resolve(repo.backend().as_ref(), repo.keys(), spec).map_err(|e| e.to_string())?;
+    let snap = ekko::snapshot::resolve(repo.backend().as_ref(), repo.keys(), spec)
+        .map_err(|e| e.to_string())?;
     let disk = match &p.disk {
         Some(d) => d.clone(),
         None => match snap.disks.as_slice() {
@@ -125,11 +140,17 @@ fn open_export(p: &Params) -> Result<Export, String> {
             }
         },
     };
-    let chunks = Arc::new(ChunkCache::new(p.cache_bytes.unwrap_or(DEFAULT_CACHE_BYTES)));
+    let chunks = Arc::new(ChunkCache::new(
+        p.cache_bytes.unwrap_or(DEFAULT_CACHE_BYTES),
+    ));
     let nodes = Arc::new(NodeCache::new(NODE_CACHE_NODES));
-    let reader = DiskReader::new(Arc::new(repo), &snap, &disk, nodes, chunks).map_err(|e| e.to_string())?;
+    let reader =
+        DiskReader::new(Arc::new(repo), &snap, &disk, nodes, chunks).map_err(|e| e.to_string())?;
     tracing::info!(snapshot = %snap.id, disk, size = reader.size(), "serving");
-    Ok(Export { reader: Arc::new(reader), disk })
+    Ok(Export {
+        reader: Arc::new(reader),
+        disk,
+    })
 }
 
 impl Server for Connection {
@@ -160,7 +181,12 @@ impl Server for Connection {
         // nbdkit's stderr is the log; EKKO_LOG filters it as in the CLI.
         let filter = tracing_subscriber::EnvFilter::try_from_env("EKKO_LOG")
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_target(false)
+            .try_init();
     }
 
     fn config(key: &str, value: &str) -> nbdkit::Result<()> {
@@ -188,7 +214,9 @@ impl Server for Connection {
 
     fn config_complete() -> nbdkit::Result<()> {
         let guard = PARAMS.lock().expect("params lock");
-        let p = guard.as_ref().ok_or_else(|| config_error("parameters repo= and snapshot= are required"))?;
+        let p = guard
+            .as_ref()
+            .ok_or_else(|| config_error("parameters repo= and snapshot= are required"))?;
         if p.repo.is_none() {
             return Err(config_error("missing parameter repo=PATH"));
         }
@@ -200,12 +228,16 @@ impl Server for Connection {
 
     fn get_ready() -> nbdkit::Result<()> {
         let guard = PARAMS.lock().expect("params lock");
-        let p = guard.as_ref().ok_or_else(|| config_error("parameters repo= and snapshot= are required"))?;
+        let p = guard
+            .as_ref()
+            .ok_or_else(|| config_error("parameters repo= and snapshot= are required"))?;
         let export = open_export(p).map_err(|m| {
             tracing::error!("{m}");
             config_error(m)
         })?;
-        EXPORT.set(export).map_err(|_| config_error("get_ready called twice"))?;
+        EXPORT
+            .set(export)
+            .map_err(|_| config_error("get_ready called twice"))?;
         Ok(())
     }
 
@@ -214,14 +246,19 @@ impl Server for Connection {
     }
 
     fn open(_readonly: bool) -> nbdkit::Result<Box<dyn Server>> {
-        let export = EXPORT.get().ok_or_else(|| nbdkit::Error::new(libc::EIO, "the export is not open yet"))?;
+        let export = EXPORT
+            .get()
+            .ok_or_else(|| nbdkit::Error::new(libc::EIO, "the export is not open yet"))?;
         // The empty name is the default export; any other must be the disk.
         let name = nbdkit::export_name().unwrap_or_default();
         if !name.is_empty() && name != export.disk {
             tracing::warn!(requested = %name, "client asked for an unknown export");
             return Err(nbdkit::Error::new(
                 libc::ENOENT,
-                format!("no export {name:?}: this server exports only {:?}", export.disk),
+                format!(
+                    "no export {name:?}: this server exports only {:?}",
+                    export.disk
+                ),
             ));
         }
         Ok(Box::new(Connection { export }))
@@ -229,7 +266,9 @@ impl Server for Connection {
 
     fn get_size(&self) -> nbdkit::Result<i64> {
         let size = self.export.reader.size();
-        i64::try_from(size).map_err(|_| nbdkit::Error::new(libc::EOVERFLOW, format!("disk size {size} is too large")))
+        i64::try_from(size).map_err(|_| {
+            nbdkit::Error::new(libc::EOVERFLOW, format!("disk size {size} is too large"))
+        })
     }
 
     fn can_multi_conn(&self) -> nbdkit::Result<bool> {
@@ -242,17 +281,35 @@ impl Server for Connection {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> nbdkit::Result<()> {
-        self.export
-            .reader
-            .read_at(buf, offset)
-            .map_err(|e| nbd_error("read", offset, u64::try_from(buf.len()).unwrap_or(u64::MAX), e))
+        self.export.reader.read_at(buf, offset).map_err(|e| {
+            nbd_error(
+                "read",
+                offset,
+                u64::try_from(buf.len()).unwrap_or(u64::MAX),
+                e,
+            )
+        })
     }
 
-    fn extents(&self, count: u32, offset: u64, flags: Flags, h: &mut ExtentHandle) -> nbdkit::Result<()> {
+    fn extents(
+        &self,
+        count: u32,
+        offset: u64,
+        flags: Flags,
+        h: &mut ExtentHandle,
+    ) -> nbdkit::Result<()> {
         let len = u64::from(count);
-        let extents = self.export.reader.extents(offset, len).map_err(|e| nbd_error("block status", offset, len, e))?;
+        let extents = self
+            .export
+            .reader
+            .extents(offset, len)
+            .map_err(|e| nbd_error("block status", offset, len, e))?;
         for e in extents {
-            let kind = if e.data { ExtentType::Allocated } else { ExtentType::HoleZero };
+            let kind = if e.data {
+                ExtentType::Allocated
+            } else {
+                ExtentType::HoleZero
+            };
             h.add(e.offset, e.len, kind)?;
             if flags.contains(Flags::REQ_ONE) {
                 break;
@@ -273,3 +330,47 @@ nbdkit::plugin!(Connection {
     can_extents,
     extents
 });
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ekko::ChunkId;
+
+    #[test]
+    fn errors_map_to_errnos_that_do_not_lie() {
+        let io = |errno| Error::Io {
+            path: "packs/x".into(),
+            source: std::io::Error::from_raw_os_error(errno),
+        };
+        let cases = [
+            (Error::ChunkMissing { id: ChunkId::ZERO }, libc::EIO),
+            (
+                Error::Corrupt {
+                    name: "map node".into(),
+                    reason: "bad".into(),
+                },
+                libc::EIO,
+            ),
+            (
+                Error::NotFound {
+                    name: "packs/ab/cd".into(),
+                },
+                libc::EIO,
+            ),
+            (io(libc::ENOENT), libc::EIO),
+            (io(libc::ENOMEM), libc::ENOMEM),
+            (
+                Error::OutOfRange {
+                    disk: "vda".into(),
+                    offset: 10,
+                    size: 5,
+                },
+                libc::EINVAL,
+            ),
+            (Error::Interrupted, libc::ESHUTDOWN),
+        ];
+        for (e, want) in cases {
+            assert_eq!(errno_for(&e).0, want, "{e}");
+        }
+    }
+}

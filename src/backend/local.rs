@@ -1,15 +1,15 @@
 //! A repository in a local directory: the embedded default.
 //!
-//! `put` is the only code in Ekko that writes repository files, and it holds
-//! the only copy of the durability protocol: write a temporary file in the
-//! target folder, fsync it, rename it into place, fsync the folder.
+//! `LocalWriter` is the only code in Ekko that writes repository files, and
+//! it holds the only copy of the durability protocol: write a temporary file
+//! in the target folder, fsync it, rename it into place, fsync the folder.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::{Backend, ObjectInfo};
+use super::{Backend, ObjectInfo, ObjectWriter};
 use crate::error::{Error, Result};
 
 pub struct LocalBackend {
@@ -48,38 +48,69 @@ fn not_found_or_io(name: &str, path: &Path, e: std::io::Error) -> Error {
     }
 }
 
-/// Write `data` to `path` so that it is whole or absent after a crash.
-fn atomic_write(path: &Path, data: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| Error::Invalid(format!("no parent folder for {}", path.display())))?;
-    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut rnd = [0u8; 8];
-    crate::crypto::random_bytes(&mut rnd);
-    let tmp = dir.join(format!(".tmp-{}", hex::encode(rnd)));
-    let result = (|| {
-        let mut f = OpenOptions::new()
+/// A file being written: a temporary name in the target folder until
+/// `commit` makes it durable and renames it into place.
+pub struct LocalWriter {
+    file: Option<File>,
+    tmp: PathBuf,
+    path: PathBuf,
+    len: u64,
+}
+
+impl LocalWriter {
+    fn create(path: PathBuf) -> Result<LocalWriter> {
+        let dir = path
+            .parent()
+            .ok_or_else(|| Error::Invalid(format!("no parent folder for {}", path.display())))?;
+        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut rnd = [0u8; 8];
+        crate::crypto::random_bytes(&mut rnd);
+        let tmp = dir.join(format!(".tmp-{}", hex::encode(rnd)));
+        let file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&tmp)
             .map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(data).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-        fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+        Ok(LocalWriter { file: Some(file), tmp, path, len: 0 })
+    }
+}
+
+impl ObjectWriter for LocalWriter {
+    fn write(&mut self, data: &[u8]) -> Result<()> {
+        let f = self.file.as_mut().expect("writer used after commit");
+        f.write_all(data).map_err(|e| Error::io(&self.tmp, e))?;
+        self.len += u64::try_from(data.len()).expect("fits");
+        Ok(())
+    }
+
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn commit(mut self: Box<Self>) -> Result<()> {
+        let f = self.file.take().expect("writer committed twice");
+        f.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
+        drop(f);
+        fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
+        let dir = self.path.parent().expect("checked at create");
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| Error::io(dir, e))
-    })();
-    if result.is_err() {
-        // A full disk or a failed rename must not leave debris behind.
-        let _ = fs::remove_file(&tmp);
     }
-    result
+}
+
+impl Drop for LocalWriter {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            // Not committed (error, full disk, interruption): leave no debris.
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 impl Backend for LocalBackend {
-    fn put(&self, name: &str, data: &[u8]) -> Result<()> {
-        atomic_write(&self.path(name)?, data)
+    fn create(&self, name: &str) -> Result<Box<dyn ObjectWriter>> {
+        Ok(Box::new(LocalWriter::create(self.path(name)?)?))
     }
 
     fn get_range(&self, name: &str, offset: u64, len: usize) -> Result<Vec<u8>> {

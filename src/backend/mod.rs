@@ -7,7 +7,7 @@
 
 mod local;
 
-pub use local::LocalBackend;
+pub use local::{LocalBackend, LocalWriter};
 
 use crate::error::Result;
 
@@ -17,10 +17,32 @@ pub struct ObjectInfo {
     pub size: u64,
 }
 
+/// An object being written. Nothing is visible under its name until
+/// `commit` returns; dropping it uncommitted leaves no trace.
+pub trait ObjectWriter: Send {
+    fn write(&mut self, data: &[u8]) -> Result<()>;
+    /// Bytes written so far.
+    fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Make the object durable and visible, atomically.
+    fn commit(self: Box<Self>) -> Result<()>;
+}
+
 pub trait Backend: Send + Sync {
+    /// Start writing object `name`: it appears whole at `commit`, or never.
+    /// (A local directory streams to a temporary file; an object store may
+    /// buffer or upload in parts.)
+    fn create(&self, name: &str) -> Result<Box<dyn ObjectWriter>>;
+
     /// Store `data` under `name`, atomically: a reader sees either the whole
     /// object or nothing, also after a crash.
-    fn put(&self, name: &str, data: &[u8]) -> Result<()>;
+    fn put(&self, name: &str, data: &[u8]) -> Result<()> {
+        let mut w = self.create(name)?;
+        w.write(data)?;
+        w.commit()
+    }
 
     /// Read `len` bytes at `offset`. A short object is an error, never a
     /// short read.

@@ -1,13 +1,21 @@
+//! `ekko backup`: offline images and NBD exports (`--disk NAME=SOURCE`), or
+//! a running QEMU captured live through QMP (`--qmp SOCKET`).
+
+use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use ekko::backup::{BackupOptions, DiskPlan, Session};
+use ekko::backup::{BackupOptions, DiskPlan, Progress, Session};
+use ekko::capture::{self, LiveBackup, LiveOptions};
+use ekko::ratelimit::{self, RateLimited, RateLimiter};
 use ekko::snapshot::{self, Capture, CaptureMode, Snapshot};
 use ekko::source;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::Global;
 
@@ -16,19 +24,38 @@ pub struct BackupArgs {
     /// The VM the disks belong to.
     #[arg(long)]
     vm: String,
-    /// NAME=SOURCE: a raw or qcow2 image, or an nbd:// / nbd+unix:// URI.
-    #[arg(long = "disk", value_name = "NAME=SOURCE", required = true)]
+    /// Offline: NAME=SOURCE, a raw or qcow2 image, or an nbd:// /
+    /// nbd+unix:// URI. With --qmp: NAME=NODE, a QEMU device or block node
+    /// name; without --disk every writable disk of QEMU is backed up.
+    #[arg(long = "disk", value_name = "NAME=SOURCE", required_unless_present = "qmp")]
     disks: Vec<String>,
     /// Dirty bitmap of the sources (qcow2 persistent bitmap or NBD export
     /// context) that records writes since the previous backup.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "qmp")]
     bitmap: Option<String>,
+    /// QMP socket of a running QEMU or qemu-storage-daemon: capture its
+    /// disks live, at one instant, incrementally through dirty bitmaps.
+    #[arg(long, value_name = "SOCKET")]
+    qmp: Option<PathBuf>,
+    /// qemu-guest-agent socket: freeze the guest file systems for the
+    /// instant of the snapshot (with --qmp).
+    #[arg(long, value_name = "SOCKET", requires = "qmp")]
+    fsfreeze: Option<PathBuf>,
+    /// Directory for the temporary fleecing images (with --qmp). They grow
+    /// by what the guest overwrites during the backup; QEMU must be able to
+    /// create files there.
+    #[arg(long, value_name = "DIR", requires = "qmp")]
+    workdir: Option<PathBuf>,
     /// Read everything, even when an incremental is possible.
     #[arg(long)]
     full: bool,
-    /// Worker threads.
+    /// Worker threads (and NBD connections, up to 8).
     #[arg(long, default_value_t = super::default_threads())]
     threads: usize,
+    /// Cap the reads from the sources at this many MB/s (10^6 bytes per
+    /// second), for all workers together.
+    #[arg(long, value_name = "MB/s", value_parser = ratelimit::parse_mb_per_sec)]
+    rate_limit: Option<u64>,
     /// Run at normal CPU and I/O priority instead of low.
     #[arg(long)]
     normal_priority: bool,
@@ -59,15 +86,10 @@ pub fn resource_usage() -> (f64, u64) {
     (cpu, rss)
 }
 
-pub fn run(g: &Global, a: BackupArgs) -> Result<ExitCode> {
-    if !a.normal_priority {
-        lower_priority();
-    }
-    let start = Instant::now();
-    let repo = g.open()?;
-    let cancel = super::cancel_flag()?;
-    let mut specs = Vec::new();
-    for d in &a.disks {
+/// Splits `NAME=VALUE` arguments, checking names.
+fn parse_disks(args: &[String]) -> Result<Vec<(String, String)>> {
+    let mut specs: Vec<(String, String)> = Vec::new();
+    for d in args {
         let (name, src) = d
             .split_once('=')
             .with_context(|| format!("--disk {d:?}: expected NAME=SOURCE"))?;
@@ -79,6 +101,180 @@ pub fn run(g: &Global, a: BackupArgs) -> Result<ExitCode> {
         }
         specs.push((name.to_string(), src.to_string()));
     }
+    Ok(specs)
+}
+
+fn connections(threads: usize) -> usize {
+    threads.clamp(1, 8)
+}
+
+fn limiter(a: &BackupArgs, cancel: &Arc<AtomicBool>) -> Result<Option<Arc<RateLimiter>>> {
+    Ok(match a.rate_limit {
+        Some(r) => Some(Arc::new(RateLimiter::new(r)?.with_cancel(Arc::clone(cancel)))),
+        None => None,
+    })
+}
+
+/// The JSON entry of one backed-up disk.
+fn disk_json(disk: &ekko::Disk, node: Option<&str>, dirty_bytes: Option<u64>) -> Value {
+    let mut v = json!({
+        "name": disk.name, "size": disk.size, "source": disk.source,
+        "mode": disk.capture.mode, "reason": disk.capture.reason,
+        "bitmap": disk.capture.bitmap, "next_bitmap": disk.capture.next_bitmap,
+        "dirty_bytes": dirty_bytes,
+        "bytes_read": disk.stats.bytes_read,
+        "bytes_new": disk.stats.bytes_new, "bytes_stored": disk.stats.bytes_stored,
+        "chunks": disk.stats.chunks, "chunks_new": disk.stats.chunks_new,
+        "chunks_zero": disk.stats.chunks_zero,
+    });
+    if let Some(n) = node {
+        v["node"] = json!(n);
+    }
+    v
+}
+
+/// Prints the summary: JSON, or the snapshot id and a line on stderr.
+fn print_summary(
+    g: &Global,
+    a: &BackupArgs,
+    snap: &Snapshot,
+    disks: Vec<Value>,
+    extra: Value,
+    start: Instant,
+) -> Result<()> {
+    let (cpu, rss) = resource_usage();
+    let total = |k: &str| disks.iter().map(|d| d[k].as_u64().unwrap_or(0)).sum::<u64>();
+    let (read, stored) = (total("bytes_read"), total("bytes_stored"));
+    if a.json {
+        let mut v = json!({
+            "id": snap.id, "vm": snap.vm, "time": snap.time, "parent": snap.parent,
+            "bytes_read": read, "bytes_new": total("bytes_new"),
+            "bytes_stored": stored,
+            "duration_seconds": start.elapsed().as_secs_f64(),
+            "cpu_seconds": cpu, "peak_rss_bytes": rss,
+            "rate_limit_bytes_per_sec": a.rate_limit,
+            "disks": disks,
+        });
+        if let (Some(obj), Value::Object(more)) = (v.as_object_mut(), extra) {
+            obj.extend(more);
+        }
+        writeln!(std::io::stdout().lock(), "{}", serde_json::to_string_pretty(&v)?)?;
+    } else {
+        writeln!(std::io::stdout().lock(), "{}", snap.id)?;
+        if !g.quiet {
+            eprintln!(
+                "snapshot {} of {}: read {} MB, stored {} MB new, {:.1} s",
+                snap.short_id(),
+                snap.vm,
+                read / 1_000_000,
+                stored / 1_000_000,
+                start.elapsed().as_secs_f64()
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn run(g: &Global, a: BackupArgs) -> Result<ExitCode> {
+    if !a.normal_priority {
+        lower_priority();
+    }
+    if a.threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    match a.qmp.clone() {
+        Some(qmp) => run_live(g, &a, qmp),
+        None => run_offline(g, &a),
+    }
+}
+
+/// Live capture of a running QEMU through QMP; see `ekko::capture`.
+fn run_live(g: &Global, a: &BackupArgs, qmp: PathBuf) -> Result<ExitCode> {
+    let start = Instant::now();
+    let repo = g.open()?;
+    let cancel = super::cancel_flag()?;
+    let mut opts = LiveOptions::new(a.vm.clone(), qmp);
+    opts.disks = parse_disks(&a.disks)?;
+    opts.full = a.full;
+    opts.freeze = a.fsfreeze.clone();
+    if let Some(w) = &a.workdir {
+        opts.workdir = w.clone();
+    }
+    opts.connections = connections(a.threads);
+    opts.rate_limit = a.rate_limit;
+    let _lock = ekko::lock::Lock::shared(
+        repo.backend().as_ref(),
+        repo.keys(),
+        &format!("live backup of {}", a.vm),
+    )?;
+    let live = LiveBackup::prepare(&repo, &opts).map_err(live_error)?;
+    if !g.quiet {
+        for d in live.disks() {
+            if let Some(r) = &d.reason {
+                eprintln!("ekko: disk {}: full read: {r}", d.name);
+            }
+        }
+    }
+    let bars: Mutex<Vec<indicatif::ProgressBar>> = Mutex::new(Vec::new());
+    let progress = |d: &capture::PlannedDisk| -> Option<Progress> {
+        let mut bars = bars.lock().expect("progress bars");
+        if let Some(prev) = bars.last() {
+            prev.finish_and_clear();
+        }
+        let pb = super::progress_bar(g, d.size, &d.name);
+        bars.push(pb.clone());
+        Some(Arc::new(move |n| pb.set_position(n)))
+    };
+    let bopts = BackupOptions {
+        threads: a.threads,
+        cancel: Arc::clone(&cancel),
+        progress: None,
+    };
+    let result = live.run(&bopts, &progress);
+    for pb in bars.lock().expect("progress bars").iter() {
+        pb.finish_and_clear();
+    }
+    let report = result.map_err(live_error)?;
+    if !g.quiet {
+        for w in &report.warnings {
+            eprintln!("ekko: warning: {w}");
+        }
+    }
+    let disks = report
+        .disks
+        .iter()
+        .map(|d| disk_json(&d.disk, Some(&d.node), d.dirty_bytes))
+        .collect();
+    let removed: Vec<Value> = report
+        .removed_bitmaps
+        .iter()
+        .map(|(node, name)| json!({ "node": node, "bitmap": name }))
+        .collect();
+    let extra = json!({
+        "removed_bitmaps": removed,
+        "warnings": report.warnings,
+    });
+    print_summary(g, a, &report.snapshot, disks, extra, start)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Keeps repository damage recognisable (exit code 3) through anyhow.
+fn live_error(e: capture::Error) -> anyhow::Error {
+    match e {
+        capture::Error::Disk { disk, source } if source.is_damage() => {
+            anyhow::Error::new(source).context(format!("disk {disk}"))
+        }
+        capture::Error::Repo(source) => anyhow::Error::new(source),
+        e => anyhow::Error::new(e),
+    }
+}
+
+fn run_offline(g: &Global, a: &BackupArgs) -> Result<ExitCode> {
+    let start = Instant::now();
+    let repo = g.open()?;
+    let cancel = super::cancel_flag()?;
+    let specs = parse_disks(&a.disks)?;
+    let limiter = limiter(a, &cancel)?;
     let _lock = ekko::lock::Lock::shared(
         repo.backend().as_ref(),
         repo.keys(),
@@ -97,10 +293,8 @@ pub fn run(g: &Global, a: BackupArgs) -> Result<ExitCode> {
     let sources: Vec<(String, Box<dyn source::Source>)> = specs
         .iter()
         .map(|(n, s)| {
-            Ok((
-                n.clone(),
-                source::open(s, a.bitmap.as_deref(), a.threads.clamp(1, 8))?,
-            ))
+            let src = source::open(s, a.bitmap.as_deref(), connections(a.threads))?;
+            Ok((n.clone(), RateLimited::wrap(src, limiter.as_ref())))
         })
         .collect::<Result<_>>()?;
 
@@ -110,21 +304,27 @@ pub fn run(g: &Global, a: BackupArgs) -> Result<ExitCode> {
         cancel: cancel.clone(),
         progress: None,
     };
-    let mut disk_json = Vec::new();
+    let mut disk_json_v = Vec::new();
     for (name, src) in &sources {
         let parent_disk = parent.as_ref().and_then(|p| p.disk(name).ok());
         let (incremental, reason) = decide(
+            &repo,
             parent_disk,
             src.as_ref(),
             a.bitmap.as_deref(),
             a.full,
-            repo.config().chunk_size,
         );
         if let Some(r) = &reason {
             if !g.quiet {
                 eprintln!("ekko: disk {name}: full read: {r}");
             }
         }
+        let dirty_bytes = if incremental {
+            src.dirty_ranges()?
+                .map(|r| capture::range_bytes(&r, src.size()))
+        } else {
+            None
+        };
         let pb = super::progress_bar(g, src.size(), name);
         let pbc = pb.clone();
         let opts = BackupOptions {
@@ -152,59 +352,26 @@ pub fn run(g: &Global, a: BackupArgs) -> Result<ExitCode> {
         );
         pb.finish_and_clear();
         let disk = disk?;
-        disk_json.push(json!({
-            "name": disk.name, "size": disk.size, "mode": disk.capture.mode,
-            "reason": disk.capture.reason, "bytes_read": disk.stats.bytes_read,
-            "bytes_new": disk.stats.bytes_new, "bytes_stored": disk.stats.bytes_stored,
-            "chunks": disk.stats.chunks, "chunks_new": disk.stats.chunks_new, "chunks_zero": disk.stats.chunks_zero,
-        }));
+        disk_json_v.push(disk_json(&disk, None, dirty_bytes));
     }
     if super::cancelled(&cancel) {
         bail!(ekko::Error::Interrupted);
     }
     let snap = session.commit(&a.vm, time, parent.as_ref().map(|p| p.id.clone()))?;
-    let (cpu, rss) = resource_usage();
-    let total = |k: &str| {
-        disk_json
-            .iter()
-            .map(|d| d[k].as_u64().unwrap_or(0))
-            .sum::<u64>()
-    };
-    if a.json {
-        let v = json!({
-            "id": snap.id, "vm": snap.vm, "time": snap.time, "parent": snap.parent,
-            "disks": disk_json,
-            "bytes_read": total("bytes_read"), "bytes_new": total("bytes_new"),
-            "bytes_stored": total("bytes_stored"),
-            "duration_seconds": start.elapsed().as_secs_f64(),
-            "cpu_seconds": cpu, "peak_rss_bytes": rss,
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        println!("{}", snap.id);
-        if !g.quiet {
-            eprintln!(
-                "snapshot {} of {}: read {} MB, stored {} MB new, {:.1} s",
-                snap.short_id(),
-                snap.vm,
-                total("bytes_read") / 1_000_000,
-                total("bytes_stored") / 1_000_000,
-                start.elapsed().as_secs_f64()
-            );
-        }
-    }
+    print_summary(g, a, &snap, disk_json_v, json!({}), start)?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// Can this disk be backed up incrementally? Only when the parent recorded
-/// this very bitmap as the one tracking writes after it, and nothing about
-/// the disk's geometry changed. Otherwise: a full read, and why.
+/// this very bitmap as the one tracking writes after it, nothing about the
+/// disk's geometry changed, and the parent's map can be read. Otherwise: a
+/// full read, and why.
 fn decide(
+    repo: &ekko::Repository,
     parent: Option<&ekko::Disk>,
     src: &dyn source::Source,
     bitmap: Option<&str>,
     full: bool,
-    chunk_size: u32,
 ) -> (bool, Option<String>) {
     let Some(bitmap) = bitmap else {
         return (false, None);
@@ -233,8 +400,14 @@ fn decide(
             )),
         );
     }
-    if p.chunk_size != chunk_size {
+    if p.chunk_size != repo.config().chunk_size {
         return (false, Some("the repository chunk size changed".into()));
+    }
+    if let Err(e) = capture::check_parent_map(repo, p) {
+        return (
+            false,
+            Some(format!("parent damaged: its block map cannot be read ({e})")),
+        );
     }
     (true, None)
 }

@@ -52,6 +52,17 @@ impl Source for FileSource {
             .map_err(|e| Error::io(&self.path, e))
     }
 
+    fn will_need(&self, offset: u64, len: u64) {
+        let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return;
+        };
+        // SAFETY: posix_fadvise on a valid descriptor; it only schedules
+        // readahead into the page cache.
+        unsafe {
+            libc::posix_fadvise(self.file.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED);
+        }
+    }
+
     fn data_ranges(&self) -> Result<Vec<Range>> {
         let fd = self.file.as_raw_fd();
         let mut out = Vec::new();

@@ -28,6 +28,10 @@ pub trait Source: Send + Sync {
     /// Ranges that may hold non-zero data, sorted. Everything else reads
     /// as zeros.
     fn data_ranges(&self) -> Result<Vec<Range>>;
+    /// A hint that `[offset, offset+len)` will be read soon, so that the
+    /// source can start fetching it (deep I/O queues are what make
+    /// virtualised and networked disks fast).
+    fn will_need(&self, _offset: u64, _len: u64) {}
     /// Ranges a dirty bitmap marks as changed, sorted; `None` when the source
     /// has no bitmap.
     fn dirty_ranges(&self) -> Result<Option<Vec<Range>>> {
