@@ -611,6 +611,9 @@ impl<'r> LiveBackup<'r> {
             })
             .collect();
 
+        if opts.cancel.load(Ordering::Relaxed) {
+            return Err(Error::Interrupted);
+        }
         let qmp = self.qmp.take().expect("prepared with a connection");
         let mut time = crate::time::now_rfc3339_nanos();
         let mut session = match FleeceSession::start(qmp, &specs, &self.session_config()) {

@@ -20,6 +20,7 @@ pub mod lock;
 pub mod pack;
 pub mod ratelimit;
 pub mod reader;
+pub mod repair;
 pub mod repo;
 pub mod restore;
 pub mod secret;

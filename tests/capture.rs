@@ -161,6 +161,14 @@ fn assert_no_leftovers(qsd: &Qsd) {
     assert!(files.is_empty(), "work directory keeps {files:?}");
 }
 
+/// A snapshot's manifest as stored.
+fn stored_snapshot(env: &Env, id: &str) -> ekko::Snapshot {
+    let backend = std::sync::Arc::new(ekko::LocalBackend::new(env.repo.clone()));
+    let repo = ekko::Repository::open_with_cache(backend, || Ok(PASSWORD.as_bytes().to_vec()), false)
+        .unwrap();
+    ekko::snapshot::resolve(repo.backend().as_ref(), repo.keys(), id).unwrap()
+}
+
 fn signal(child: &Child, sig: libc::c_int) {
     let pid = libc::pid_t::try_from(child.id()).unwrap();
     // SAFETY: kill(2) on the PID of a child we spawned and have not reaped.
@@ -237,11 +245,12 @@ fn live_full_then_incremental_restores_each_instant() {
     let inc_id = inc["id"].as_str().unwrap();
     assert_restores(&env, full_id, &names, &refs0);
     assert_restores(&env, inc_id, &names, &refs1);
-    let snaps: Value = serde_json::from_str(&env.ok(&["snapshots", "--json"])).unwrap();
-    let d0 = &snaps.as_array().unwrap()[1]["disks"][0];
-    assert_eq!(d0["capture"]["mode"], "incremental", "{d0}");
-    assert_eq!(d0["capture"]["bitmap"], gen1.as_str(), "{d0}");
-    assert_eq!(d0["capture"]["next_bitmap"], gen2.as_str(), "{d0}");
+    let stored = stored_snapshot(&env, inc_id);
+    let d0 = stored.disk("disk0").unwrap();
+    assert_eq!(d0.capture.mode, ekko::snapshot::CaptureMode::Incremental);
+    assert_eq!(d0.capture.bitmap.as_deref(), Some(gen1.as_str()));
+    assert_eq!(d0.capture.next_bitmap.as_deref(), Some(gen2.as_str()));
+    assert_eq!(d0.capture.reason, None);
     env.ok(&["check", "--read-data"]);
 }
 
@@ -264,6 +273,7 @@ fn writes_during_an_incremental_do_not_leak_into_it() {
     qsd.write("disk0", 0x67, 50 * MIB, MIB);
     qsd.write("disk1", 0x68, 33 * MIB, MIB);
     qsd.write("disk1", 0x69, 0, 64 * 1024);
+    assert!(child.try_wait().unwrap().is_none(), "the backup should still be reading");
     let out = finish(child);
     assert_success(&out, &["backup", "--rate-limit"]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -304,6 +314,7 @@ fn two_disks_are_captured_at_one_instant() {
     qsd.write("disk1", 0x51, 9 * MIB, MIB);
     qsd.write("disk0", 0x52, 5 * MIB, MIB);
     qsd.write("disk1", 0x53, 30 * MIB, MIB);
+    assert!(child.try_wait().unwrap().is_none(), "the backup should still be reading");
     let out = finish(child);
     assert_success(&out, &["backup"]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -344,9 +355,9 @@ fn deleted_or_inconsistent_bitmap_gives_a_correct_full_read() {
     for d in names {
         assert_only_generation(&qsd, d, &gen_b);
     }
-    let snaps: Value = serde_json::from_str(&env.ok(&["snapshots", "--json"])).unwrap();
-    let reason = &snaps.as_array().unwrap()[1]["disks"][0]["capture"]["reason"];
-    assert!(reason.as_str().unwrap().starts_with("bitmap missing"), "{reason}");
+    let stored = stored_snapshot(&env, b["id"].as_str().unwrap());
+    let reason = stored.disk("disk0").unwrap().capture.reason.clone().unwrap();
+    assert!(reason.starts_with("bitmap missing"), "{reason}");
 
     // The next one is incremental again.
     qsd.write("disk0", 0x14, 9 * MIB, 4096);
@@ -543,4 +554,57 @@ fn offline_qcow2_bitmap_reports_dirty_bytes() {
     run_tool(Command::new("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw", img_s]).arg(&raw));
     let out = env.restore(b["id"].as_str().unwrap(), "sda");
     assert_eq!(sha256_file(&out), sha256_file(&raw));
+}
+
+/// A fake qemu-guest-agent that logs each command with the number of jobs
+/// QEMU runs at that moment (1 per disk once the instant is taken).
+fn fake_agent(qsd: &Qsd) -> (std::path::PathBuf, std::thread::JoinHandle<Vec<String>>) {
+    use std::io::{Read, Write};
+    let path = qsd.dir.path().join("qga.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let mut q = qsd.qmp();
+    let handle = std::thread::spawn(move || {
+        let mut log = Vec::new();
+        let (mut s, _) = listener.accept().unwrap();
+        let (mut pending, mut buf) = (Vec::new(), [0u8; 4096]);
+        loop {
+            let n = match s.read(&mut buf) {
+                Ok(0) | Err(_) => return log,
+                Ok(n) => n,
+            };
+            pending.extend(buf[..n].iter().filter(|&&b| b != 0xFF));
+            while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=pos).collect();
+                let v: Value = serde_json::from_slice(&line).unwrap();
+                let cmd = v["execute"].as_str().unwrap().to_string();
+                let jobs = q.execute("query-jobs", Value::Null).unwrap();
+                log.push(format!("{cmd} jobs={}", jobs.as_array().unwrap().len()));
+                let reply = match cmd.as_str() {
+                    "guest-sync-delimited" => json!({ "return": v["arguments"]["id"] }),
+                    "guest-fsfreeze-freeze" | "guest-fsfreeze-thaw" => json!({ "return": 1 }),
+                    _ => json!({ "error": { "class": "CommandNotFound", "desc": cmd } }),
+                };
+                s.write_all(format!("{reply}\n").as_bytes()).unwrap();
+            }
+        }
+    });
+    (path, handle)
+}
+
+#[test]
+fn fsfreeze_brackets_the_instant() {
+    let env = Env::init(&[]);
+    let qsd = Qsd::start(1, SIZE);
+    qsd.write("disk0", 0x11, 0, MIB);
+    let refs = references(&qsd, &env, &["disk0"]);
+    let (agent, handle) = fake_agent(&qsd);
+    let (v, _) = live(&env, &qsd, &["--fsfreeze", agent.to_str().unwrap()]);
+    let log = handle.join().unwrap();
+    let freeze = log.iter().position(|l| l == "guest-fsfreeze-freeze jobs=0");
+    let thaw = log.iter().position(|l| l == "guest-fsfreeze-thaw jobs=1");
+    assert!(
+        matches!((freeze, thaw), (Some(f), Some(t)) if f < t),
+        "freeze, then the instant, then thaw: {log:?}"
+    );
+    assert_restores(&env, v["id"].as_str().unwrap(), &["disk0"], &refs);
 }

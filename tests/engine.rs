@@ -444,3 +444,46 @@ fn bad_arguments_are_clear() {
     assert_clean_failure(&e2.run(&["init", "--chunk-size", "100K"]), "power of two");
     assert_clean_failure(&e2.run(&["snapshots"]), "ekko init");
 }
+
+/// A repository written by ekko 0.1.0 (format version 1) must stay readable:
+/// a format change is a version change, and this test keeps the old one.
+#[test]
+fn reads_a_version_1_repository_fixture() {
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/repo-v1");
+    let env = Env::new();
+    // Copy it: reading must not need to write, but keep the fixture pristine.
+    run_tool(Command::new("cp").arg("-a").arg(&fixture).arg(&env.repo));
+    let run = |args: &[&str]| {
+        let out = env.cmd().env("EKKO_PASSWORD", "fixture").args(args).output().unwrap();
+        assert_success(&out, args);
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let want = [
+        ("9b8a4b16961b3ba98becb91f7ed3a973", "645d82e7a703732b63e62da7acd82438bd10b64fabfdeaa63a4455b7df83da9a"),
+        ("e570654f48b74da1eb2ea8b2f4bc47dc", "10ac2893d85b34a3c6ee2549ce1ae7be5fd0afb76e430fd6bd388ecbfbb3f3ae"),
+    ];
+    for (id, sum) in want {
+        let to = env.path(&format!("{id}.img"));
+        run(&["restore", id, "--to", to.to_str().unwrap()]);
+        assert_eq!(sha256_file(&to), sum, "snapshot {id} of the v1 fixture");
+    }
+    run(&["check", "--read-data"]);
+    assert_eq!(env.repo_state(), dir_state(&fixture), "reading changed the repository");
+}
+
+#[test]
+fn index_rebuilds_from_packs_alone() {
+    let env = Env::init(&["--chunk-size", "64K"]);
+    let img = env.path("d.img");
+    make_image(&img, 6 * MIB, &[(0, &random_bytes(19, 5 * MIB as usize))]);
+    let id = env.backup("vm", &[("sda", &img)]);
+    fs::remove_dir_all(env.repo.join("index")).unwrap();
+    fs::remove_dir_all(&env.cache).unwrap();
+    let to = env.path("r.img");
+    let out = env.run(&["restore", &id, "--to", to.to_str().unwrap()]);
+    assert_clean_failure(&out, "not in any pack");
+    let _ = fs::remove_file(&to);
+    env.ok(&["index", "rebuild"]);
+    assert_eq!(sha256_file(&env.restore(&id, "sda")), sha256_file(&img));
+    env.ok(&["check", "--read-data"]);
+}

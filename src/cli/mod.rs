@@ -4,6 +4,7 @@
 
 mod backup;
 mod check;
+mod index;
 mod init;
 mod key;
 mod mount;
@@ -64,6 +65,9 @@ pub enum Command {
     /// Manage passphrases (key files).
     #[command(subcommand)]
     Key(key::KeyCommand),
+    /// Maintain the chunk index.
+    #[command(subcommand)]
+    Index(index::IndexCommand),
     /// Show every snapshot as a read-only file tree (FUSE).
     Mount(mount::MountArgs),
 }
@@ -78,6 +82,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Check(a) => check::run(g, a),
         Command::Key(a) => key::run(g, a),
         Command::Mount(a) => mount::run(g, a),
+        Command::Index(a) => index::run(g, a),
     }
 }
 
@@ -129,6 +134,12 @@ impl Global {
         Ok(Repository::open(backend, || {
             self.passphrase("Passphrase: ")
         })?)
+    }
+
+    /// Open without the local index cache (index files may be missing).
+    pub fn open_without_cache(&self) -> Result<Repository> {
+        let backend = self.backend()?;
+        Ok(Repository::open_with_cache(backend, || self.passphrase("Passphrase: "), false)?)
     }
 
     pub fn progress_enabled(&self) -> bool {

@@ -111,19 +111,23 @@ impl Env {
     /// Every file in the repository with its bytes' hash: to prove that a
     /// failed command changed nothing.
     pub fn repo_state(&self) -> Vec<(String, String)> {
-        let mut v = Vec::new();
-        walk(&self.repo, &self.repo, &mut v);
-        v.sort();
-        v
+        dir_state(&self.repo)
     }
 
     pub fn pack_files(&self) -> Vec<PathBuf> {
         let mut v = Vec::new();
-        walk(&self.repo.join("packs"), &self.repo, &mut Vec::new());
         collect_files(&self.repo.join("packs"), &mut v);
         v.sort();
         v
     }
+}
+
+/// Every file under `dir` with the sha256 of its bytes, sorted.
+pub fn dir_state(dir: &Path) -> Vec<(String, String)> {
+    let mut v = Vec::new();
+    walk(dir, dir, &mut v);
+    v.sort();
+    v
 }
 
 fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
