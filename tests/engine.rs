@@ -487,3 +487,44 @@ fn index_rebuilds_from_packs_alone() {
     assert_eq!(sha256_file(&env.restore(&id, "sda")), sha256_file(&img));
     env.ok(&["check", "--read-data"]);
 }
+
+/// Unmounts a tmpfs on drop.
+struct TmpfsGuard(std::path::PathBuf);
+
+impl Drop for TmpfsGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn full_disk_fails_cleanly_and_loses_nothing() {
+    let env = Env::new();
+    let mnt = env.path("small");
+    fs::create_dir_all(&mnt).unwrap();
+    run_tool(Command::new("mount").args(["-t", "tmpfs", "-o", "size=24m", "ekko-test-tmpfs"]).arg(&mnt));
+    let _guard = TmpfsGuard(mnt.clone());
+    let env = Env { repo: mnt.join("repo"), ..env };
+    env.ok(&["init"]);
+    let small = env.path("small.img");
+    make_image(&small, 8 * MIB, &[(0, &random_bytes(20, 8 * MIB as usize))]);
+    let id = env.backup("vm", &[("sda", &small)]);
+    let before = env.repo_state();
+    let big = env.path("big.img");
+    make_image(&big, 40 * MIB, &[(0, &random_bytes(21, 40 * MIB as usize))]);
+    let out = env.run(&["backup", "--vm", "vm", "--disk", &format!("sda={}", big.display())]);
+    assert_clean_failure(&out, "no space left");
+    // Earlier snapshots are intact and no snapshot appeared.
+    let js: serde_json::Value = serde_json::from_str(&env.ok(&["snapshots", "--json"])).unwrap();
+    assert_eq!(js.as_array().unwrap().len(), 1);
+    assert_eq!(sha256_file(&env.restore(&id, "sda")), sha256_file(&small));
+    env.ok(&["check", "--read-data"]);
+    // Nothing half-written is left behind, and nothing old was touched.
+    let after = env.repo_state();
+    assert!(after.iter().all(|(n, _)| !n.contains(".tmp-")), "debris left: {after:?}");
+    for f in &before {
+        if !f.0.starts_with("locks/") {
+            assert!(after.contains(f), "{} changed or vanished", f.0);
+        }
+    }
+}
