@@ -181,7 +181,9 @@ impl<'r> Session<'r> {
             }
         }
         if flush {
-            self.repo.index().flush(self.repo.backend().as_ref(), self.repo.keys())?;
+            self.repo
+                .index()
+                .flush(self.repo.backend().as_ref(), self.repo.keys())?;
         }
         Ok(())
     }
@@ -264,7 +266,9 @@ impl<'r> Session<'r> {
             });
             // Dispatcher: blocks in order, gaps as `Keep`.
             let res_tx_d = res_tx.clone();
-            scope.spawn(move || dispatch(source, &runs, nchunks, size, cs, &job_tx, &res_tx_d, cancel));
+            scope.spawn(move || {
+                dispatch(source, &runs, nchunks, size, cs, &job_tx, &res_tx_d, cancel)
+            });
             for _ in 0..threads {
                 let (job_rx, res_tx) = (job_rx.clone(), res_tx.clone());
                 let bytes_read = &bytes_read;
@@ -321,7 +325,13 @@ impl<'r> Session<'r> {
                 if !self.claim(&id)? {
                     return Ok(Outcome::Known(id));
                 }
-                Ok(Outcome::New(chunk::encode_with(self.repo.keys(), id, ChunkKind::Data, &buf, &mut comp)))
+                Ok(Outcome::New(chunk::encode_with(
+                    self.repo.keys(),
+                    id,
+                    ChunkKind::Data,
+                    &buf,
+                    &mut comp,
+                )))
             })();
             if out.send(Msg::Block { idx, len, outcome }).is_err() {
                 return;

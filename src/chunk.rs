@@ -28,7 +28,11 @@ pub struct Compressor(Option<zstd::bulk::Compressor<'static>>);
 impl Compressor {
     /// `level` 0 disables compression.
     pub fn new(level: i32) -> Compressor {
-        Compressor(if level == 0 { None } else { zstd::bulk::Compressor::new(level).ok() })
+        Compressor(if level == 0 {
+            None
+        } else {
+            zstd::bulk::Compressor::new(level).ok()
+        })
     }
 
     fn compress(&mut self, plain: &[u8]) -> Option<Vec<u8>> {
@@ -48,7 +52,13 @@ pub fn encode(keys: &Keys, id: ChunkId, kind: ChunkKind, plain: &[u8], level: i3
 }
 
 /// Compress with a reusable context, then seal.
-pub fn encode_with(keys: &Keys, id: ChunkId, kind: ChunkKind, plain: &[u8], comp: &mut Compressor) -> EncodedChunk {
+pub fn encode_with(
+    keys: &Keys,
+    id: ChunkId,
+    kind: ChunkKind,
+    plain: &[u8],
+    comp: &mut Compressor,
+) -> EncodedChunk {
     let raw_len = u32::try_from(plain.len()).expect("chunks are at most 4 MiB");
     let compressed = comp.compress(plain);
     let (payload, compressed_flag) = match &compressed {

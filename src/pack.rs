@@ -40,7 +40,11 @@ impl PackWriter {
         let id = ObjectId::random();
         let mut out = backend.create(&pack_name(&id))?;
         out.write(&format::header(MAGIC_PACK, 0))?;
-        Ok(PackWriter { id, out, entries: Vec::new() })
+        Ok(PackWriter {
+            id,
+            out,
+            entries: Vec::new(),
+        })
     }
 
     pub fn id(&self) -> ObjectId {
@@ -81,7 +85,10 @@ impl PackWriter {
 
     /// Seal the trailer and commit the pack. Returns the index entries.
     pub fn finish(mut self, keys: &Keys) -> Result<Vec<(ChunkId, Location)>> {
-        let trailer = keys.seal(&trailer_ad(&self.id), &format::encode_pack_trailer(&self.entries));
+        let trailer = keys.seal(
+            &trailer_ad(&self.id),
+            &format::encode_pack_trailer(&self.entries),
+        );
         let tlen = u32::try_from(trailer.len()).expect("trailer below 4 GiB");
         self.out.write(&trailer)?;
         self.out.write(&format::encode_pack_footer(tlen))?;

@@ -29,11 +29,17 @@ pub fn rebuild_index(repo: &Repository) -> Result<RebuildReport> {
     let backend = repo.backend().as_ref();
     let keys = repo.keys();
     let _lock = Lock::exclusive(backend, keys, "index rebuild")?;
-    let old: Vec<String> = backend.list("index/")?.into_iter().map(|o| o.name).collect();
+    let old: Vec<String> = backend
+        .list("index/")?
+        .into_iter()
+        .map(|o| o.name)
+        .collect();
     let mut report = RebuildReport::default();
     let mut entries: Vec<(ChunkId, Location)> = Vec::new();
     for p in backend.list("packs/")? {
-        let Some(pid) = pack::pack_id_from_name(&p.name) else { continue };
+        let Some(pid) = pack::pack_id_from_name(&p.name) else {
+            continue;
+        };
         report.packs += 1;
         match pack::read_trailer(backend, keys, &p.name) {
             Ok(blobs) => entries.extend(blobs.into_iter().map(|b| {

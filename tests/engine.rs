@@ -454,13 +454,24 @@ fn reads_a_version_1_repository_fixture() {
     // Copy it: reading must not need to write, but keep the fixture pristine.
     run_tool(Command::new("cp").arg("-a").arg(&fixture).arg(&env.repo));
     let run = |args: &[&str]| {
-        let out = env.cmd().env("EKKO_PASSWORD", "fixture").args(args).output().unwrap();
+        let out = env
+            .cmd()
+            .env("EKKO_PASSWORD", "fixture")
+            .args(args)
+            .output()
+            .unwrap();
         assert_success(&out, args);
         String::from_utf8(out.stdout).unwrap()
     };
     let want = [
-        ("9b8a4b16961b3ba98becb91f7ed3a973", "645d82e7a703732b63e62da7acd82438bd10b64fabfdeaa63a4455b7df83da9a"),
-        ("e570654f48b74da1eb2ea8b2f4bc47dc", "10ac2893d85b34a3c6ee2549ce1ae7be5fd0afb76e430fd6bd388ecbfbb3f3ae"),
+        (
+            "9b8a4b16961b3ba98becb91f7ed3a973",
+            "645d82e7a703732b63e62da7acd82438bd10b64fabfdeaa63a4455b7df83da9a",
+        ),
+        (
+            "e570654f48b74da1eb2ea8b2f4bc47dc",
+            "10ac2893d85b34a3c6ee2549ce1ae7be5fd0afb76e430fd6bd388ecbfbb3f3ae",
+        ),
     ];
     for (id, sum) in want {
         let to = env.path(&format!("{id}.img"));
@@ -468,7 +479,11 @@ fn reads_a_version_1_repository_fixture() {
         assert_eq!(sha256_file(&to), sum, "snapshot {id} of the v1 fixture");
     }
     run(&["check", "--read-data"]);
-    assert_eq!(env.repo_state(), dir_state(&fixture), "reading changed the repository");
+    assert_eq!(
+        env.repo_state(),
+        dir_state(&fixture),
+        "reading changed the repository"
+    );
 }
 
 #[test]
@@ -502,9 +517,16 @@ fn full_disk_fails_cleanly_and_loses_nothing() {
     let env = Env::new();
     let mnt = env.path("small");
     fs::create_dir_all(&mnt).unwrap();
-    run_tool(Command::new("mount").args(["-t", "tmpfs", "-o", "size=24m", "ekko-test-tmpfs"]).arg(&mnt));
+    run_tool(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=24m", "ekko-test-tmpfs"])
+            .arg(&mnt),
+    );
     let _guard = TmpfsGuard(mnt.clone());
-    let env = Env { repo: mnt.join("repo"), ..env };
+    let env = Env {
+        repo: mnt.join("repo"),
+        ..env
+    };
     env.ok(&["init"]);
     let small = env.path("small.img");
     make_image(&small, 8 * MIB, &[(0, &random_bytes(20, 8 * MIB as usize))]);
@@ -512,7 +534,13 @@ fn full_disk_fails_cleanly_and_loses_nothing() {
     let before = env.repo_state();
     let big = env.path("big.img");
     make_image(&big, 40 * MIB, &[(0, &random_bytes(21, 40 * MIB as usize))]);
-    let out = env.run(&["backup", "--vm", "vm", "--disk", &format!("sda={}", big.display())]);
+    let out = env.run(&[
+        "backup",
+        "--vm",
+        "vm",
+        "--disk",
+        &format!("sda={}", big.display()),
+    ]);
     assert_clean_failure(&out, "no space left");
     // Earlier snapshots are intact and no snapshot appeared.
     let js: serde_json::Value = serde_json::from_str(&env.ok(&["snapshots", "--json"])).unwrap();
@@ -521,7 +549,10 @@ fn full_disk_fails_cleanly_and_loses_nothing() {
     env.ok(&["check", "--read-data"]);
     // Nothing half-written is left behind, and nothing old was touched.
     let after = env.repo_state();
-    assert!(after.iter().all(|(n, _)| !n.contains(".tmp-")), "debris left: {after:?}");
+    assert!(
+        after.iter().all(|(n, _)| !n.contains(".tmp-")),
+        "debris left: {after:?}"
+    );
     for f in &before {
         if !f.0.starts_with("locks/") {
             assert!(after.contains(f), "{} changed or vanished", f.0);

@@ -71,7 +71,12 @@ impl LocalWriter {
             .create_new(true)
             .open(&tmp)
             .map_err(|e| Error::io(&tmp, e))?;
-        Ok(LocalWriter { file: Some(file), tmp, path, len: 0 })
+        Ok(LocalWriter {
+            file: Some(file),
+            tmp,
+            path,
+            len: 0,
+        })
     }
 }
 

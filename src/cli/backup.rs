@@ -27,7 +27,11 @@ pub struct BackupArgs {
     /// Offline: NAME=SOURCE, a raw or qcow2 image, or an nbd:// /
     /// nbd+unix:// URI. With --qmp: NAME=NODE, a QEMU device or block node
     /// name; without --disk every writable disk of QEMU is backed up.
-    #[arg(long = "disk", value_name = "NAME=SOURCE", required_unless_present = "qmp")]
+    #[arg(
+        long = "disk",
+        value_name = "NAME=SOURCE",
+        required_unless_present = "qmp"
+    )]
     disks: Vec<String>,
     /// Dirty bitmap of the sources (qcow2 persistent bitmap or NBD export
     /// context) that records writes since the previous backup.
@@ -110,7 +114,9 @@ fn connections(threads: usize) -> usize {
 
 fn limiter(a: &BackupArgs, cancel: &Arc<AtomicBool>) -> Result<Option<Arc<RateLimiter>>> {
     Ok(match a.rate_limit {
-        Some(r) => Some(Arc::new(RateLimiter::new(r)?.with_cancel(Arc::clone(cancel)))),
+        Some(r) => Some(Arc::new(
+            RateLimiter::new(r)?.with_cancel(Arc::clone(cancel)),
+        )),
         None => None,
     })
 }
@@ -143,7 +149,12 @@ fn print_summary(
     start: Instant,
 ) -> Result<()> {
     let (cpu, rss) = resource_usage();
-    let total = |k: &str| disks.iter().map(|d| d[k].as_u64().unwrap_or(0)).sum::<u64>();
+    let total = |k: &str| {
+        disks
+            .iter()
+            .map(|d| d[k].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
     let (read, stored) = (total("bytes_read"), total("bytes_stored"));
     if a.json {
         let mut v = json!({
@@ -158,7 +169,11 @@ fn print_summary(
         if let (Some(obj), Value::Object(more)) = (v.as_object_mut(), extra) {
             obj.extend(more);
         }
-        writeln!(std::io::stdout().lock(), "{}", serde_json::to_string_pretty(&v)?)?;
+        writeln!(
+            std::io::stdout().lock(),
+            "{}",
+            serde_json::to_string_pretty(&v)?
+        )?;
     } else {
         writeln!(std::io::stdout().lock(), "{}", snap.id)?;
         if !g.quiet {
@@ -406,7 +421,9 @@ fn decide(
     if let Err(e) = capture::check_parent_map(repo, p) {
         return (
             false,
-            Some(format!("parent damaged: its block map cannot be read ({e})")),
+            Some(format!(
+                "parent damaged: its block map cannot be read ({e})"
+            )),
         );
     }
     (true, None)

@@ -24,7 +24,11 @@ pub fn run(g: &Global, c: IndexCommand) -> Result<ExitCode> {
             for p in &r.unreadable_packs {
                 eprintln!("unreadable pack (not indexed): {p}");
             }
-            Ok(if r.unreadable_packs.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(3) })
+            Ok(if r.unreadable_packs.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            })
         }
     }
 }

@@ -139,7 +139,11 @@ impl Global {
     /// Open without the local index cache (index files may be missing).
     pub fn open_without_cache(&self) -> Result<Repository> {
         let backend = self.backend()?;
-        Ok(Repository::open_with_cache(backend, || self.passphrase("Passphrase: "), false)?)
+        Ok(Repository::open_with_cache(
+            backend,
+            || self.passphrase("Passphrase: "),
+            false,
+        )?)
     }
 
     pub fn progress_enabled(&self) -> bool {
