@@ -447,3 +447,57 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn any_loc() -> impl Strategy<Value = Location> {
+        (
+            any::<[u8; 16]>(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(p, offset, stored_len, raw_len, map, compressed)| Location {
+                    pack: ObjectId(p),
+                    offset,
+                    stored_len,
+                    raw_len,
+                    kind: if map { ChunkKind::Map } else { ChunkKind::Data },
+                    compressed,
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn index_roundtrips(entries in proptest::collection::vec((any::<[u8; 32]>(), any_loc()), 0..50)) {
+            let e: Vec<(ChunkId, Location)> = entries.into_iter().map(|(i, l)| (ChunkId(i), l)).collect();
+            prop_assert_eq!(decode_index("i", &encode_index(&e)).unwrap(), e);
+        }
+
+        #[test]
+        fn decoders_never_panic_on_garbage(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = decode_index("i", &data);
+            let _ = decode_pack_trailer("p", &data);
+            let _ = decode_map_node("m", &data);
+            let _ = decode_pack_footer("p", &data);
+            let keys = Keys::from_master(&[2; 64]);
+            let _ = open_file(&keys, MAGIC_SNAPSHOT, "snapshot", "s", &data);
+        }
+
+        #[test]
+        fn sealed_files_reject_any_single_byte_change(body in proptest::collection::vec(any::<u8>(), 0..300), at in any::<usize>(), x in 1u8..=255) {
+            let keys = Keys::from_master(&[4; 64]);
+            let mut f = seal_file(&keys, MAGIC_INDEX, "index/x", &body);
+            let i = at % f.len();
+            f[i] ^= x;
+            prop_assert!(open_file(&keys, MAGIC_INDEX, "index", "index/x", &f).is_err());
+        }
+    }
+}
