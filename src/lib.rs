@@ -24,6 +24,7 @@ pub mod repair;
 pub mod repo;
 pub mod restore;
 pub mod secret;
+pub mod serve_nbd;
 pub mod snapshot;
 pub mod source;
 pub mod time;

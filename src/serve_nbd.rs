@@ -328,6 +328,7 @@ fn claim_socket(path: &Path) -> Result<()> {
 fn scratch_dir() -> Result<PathBuf> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let base = std::env::temp_dir();
+    sweep_scratch(&base);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
@@ -341,6 +342,28 @@ fn scratch_dir() -> Result<PathBuf> {
         .create(&dir)
         .map_err(|e| Error::io(&dir, e))?;
     Ok(dir)
+}
+
+/// Remove the scratch folders of servers that were killed (SIGKILL leaves
+/// no chance to clean up): those whose process is gone.
+fn sweep_scratch(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("ekko-nbd-"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// Resolve what to serve, start nbdkit, and return once it accepts
@@ -404,6 +427,12 @@ fn start_cancellable(opts: &ServeOptions, cancel: &AtomicBool) -> Result<NbdServ
             let p = absolute(p)?;
             claim_socket(&p)?;
             Listen::Unix(p)
+        }
+        Listen::Tcp(addr) if addr.port() == 0 => {
+            return Err(Error::Invalid(format!(
+                "--listen {addr}: give a port, such as {}",
+                SocketAddr::new(addr.ip(), DEFAULT_PORT)
+            )))
         }
         l @ Listen::Tcp(_) => l.clone(),
     };
@@ -634,6 +663,22 @@ mod tests {
         assert_eq!(psk_username(&f).unwrap(), "alice");
         std::fs::write(&f, "garbage\n").unwrap();
         assert!(psk_username(&f).is_err());
+    }
+
+    #[test]
+    fn scratch_of_dead_servers_is_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let dead = dir.path().join("ekko-nbd-4000000000-1-0");
+        let alive = dir
+            .path()
+            .join(format!("ekko-nbd-{}-1-0", std::process::id()));
+        let other = dir.path().join("ekko-nbd-notapid");
+        for d in [&dead, &alive, &other] {
+            std::fs::create_dir(d).unwrap();
+        }
+        sweep_scratch(dir.path());
+        assert!(!dead.exists());
+        assert!(alive.exists() && other.exists());
     }
 
     #[test]

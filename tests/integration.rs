@@ -4,5 +4,6 @@
 mod util;
 
 mod engine;
+mod nbd;
 
 mod capture;

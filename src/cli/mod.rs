@@ -9,6 +9,7 @@ mod init;
 mod key;
 mod mount;
 mod restore;
+mod serve_nbd;
 mod snapshots;
 
 use std::io::IsTerminal;
@@ -65,6 +66,8 @@ pub enum Command {
     /// Manage passphrases (key files).
     #[command(subcommand)]
     Key(key::KeyCommand),
+    /// Serve one disk of a snapshot over NBD (boot a VM from a backup).
+    ServeNbd(serve_nbd::ServeNbdArgs),
     /// Maintain the chunk index.
     #[command(subcommand)]
     Index(index::IndexCommand),
@@ -83,6 +86,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Key(a) => key::run(g, a),
         Command::Mount(a) => mount::run(g, a),
         Command::Index(a) => index::run(g, a),
+        Command::ServeNbd(a) => serve_nbd::run(g, a),
     }
 }
 
