@@ -245,7 +245,10 @@ fn new_bitmap_name(repo: &Repository) -> String {
 /// backup commits to building on it.
 pub fn check_parent_map(repo: &Repository, disk: &Disk) -> crate::Result<()> {
     let cache = NodeCache::new(64);
-    let nodes = RepoNodes { repo, cache: &cache };
+    let nodes = RepoNodes {
+        repo,
+        cache: &cache,
+    };
     let nchunks = disk.nchunks();
     if !disk.map.root.is_zero() {
         let root = blockmap::NodeSource::node(&nodes, &disk.map.root)?;
@@ -319,7 +322,10 @@ fn select_disks(qmp: &mut Qmp, opts: &LiveOptions) -> Result<Vec<(String, NodeIn
         for d in &listed {
             // qdev paths are the last resort for a name; a disk name is one
             // path component.
-            chosen.push((d.name.trim_matches('/').replace('/', "_"), d.node_name.clone()));
+            chosen.push((
+                d.name.trim_matches('/').replace('/', "_"),
+                d.node_name.clone(),
+            ));
         }
     } else {
         for (name, spec) in &opts.disks {
@@ -412,7 +418,9 @@ fn decide(
         .collect();
     let parent = match parent {
         _ if full => {
-            planned.iter_mut().for_each(|d| d.full("--full was given".into()));
+            planned
+                .iter_mut()
+                .for_each(|d| d.full("--full was given".into()));
             return (None, planned);
         }
         None => {
@@ -506,7 +514,12 @@ fn decide(
 pub fn range_bytes(ranges: &[Range], size: u64) -> u64 {
     ranges
         .iter()
-        .map(|r| r.offset.saturating_add(r.len).min(size).saturating_sub(r.offset.min(size)))
+        .map(|r| {
+            r.offset
+                .saturating_add(r.len)
+                .min(size)
+                .saturating_sub(r.offset.min(size))
+        })
         .sum()
 }
 
@@ -619,7 +632,9 @@ impl<'r> LiveBackup<'r> {
         let mut session = match FleeceSession::start(qmp, &specs, &self.session_config()) {
             Ok(s) => s,
             // The generation changed between the decision and the start.
-            Err(ekko_qmp::Error::BitmapUnusable { disk, reason, .. }) if self.prev_bitmap.is_some() => {
+            Err(ekko_qmp::Error::BitmapUnusable { disk, reason, .. })
+                if self.prev_bitmap.is_some() =>
+            {
                 let why = format!("bitmap unusable on disk {disk}: {reason}");
                 tracing::warn!("{why}; reading every disk in full");
                 self.disks.iter_mut().for_each(|d| d.full(why.clone()));
@@ -856,7 +871,9 @@ fn abort(session: FleeceSession, err: Error) -> Error {
 
 /// The PID (or "?") of QEMU if it is no longer there.
 fn qemu_gone(qmp: &mut Qmp) -> Option<String> {
-    let pid = qmp.peer_pid().map_or_else(|| "?".to_string(), |p| p.to_string());
+    let pid = qmp
+        .peer_pid()
+        .map_or_else(|| "?".to_string(), |p| p.to_string());
     if qmp.peer_alive() == Some(false) {
         return Some(pid);
     }
@@ -866,3 +883,210 @@ fn qemu_gone(qmp: &mut Qmp) -> Option<String> {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blockmap::MapRef;
+    use crate::id::ChunkId;
+    use crate::snapshot::DiskStats;
+    use crate::{InitOptions, LocalBackend};
+    use ekko_qmp::BitmapInfo;
+
+    const SIZE: u64 = 64 << 20;
+
+    fn repo(dir: &std::path::Path) -> Repository {
+        let backend: Arc<dyn crate::Backend> = Arc::new(LocalBackend::new(dir));
+        let opts = InitOptions {
+            encrypt: false,
+            ..InitOptions::default()
+        };
+        Repository::init(Arc::clone(&backend), &opts, None).unwrap();
+        Repository::open_with_cache(backend, || Ok(Vec::new()), false).unwrap()
+    }
+
+    fn bitmap(name: &str) -> BitmapInfo {
+        BitmapInfo {
+            name: name.into(),
+            recording: true,
+            persistent: true,
+            inconsistent: false,
+            busy: false,
+            granularity: 65536,
+            count: 0,
+        }
+    }
+
+    fn node(name: &str, size: u64, bitmaps: Vec<BitmapInfo>) -> (String, NodeInfo) {
+        let info = NodeInfo {
+            node_name: name.into(),
+            driver: "qcow2".into(),
+            read_only: false,
+            size,
+            filename: None,
+            bitmaps,
+        };
+        (name.to_string(), info)
+    }
+
+    fn parent(repo: &Repository, next: &str, disks: &[&str]) -> Snapshot {
+        let disk = |name: &str| Disk {
+            name: name.into(),
+            size: SIZE,
+            chunk_size: repo.config().chunk_size,
+            map: MapRef {
+                root: ChunkId::ZERO,
+                depth: 1,
+                fanout: 256,
+            },
+            source: "test".into(),
+            capture: Capture {
+                mode: CaptureMode::Full,
+                bitmap: None,
+                next_bitmap: Some(next.into()),
+                reason: None,
+            },
+            stats: DiskStats::default(),
+        };
+        Snapshot {
+            id: snapshot::new_id(),
+            vm: "vm".into(),
+            time: crate::time::now_rfc3339_nanos(),
+            parent: None,
+            host: "h".into(),
+            disks: disks.iter().map(|d| disk(d)).collect(),
+            ekko_version: "test".into(),
+        }
+    }
+
+    fn reasons(planned: &[PlannedDisk]) -> Vec<Option<&str>> {
+        planned.iter().map(|d| d.reason.as_deref()).collect()
+    }
+
+    #[test]
+    fn incremental_only_with_this_repositorys_usable_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = repo(dir.path());
+        let x = format!("{}00000001", bitmap_prefix(&repo));
+        let p = parent(&repo, &x, &["a", "b"]);
+        let good = vec![
+            node("a", SIZE, vec![bitmap(&x), bitmap("user")]),
+            node("b", SIZE, vec![bitmap(&x)]),
+        ];
+
+        let (prev, planned) = decide(&repo, "vm", Some(&p), &good, false);
+        assert_eq!(prev.as_deref(), Some(x.as_str()));
+        assert!(planned.iter().all(|d| d.mode() == CaptureMode::Incremental));
+
+        let (prev, planned) = decide(&repo, "vm", Some(&p), &good, true);
+        assert_eq!(prev, None);
+        assert_eq!(reasons(&planned), [Some("--full was given"); 2]);
+
+        let (prev, planned) = decide(&repo, "vm", None, &good, false);
+        assert_eq!(prev, None);
+        assert!(planned[0]
+            .reason
+            .as_deref()
+            .unwrap()
+            .starts_with("first backup"));
+
+        // Missing on one disk: every disk in full, each saying why.
+        let mut missing = good.clone();
+        missing[1].1.bitmaps.clear();
+        let (prev, planned) = decide(&repo, "vm", Some(&p), &missing, false);
+        assert_eq!(prev, None);
+        assert!(planned[1]
+            .reason
+            .as_deref()
+            .unwrap()
+            .starts_with("bitmap missing"));
+        assert!(planned[0]
+            .reason
+            .as_deref()
+            .unwrap()
+            .starts_with("disk b cannot"));
+
+        // Each unusable state has its reason.
+        type Change = fn(&mut BitmapInfo);
+        let changes: [(Change, &str); 4] = [
+            (|b| b.inconsistent = true, "bitmap inconsistent"),
+            (|b| b.recording = false, "bitmap disabled"),
+            (|b| b.persistent = false, "bitmap not persistent"),
+            (|b| b.busy = true, "bitmap busy"),
+        ];
+        for (change, want) in changes {
+            let mut bad = good.clone();
+            change(&mut bad[0].1.bitmaps[0]);
+            let (prev, planned) = decide(&repo, "vm", Some(&p), &bad, false);
+            assert_eq!(prev, None, "{want}");
+            assert!(
+                planned[0].reason.as_deref().unwrap().starts_with(want),
+                "{planned:?}"
+            );
+        }
+
+        // Another generation of this repository in QEMU.
+        let mut other = good.clone();
+        other[0].1.bitmaps = vec![bitmap(&format!("{}00000002", bitmap_prefix(&repo)))];
+        let (_, planned) = decide(&repo, "vm", Some(&p), &other, false);
+        assert!(planned[0]
+            .reason
+            .as_deref()
+            .unwrap()
+            .starts_with("other generation"));
+
+        // A generation that is not this repository's is never used.
+        let foreign = "ekko-ffffffff-00000001";
+        let pf = parent(&repo, foreign, &["a", "b"]);
+        let fine = vec![
+            node("a", SIZE, vec![bitmap(foreign)]),
+            node("b", SIZE, vec![bitmap(foreign)]),
+        ];
+        let (prev, planned) = decide(&repo, "vm", Some(&pf), &fine, false);
+        assert_eq!(prev, None);
+        assert!(planned[0]
+            .reason
+            .as_deref()
+            .unwrap()
+            .starts_with("other generation"));
+    }
+
+    #[test]
+    fn per_disk_reasons_keep_the_generation_for_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = repo(dir.path());
+        let x = format!("{}00000001", bitmap_prefix(&repo));
+        let mut p = parent(&repo, &x, &["a", "b", "c"]);
+        // c's map root is not in the repository: damaged parent.
+        p.disks[2].map.root = ChunkId([7; 32]);
+        let disks = vec![
+            node("a", SIZE, vec![bitmap(&x)]),
+            node("b", 2 * SIZE, vec![bitmap(&x)]),
+            node("c", SIZE, vec![bitmap(&x)]),
+        ];
+        let (prev, planned) = decide(&repo, "vm", Some(&p), &disks, false);
+        assert_eq!(prev.as_deref(), Some(x.as_str()));
+        assert_eq!(planned[0].mode(), CaptureMode::Incremental);
+        assert!(planned[1]
+            .reason
+            .as_deref()
+            .unwrap()
+            .starts_with("size changed"));
+        assert!(planned[2]
+            .reason
+            .as_deref()
+            .unwrap()
+            .starts_with("parent damaged"));
+    }
+
+    #[test]
+    fn names_and_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = repo(dir.path());
+        let n = new_bitmap_name(&repo);
+        assert!(n.starts_with(&bitmap_prefix(&repo)));
+        assert_eq!(n.len(), "ekko-".len() + 8 + 1 + 8);
+        assert_ne!(n, new_bitmap_name(&repo));
+        let r = |offset, len| Range { offset, len };
+        assert_eq!(range_bytes(&[r(0, 10), r(20, 5), r(95, 10)], 100), 20);
+    }
+}

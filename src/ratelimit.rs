@@ -92,7 +92,11 @@ impl RateLimiter {
         };
         self.granted.fetch_add(n, Ordering::Relaxed);
         loop {
-            if self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+            if self
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::Relaxed))
+            {
                 return Err(Error::Interrupted);
             }
             let left = start.saturating_duration_since(Instant::now());
@@ -139,7 +143,8 @@ impl Source for RateLimited {
         for part in buf.chunks_mut(piece) {
             let len = u64::try_from(part.len()).expect("fits");
             self.limiter.acquire(len)?;
-            self.inner.read_at(part, offset + u64::try_from(done).expect("fits"))?;
+            self.inner
+                .read_at(part, offset + u64::try_from(done).expect("fits"))?;
             done += part.len();
         }
         Ok(())
@@ -174,7 +179,11 @@ pub fn parse_mb_per_sec(s: &str) -> std::result::Result<u64, String> {
     {
         return Err(bad());
     }
-    let whole: u64 = if int.is_empty() { 0 } else { int.parse().map_err(|_| bad())? };
+    let whole: u64 = if int.is_empty() {
+        0
+    } else {
+        int.parse().map_err(|_| bad())?
+    };
     let mut micro = 0u64;
     for (i, b) in frac.bytes().enumerate() {
         micro += u64::from(b - b'0') * 10u64.pow(5 - u32::try_from(i).expect("at most 6"));
@@ -207,7 +216,10 @@ mod tests {
             Ok(())
         }
         fn data_ranges(&self) -> Result<Vec<Range>> {
-            Ok(vec![Range { offset: 0, len: self.0 }])
+            Ok(vec![Range {
+                offset: 0,
+                len: self.0,
+            }])
         }
     }
 
@@ -218,7 +230,17 @@ mod tests {
         assert_eq!(parse_mb_per_sec(".25MB/s"), Ok(250_000));
         assert_eq!(parse_mb_per_sec("1M"), Ok(1_000_000));
         assert_eq!(parse_mb_per_sec("0.000001"), Ok(1));
-        for bad in ["", "0", "0.0", "-1", "1.2.3", "x", "1e6", "0.0000001", "99999999999999999"] {
+        for bad in [
+            "",
+            "0",
+            "0.0",
+            "-1",
+            "1.2.3",
+            "x",
+            "1e6",
+            "0.0000001",
+            "99999999999999999",
+        ] {
             assert!(parse_mb_per_sec(bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -251,7 +273,9 @@ mod tests {
     #[test]
     fn cancel_stops_a_wait() {
         let cancel = Arc::new(AtomicBool::new(false));
-        let limiter = RateLimiter::new(1000).unwrap().with_cancel(Arc::clone(&cancel));
+        let limiter = RateLimiter::new(1000)
+            .unwrap()
+            .with_cancel(Arc::clone(&cancel));
         limiter.acquire(1000).unwrap(); // the next grant is 1 s away
         let c = Arc::clone(&cancel);
         let t = Instant::now();

@@ -154,7 +154,11 @@ fn assert_only_generation(qsd: &Qsd, node: &str, name: &str) {
 }
 
 fn assert_no_leftovers(qsd: &Qsd) {
-    assert_eq!(qsd.leftovers(), Vec::<String>::new(), "QEMU keeps backup leftovers");
+    assert_eq!(
+        qsd.leftovers(),
+        Vec::<String>::new(),
+        "QEMU keeps backup leftovers"
+    );
     let files: Vec<_> = std::fs::read_dir(qsd.workdir())
         .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
@@ -164,8 +168,9 @@ fn assert_no_leftovers(qsd: &Qsd) {
 /// A snapshot's manifest as stored.
 fn stored_snapshot(env: &Env, id: &str) -> ekko::Snapshot {
     let backend = std::sync::Arc::new(ekko::LocalBackend::new(env.repo.clone()));
-    let repo = ekko::Repository::open_with_cache(backend, || Ok(PASSWORD.as_bytes().to_vec()), false)
-        .unwrap();
+    let repo =
+        ekko::Repository::open_with_cache(backend, || Ok(PASSWORD.as_bytes().to_vec()), false)
+            .unwrap();
     ekko::snapshot::resolve(repo.backend().as_ref(), repo.keys(), id).unwrap()
 }
 
@@ -190,7 +195,10 @@ fn live_full_then_incremental_restores_each_instant() {
 
     // No --disk: every writable disk, named after its node.
     let (full, err) = live(&env, &qsd, &[]);
-    let gen1 = disk(&full, "disk0")["next_bitmap"].as_str().unwrap().to_string();
+    let gen1 = disk(&full, "disk0")["next_bitmap"]
+        .as_str()
+        .unwrap()
+        .to_string();
     for d in names {
         let j = disk(&full, d);
         assert_eq!(j["mode"], "full", "{j}");
@@ -209,7 +217,11 @@ fn live_full_then_incremental_restores_each_instant() {
     assert_no_leftovers(&qsd);
 
     // Writes, one of them across a chunk boundary.
-    let w0 = [(MIB, 64 * 1024), (10 * MIB - 64 * 1024, 128 * 1024), (63 * MIB, 4096)];
+    let w0 = [
+        (MIB, 64 * 1024),
+        (10 * MIB - 64 * 1024, 128 * 1024),
+        (63 * MIB, 4096),
+    ];
     for (i, &(off, len)) in w0.iter().enumerate() {
         qsd.write("disk0", 0x20 + i as u8, off, len);
     }
@@ -220,7 +232,10 @@ fn live_full_then_incremental_restores_each_instant() {
     let (inc, err) = live(&env, &qsd, &[]);
     assert!(!err.contains("full read"), "{err}");
     assert_eq!(inc["parent"], full["id"]);
-    let gen2 = disk(&inc, "disk0")["next_bitmap"].as_str().unwrap().to_string();
+    let gen2 = disk(&inc, "disk0")["next_bitmap"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(gen2.starts_with(&format!("ekko-{repo_id8}-")) && gen2 != gen1);
     for (d, w) in [("disk0", &w0[..]), ("disk1", &w1[..])] {
         let j = disk(&inc, d);
@@ -273,7 +288,10 @@ fn writes_during_an_incremental_do_not_leak_into_it() {
     qsd.write("disk0", 0x67, 50 * MIB, MIB);
     qsd.write("disk1", 0x68, 33 * MIB, MIB);
     qsd.write("disk1", 0x69, 0, 64 * 1024);
-    assert!(child.try_wait().unwrap().is_none(), "the backup should still be reading");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the backup should still be reading"
+    );
     let out = finish(child);
     assert_success(&out, &["backup", "--rate-limit"]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -287,8 +305,14 @@ fn writes_during_an_incremental_do_not_leak_into_it() {
     // The rate limit holds: never faster than the cap.
     let secs = v["duration_seconds"].as_f64().unwrap();
     let rate = v["bytes_read"].as_f64().unwrap() / secs;
-    assert!(rate <= limit * 1.05, "read at {rate} B/s with a {limit} B/s cap");
-    assert!(rate >= limit * 0.5, "read at only {rate} B/s with a {limit} B/s cap");
+    assert!(
+        rate <= limit * 1.05,
+        "read at {rate} B/s with a {limit} B/s cap"
+    );
+    assert!(
+        rate >= limit * 0.5,
+        "read at only {rate} B/s with a {limit} B/s cap"
+    );
 
     // The writes made during the backup are in the next one.
     let refs2 = references(&qsd, &env, &names);
@@ -314,7 +338,10 @@ fn two_disks_are_captured_at_one_instant() {
     qsd.write("disk1", 0x51, 9 * MIB, MIB);
     qsd.write("disk0", 0x52, 5 * MIB, MIB);
     qsd.write("disk1", 0x53, 30 * MIB, MIB);
-    assert!(child.try_wait().unwrap().is_none(), "the backup should still be reading");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the backup should still be reading"
+    );
     let out = finish(child);
     assert_success(&out, &["backup"]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -329,7 +356,10 @@ fn deleted_or_inconsistent_bitmap_gives_a_correct_full_read() {
     let names = ["disk0", "disk1"];
     qsd.write("disk0", 0x11, 0, 2 * MIB);
     let (a, _) = live(&env, &qsd, &[]);
-    let gen_a = disk(&a, "disk0")["next_bitmap"].as_str().unwrap().to_string();
+    let gen_a = disk(&a, "disk0")["next_bitmap"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     // Deleted on one disk: both disks are read in full (one generation).
     qsd.qmp()
@@ -342,13 +372,19 @@ fn deleted_or_inconsistent_bitmap_gives_a_correct_full_read() {
     qsd.write("disk1", 0x13, 7 * MIB, MIB);
     let refs = references(&qsd, &env, &names);
     let (b, err) = live(&env, &qsd, &[]);
-    assert!(err.contains("disk disk0: full read: bitmap missing"), "{err}");
+    assert!(
+        err.contains("disk disk0: full read: bitmap missing"),
+        "{err}"
+    );
     let j0 = disk(&b, "disk0");
     assert_eq!(j0["mode"], "full");
     assert!(j0["reason"].as_str().unwrap().contains(&gen_a), "{j0}");
     let j1 = disk(&b, "disk1");
     assert_eq!(j1["mode"], "full");
-    assert!(j1["reason"].as_str().unwrap().contains("disk disk0"), "{j1}");
+    assert!(
+        j1["reason"].as_str().unwrap().contains("disk disk0"),
+        "{j1}"
+    );
     assert_restores(&env, b["id"].as_str().unwrap(), &names, &refs);
     // disk1's stale generation was removed after the commit.
     let gen_b = j0["next_bitmap"].as_str().unwrap().to_string();
@@ -356,7 +392,13 @@ fn deleted_or_inconsistent_bitmap_gives_a_correct_full_read() {
         assert_only_generation(&qsd, d, &gen_b);
     }
     let stored = stored_snapshot(&env, b["id"].as_str().unwrap());
-    let reason = stored.disk("disk0").unwrap().capture.reason.clone().unwrap();
+    let reason = stored
+        .disk("disk0")
+        .unwrap()
+        .capture
+        .reason
+        .clone()
+        .unwrap();
     assert!(reason.starts_with("bitmap missing"), "{reason}");
 
     // The next one is incremental again.
@@ -373,8 +415,14 @@ fn deleted_or_inconsistent_bitmap_gives_a_correct_full_read() {
     qsd.restart();
     qsd.kill();
     qsd.restart();
-    let gen_c = disk(&c, "disk0")["next_bitmap"].as_str().unwrap().to_string();
-    assert!(qsd.bitmaps("disk0").iter().any(|b| b.name == gen_c && b.inconsistent));
+    let gen_c = disk(&c, "disk0")["next_bitmap"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(qsd
+        .bitmaps("disk0")
+        .iter()
+        .any(|b| b.name == gen_c && b.inconsistent));
     qsd.write("disk1", 0x15, 11 * MIB, MIB);
     let refs = references(&qsd, &env, &names);
     let (d, err) = live(&env, &qsd, &[]);
@@ -383,7 +431,10 @@ fn deleted_or_inconsistent_bitmap_gives_a_correct_full_read() {
         assert_eq!(disk(&d, n)["mode"], "full", "{d}");
     }
     assert_restores(&env, d["id"].as_str().unwrap(), &names, &refs);
-    let gen_d = disk(&d, "disk0")["next_bitmap"].as_str().unwrap().to_string();
+    let gen_d = disk(&d, "disk0")["next_bitmap"]
+        .as_str()
+        .unwrap()
+        .to_string();
     for n in names {
         assert_only_generation(&qsd, n, &gen_d);
     }
@@ -411,7 +462,11 @@ fn killed_qemu_during_a_backup_is_a_clean_error() {
     qsd.kill();
     let t = Instant::now();
     let out = finish(child);
-    assert!(t.elapsed() < Duration::from_secs(10), "ekko took {:?} to notice", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "ekko took {:?} to notice",
+        t.elapsed()
+    );
     let err = assert_clean_failure(&out, "exited during the backup");
     assert!(err.contains("nothing was committed"), "{err}");
     assert!(out.stdout.is_empty());
@@ -438,11 +493,21 @@ fn failures_leave_qemu_as_it_was_and_the_generation_usable() {
     let qsd = Qsd::start(2, SIZE);
     let names = ["disk0", "disk1"];
     qsd.write("disk0", 0x11, 0, 2 * MIB);
-    let (a, _) = live(&env, &qsd, &["--disk", "disk0=disk0", "--disk", "disk1=disk1"]);
-    let gen_a = disk(&a, "disk0")["next_bitmap"].as_str().unwrap().to_string();
+    let (a, _) = live(
+        &env,
+        &qsd,
+        &["--disk", "disk0=disk0", "--disk", "disk1=disk1"],
+    );
+    let gen_a = disk(&a, "disk0")["next_bitmap"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     // A node QEMU does not have: refused before anything changes.
-    let out = env.run(&live_args(&qsd, &["--disk", "disk0=disk0", "--disk", "disk1=nope"]));
+    let out = env.run(&live_args(
+        &qsd,
+        &["--disk", "disk0=disk0", "--disk", "disk1=nope"],
+    ));
     let err = assert_clean_failure(&out, "\"nope\"");
     assert!(err.contains("disk0, disk1"), "should list the disks: {err}");
     assert_no_leftovers(&qsd);
@@ -507,7 +572,10 @@ fn killed_ekko_is_cleaned_up_by_the_next_backup() {
     wait_for_session(&qsd, &mut child);
     signal(&child, libc::SIGKILL);
     finish(child);
-    assert!(!qsd.leftovers().is_empty(), "a killed backup should leave its session");
+    assert!(
+        !qsd.leftovers().is_empty(),
+        "a killed backup should leave its session"
+    );
 
     let refs = references(&qsd, &env, &["disk0"]);
     let (b, err) = live(&env, &qsd, &[]);
@@ -516,7 +584,10 @@ fn killed_ekko_is_cleaned_up_by_the_next_backup() {
     assert_eq!(disk(&b, "disk0")["mode"], "full");
     assert_restores(&env, b["id"].as_str().unwrap(), &["disk0"], &refs);
     assert_no_leftovers(&qsd);
-    let gen_b = disk(&b, "disk0")["next_bitmap"].as_str().unwrap().to_string();
+    let gen_b = disk(&b, "disk0")["next_bitmap"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_only_generation(&qsd, "disk0", &gen_b);
     let mut names: Vec<String> = qsd.bitmaps("disk0").into_iter().map(|b| b.name).collect();
     names.sort();
@@ -551,7 +622,11 @@ fn offline_qcow2_bitmap_reports_dirty_bytes() {
     assert_eq!(j["bytes_read"], 2 * MIB, "{b}");
     assert_eq!(j["bitmap"], "bm0");
     let raw = env.path("ref.raw");
-    run_tool(Command::new("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw", img_s]).arg(&raw));
+    run_tool(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "qcow2", "-O", "raw", img_s])
+            .arg(&raw),
+    );
     let out = env.restore(b["id"].as_str().unwrap(), "sda");
     assert_eq!(sha256_file(&out), sha256_file(&raw));
 }
@@ -580,7 +655,10 @@ fn fake_agent(qsd: &Qsd) -> (std::path::PathBuf, std::thread::JoinHandle<Vec<Str
                 let jobs = q.execute("query-jobs", Value::Null).unwrap();
                 log.push(format!("{cmd} jobs={}", jobs.as_array().unwrap().len()));
                 let reply = match cmd.as_str() {
-                    "guest-sync-delimited" => json!({ "return": v["arguments"]["id"] }),
+                    "guest-sync-delimited" => {
+                        s.write_all(&[0xFF]).unwrap(); // the sentinel
+                        json!({ "return": v["arguments"]["id"] })
+                    }
                     "guest-fsfreeze-freeze" | "guest-fsfreeze-thaw" => json!({ "return": 1 }),
                     _ => json!({ "error": { "class": "CommandNotFound", "desc": cmd } }),
                 };

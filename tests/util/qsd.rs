@@ -95,7 +95,10 @@ impl Qsd {
                     std::fs::read_to_string(d.join("qsd.log")).unwrap_or_default()
                 );
             }
-            assert!(Instant::now() < deadline, "qemu-storage-daemon did not start");
+            assert!(
+                Instant::now() < deadline,
+                "qemu-storage-daemon did not start"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -168,7 +171,10 @@ impl Qsd {
         if let Some(mut c) = self.child.take() {
             let deadline = Instant::now() + Duration::from_secs(10);
             while c.try_wait().unwrap().is_none() {
-                assert!(Instant::now() < deadline, "qemu-storage-daemon did not quit");
+                assert!(
+                    Instant::now() < deadline,
+                    "qemu-storage-daemon did not quit"
+                );
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
@@ -212,7 +218,10 @@ impl Qsd {
         }
         for cmd in ["query-block-jobs", "query-jobs"] {
             for j in q.execute(cmd, Value::Null).unwrap().as_array().unwrap() {
-                left.push(format!("job {}", j["id"].as_str().or(j["device"].as_str()).unwrap_or("?")));
+                left.push(format!(
+                    "job {}",
+                    j["id"].as_str().or(j["device"].as_str()).unwrap_or("?")
+                ));
             }
         }
         for e in q
