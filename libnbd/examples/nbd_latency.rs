@@ -27,11 +27,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             lat.push(t.elapsed().as_secs_f64() * 1e6);
         }
         lat.sort_by(f64::total_cmp);
-        let q = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
+        // Nearest-rank percentile over a sorted sample.
+        let q = |p: u32| lat[(lat.len() - 1) * usize::try_from(p).unwrap_or(0) / 100];
         println!(
             "{pass}: reads={reads} p50_us={:.1} p99_us={:.1} max_us={:.1}",
-            q(0.5),
-            q(0.99),
+            q(50),
+            q(99),
             lat[lat.len() - 1]
         );
     }
