@@ -21,7 +21,10 @@ fn require_fuse() -> PathBuf {
     for t in ["fusermount3", "sfdisk", "mkfs.ext4", "mount", "umount"] {
         require(t);
     }
-    assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing: load the fuse module (modprobe fuse)");
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: load the fuse module (modprobe fuse)"
+    );
     sibling_bin("ekko-fuse")
 }
 
@@ -29,13 +32,18 @@ fn is_mounted(mnt: &Path) -> bool {
     let want = fs::canonicalize(mnt).unwrap_or_else(|_| mnt.to_path_buf());
     let mounts = fs::read_to_string("/proc/mounts").unwrap();
     // /proc/mounts escapes spaces as \040; test paths have none.
-    mounts.lines().any(|l| l.split(' ').nth(1) == Some(want.to_str().unwrap()))
+    mounts
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(want.to_str().unwrap()))
 }
 
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -64,14 +72,25 @@ impl Mounted {
             .stderr(File::create(&log).unwrap())
             .spawn()
             .expect("starting ekko-fuse");
-        let mut m = Mounted { child: Some(child), mnt: mnt.to_path_buf(), log };
+        let mut m = Mounted {
+            child: Some(child),
+            mnt: mnt.to_path_buf(),
+            log,
+        };
         let start = Instant::now();
         while !is_mounted(mnt) {
             if let Some(status) = m.child.as_mut().unwrap().try_wait().unwrap() {
                 m.child = None;
-                panic!("ekko-fuse exited ({status}) before mounting:\n{}", m.log_text());
+                panic!(
+                    "ekko-fuse exited ({status}) before mounting:\n{}",
+                    m.log_text()
+                );
             }
-            assert!(start.elapsed() < Duration::from_secs(20), "ekko-fuse did not mount:\n{}", m.log_text());
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "ekko-fuse did not mount:\n{}",
+                m.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         m
@@ -98,7 +117,11 @@ impl Mounted {
             if let Some(s) = child.try_wait().unwrap() {
                 return s;
             }
-            assert!(start.elapsed() < timeout, "ekko-fuse did not exit:\n{}", self.log_text());
+            assert!(
+                start.elapsed() < timeout,
+                "ekko-fuse did not exit:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -114,14 +137,20 @@ impl Drop for Mounted {
             // SAFETY: kill(2) on our own child's pid.
             unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGTERM) };
             let start = Instant::now();
-            while child.try_wait().ok().flatten().is_none() && start.elapsed() < Duration::from_secs(5) {
+            while child.try_wait().ok().flatten().is_none()
+                && start.elapsed() < Duration::from_secs(5)
+            {
                 std::thread::sleep(Duration::from_millis(20));
             }
             let _ = child.kill();
             let _ = child.wait();
         }
         if is_mounted(&self.mnt) {
-            let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.mnt).status();
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(&self.mnt)
+                .status();
         }
     }
 }
@@ -133,7 +162,13 @@ impl LoopMount {
     fn new(image: &Path, at: &Path, extra: &str) -> LoopMount {
         fs::create_dir_all(at).unwrap();
         let opts = format!("loop,ro,noload{extra}");
-        let out = Command::new("mount").arg("-o").arg(&opts).arg(image).arg(at).output().unwrap();
+        let out = Command::new("mount")
+            .arg("-o")
+            .arg(&opts)
+            .arg(image)
+            .arg(at)
+            .output()
+            .unwrap();
         assert!(
             out.status.success(),
             "mount -o {opts} {} failed: {}",
@@ -146,7 +181,10 @@ impl LoopMount {
 
 impl Drop for LoopMount {
     fn drop(&mut self) {
-        let ok = Command::new("umount").arg(&self.0).status().is_ok_and(|s| s.success());
+        let ok = Command::new("umount")
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
         if !ok {
             let _ = Command::new("umount").arg("-l").arg(&self.0).status();
         }
@@ -169,16 +207,32 @@ fn guest_tree(env: &Env, name: &str, big: usize) -> GuestFiles {
     fs::set_permissions(&hello, fs::Permissions::from_mode(0o640)).unwrap();
     std::os::unix::fs::chown(&hello, Some(1234), Some(5678)).unwrap();
     let mtime = SystemTime::UNIX_EPOCH + Duration::from_secs(1_577_934_245); // 2020-01-02T03:04:05Z
-    File::options().write(true).open(&hello).unwrap().set_modified(mtime).unwrap();
+    File::options()
+        .write(true)
+        .open(&hello)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
     std::os::unix::fs::symlink("hello.txt", dir.join("etc/link")).unwrap();
     write_file(&dir.join("big.bin"), &random_bytes(7, big));
-    write_file(&dir.join("etc/deeper/still/nested.txt"), &text_bytes(8, 5000));
+    write_file(
+        &dir.join("etc/deeper/still/nested.txt"),
+        &text_bytes(8, 5000),
+    );
     GuestFiles { dir, mtime }
 }
 
 fn mkfs(src: &Path, out: &Path, size: &str) {
     let _ = fs::remove_file(out);
-    run_tool(Command::new("mkfs.ext4").arg("-q").arg("-F").arg("-d").arg(src).arg(out).arg(size));
+    run_tool(
+        Command::new("mkfs.ext4")
+            .arg("-q")
+            .arg("-F")
+            .arg("-d")
+            .arg(src)
+            .arg(out)
+            .arg(size),
+    );
 }
 
 /// A 64 MiB disk with a GPT and one ext4 partition (at 1 MiB, 48 MiB long)
@@ -186,15 +240,28 @@ fn mkfs(src: &Path, out: &Path, size: &str) {
 fn gpt_disk(env: &Env, files: &GuestFiles, path: &Path) {
     make_image(path, 64 * MIB, &[]);
     let mut sf = Command::new("sfdisk");
-    sf.arg("-q").arg(path).stdin(Stdio::piped()).stdout(Stdio::null());
+    sf.arg("-q")
+        .arg(path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null());
     let mut child = sf.spawn().expect("running sfdisk");
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"label: gpt\nstart=2048, size=98304, type=L\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: gpt\nstart=2048, size=98304, type=L\n")
+        .unwrap();
     assert!(child.wait().unwrap().success(), "sfdisk failed");
     let part = env.path(&format!("part-{}.img", rand::random::<u32>()));
     mkfs(&files.dir, &part, "48M");
     let data = fs::read(&part).unwrap();
-    File::options().write(true).open(path).unwrap().write_all_at(&data, PART_OFFSET).unwrap();
+    File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .write_all_at(&data, PART_OFFSET)
+        .unwrap();
     fs::remove_file(&part).unwrap();
 }
 
@@ -246,10 +313,22 @@ fn fuse_disk_images_equal_restores_for_a_whole_chain() {
     for id in &ids {
         let img = m.path(&format!("ids/{id}/sda.img"));
         let restored = env.restore(id, "sda");
-        assert_eq!(fs::metadata(&img).unwrap().len(), 64 * MIB, "size of {}", img.display());
-        assert_eq!(sha256_file(&img), sha256_file(&restored), "snapshot {id}: image differs from its restore");
+        assert_eq!(
+            fs::metadata(&img).unwrap().len(),
+            64 * MIB,
+            "size of {}",
+            img.display()
+        );
+        assert_eq!(
+            sha256_file(&img),
+            sha256_file(&restored),
+            "snapshot {id}: image differs from its restore"
+        );
     }
-    assert_eq!(sha256_file(&m.path("web1/latest/sda.img")), sha256_file(&disk));
+    assert_eq!(
+        sha256_file(&m.path("web1/latest/sda.img")),
+        sha256_file(&disk)
+    );
 
     // SEEK_DATA/SEEK_HOLE: the GPT and the filesystem are data, the free
     // space after the partition (52..60 MiB) a hole.
@@ -261,9 +340,17 @@ fn fuse_disk_images_equal_restores_for_a_whole_chain() {
     assert_eq!(seek(&f, 64 * MIB, libc::SEEK_DATA), Err(libc::ENXIO));
     // … so `cp --sparse` skips the holes.
     let copy = env.path("copy.img");
-    run_tool(Command::new("cp").arg("--sparse=always").arg(m.path("web1/latest/sda.img")).arg(&copy));
+    run_tool(
+        Command::new("cp")
+            .arg("--sparse=always")
+            .arg(m.path("web1/latest/sda.img"))
+            .arg(&copy),
+    );
     assert_eq!(sha256_file(&copy), sha256_file(&disk));
-    assert!(fs::metadata(&copy).unwrap().blocks() * 512 < 60 * MIB, "cp --sparse did not keep the holes");
+    assert!(
+        fs::metadata(&copy).unwrap().blocks() * 512 < 60 * MIB,
+        "cp --sparse did not keep the holes"
+    );
 
     // The tree's shape, stable across listings.
     let vm_list = listing(&m.path("web1"));
@@ -287,7 +374,15 @@ fn fuse_disk_images_equal_restores_for_a_whole_chain() {
         assert!(target.starts_with("../web1/"), "{}", target.display());
         assert!(m.path(&format!("ids/{id}/sda.img")).is_file());
     }
-    for dir in ["", "ids", "web1", "web1/latest", "web1/latest/sda", "web1/latest/sda/part1", "web1/latest/sda/part1/etc"] {
+    for dir in [
+        "",
+        "ids",
+        "web1",
+        "web1/latest",
+        "web1/latest/sda",
+        "web1/latest/sda/part1",
+        "web1/latest/sda/part1/etc",
+    ] {
         let first = listing(&m.path(dir));
         for _ in 0..3 {
             assert_eq!(listing(&m.path(dir)), first, "listing of /{dir} changed");
@@ -302,10 +397,22 @@ fn fuse_disk_images_equal_restores_for_a_whole_chain() {
     let erofs = |r: std::io::Result<()>, what: &str| {
         assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EROFS), "{what}");
     };
-    erofs(File::options().write(true).open(m.path("web1/latest/sda.img")).map(drop), "open for writing");
+    erofs(
+        File::options()
+            .write(true)
+            .open(m.path("web1/latest/sda.img"))
+            .map(drop),
+        "open for writing",
+    );
     erofs(fs::create_dir(m.path("web1/new")), "mkdir");
-    erofs(fs::write(m.path("web1/latest/sda/part1/new.txt"), b"x"), "create");
-    erofs(fs::remove_file(m.path("web1/latest/sda/part1/big.bin")), "unlink");
+    erofs(
+        fs::write(m.path("web1/latest/sda/part1/new.txt"), b"x"),
+        "create",
+    );
+    erofs(
+        fs::remove_file(m.path("web1/latest/sda/part1/big.bin")),
+        "unlink",
+    );
     // A name that does not exist is ENOENT.
     let e = fs::metadata(m.path("web1/latest/sdz.img")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
@@ -332,13 +439,25 @@ fn fuse_guest_files_equal_the_originals() {
         let hello = root.join("etc/hello.txt");
         let copy = env.path(&format!("hello-{}.txt", rand::random::<u32>()));
         run_tool(Command::new("cp").arg(&hello).arg(&copy));
-        assert_eq!(read_all(&copy), read_all(&src.dir.join("etc/hello.txt")), "{how}: cp of hello.txt");
+        assert_eq!(
+            read_all(&copy),
+            read_all(&src.dir.join("etc/hello.txt")),
+            "{how}: cp of hello.txt"
+        );
         let meta = fs::symlink_metadata(&hello).unwrap();
         assert_eq!(meta.permissions().mode() & 0o7777, 0o640, "{how}: mode");
         assert_eq!((meta.uid(), meta.gid()), (1234, 5678), "{how}: owner");
         assert_eq!(meta.modified().unwrap(), src.mtime, "{how}: mtime");
-        assert_eq!(fs::read_link(root.join("etc/link")).unwrap(), PathBuf::from("hello.txt"), "{how}: symlink");
-        assert_eq!(read_all(&root.join("etc/link")), read_all(&hello), "{how}: through the symlink");
+        assert_eq!(
+            fs::read_link(root.join("etc/link")).unwrap(),
+            PathBuf::from("hello.txt"),
+            "{how}: symlink"
+        );
+        assert_eq!(
+            read_all(&root.join("etc/link")),
+            read_all(&hello),
+            "{how}: through the symlink"
+        );
         assert_eq!(
             sha256_file(&root.join("big.bin")),
             sha256_file(&src.dir.join("big.bin")),
@@ -351,7 +470,11 @@ fn fuse_guest_files_equal_the_originals() {
         );
         let mut top = listing(root);
         top.sort();
-        assert_eq!(top, vec!["big.bin", "etc", "lost+found"], "{how}: top folder");
+        assert_eq!(
+            top,
+            vec!["big.bin", "etc", "lost+found"],
+            "{how}: top folder"
+        );
     };
     check_tree(&part, &files, "part1");
     // No partition table: the filesystem is under `whole/`.
@@ -362,7 +485,11 @@ fn fuse_guest_files_equal_the_originals() {
     // partitioned one at its partition's offset.
     let lm = LoopMount::new(&m.path("web1/latest/sdb.img"), &env.path("loop-b"), "");
     check_tree(&lm.0, &bare_src, "loop mount of sdb.img");
-    let lm2 = LoopMount::new(&m.path("web1/latest/sda.img"), &env.path("loop-a"), &format!(",offset={PART_OFFSET}"));
+    let lm2 = LoopMount::new(
+        &m.path("web1/latest/sda.img"),
+        &env.path("loop-a"),
+        &format!(",offset={PART_OFFSET}"),
+    );
     check_tree(&lm2.0, &files, "loop mount of sda.img");
     drop(lm2);
     drop(lm);
@@ -377,7 +504,10 @@ fn fuse_parallel_random_reads_match_the_restore() {
     make_image(
         &disk,
         24 * MIB + 777,
-        &[(0, &random_bytes(30, 9 * MIB as usize)[..]), (16 * MIB, &text_bytes(31, 8 * MIB as usize + 777)[..])],
+        &[
+            (0, &random_bytes(30, 9 * MIB as usize)[..]),
+            (16 * MIB, &text_bytes(31, 8 * MIB as usize + 777)[..]),
+        ],
     );
     let id = env.backup("db", &[("sda", &disk)]);
     let restored = Arc::new(read_all(&env.restore(&id, "sda")));
@@ -396,9 +526,13 @@ fn fuse_parallel_random_reads_match_the_restore() {
                     let y = u64::from_le_bytes(r[i * 16 + 8..i * 16 + 16].try_into().unwrap());
                     let off = x % size;
                     let len = usize::try_from((y % (3 * MIB)).min(size - off)).unwrap();
-                    let got = pread(&f, off, len).unwrap_or_else(|e| panic!("thread {t}: pread at {off}: errno {e}"));
+                    let got = pread(&f, off, len)
+                        .unwrap_or_else(|e| panic!("thread {t}: pread at {off}: errno {e}"));
                     let o = usize::try_from(off).unwrap();
-                    assert!(got == restored[o..o + len], "thread {t}: bytes at {off}+{len} differ");
+                    assert!(
+                        got == restored[o..o + len],
+                        "thread {t}: bytes at {off}+{len} differ"
+                    );
                 }
             })
         })
@@ -416,7 +550,11 @@ fn fuse_signals_unmount_and_a_killed_daemon_is_visible() {
     require_fuse();
     let env = Env::init(&[]);
     let disk = env.path("sda.raw");
-    make_image(&disk, 4 * MIB, &[(0, &random_bytes(40, 3 * MIB as usize)[..])]);
+    make_image(
+        &disk,
+        4 * MIB,
+        &[(0, &random_bytes(40, 3 * MIB as usize)[..])],
+    );
     env.backup("vm1", &[("sda", &disk)]);
     let mnt = env.path("mnt");
 
@@ -425,7 +563,11 @@ fn fuse_signals_unmount_and_a_killed_daemon_is_visible() {
     drop(f);
     m.signal(libc::SIGTERM);
     let status = m.wait_exit(Duration::from_secs(10));
-    assert!(status.success(), "exit after SIGTERM: {status}\n{}", m.log_text());
+    assert!(
+        status.success(),
+        "exit after SIGTERM: {status}\n{}",
+        m.log_text()
+    );
     assert!(!is_mounted(&mnt), "still mounted after SIGTERM");
 
     // SIGINT too (Ctrl-C).
@@ -452,11 +594,18 @@ fn fuse_signals_unmount_and_a_killed_daemon_is_visible() {
     assert!(!is_mounted(&mnt));
 
     let m = Mounted::start(&env, &mnt);
-    assert_eq!(sha256_file(&m.path("vm1/latest/sda.img")), sha256_file(&disk));
+    assert_eq!(
+        sha256_file(&m.path("vm1/latest/sda.img")),
+        sha256_file(&disk)
+    );
     // Unmounted from outside: the daemon notices and exits cleanly.
     let mut m = m;
     run_tool(Command::new("umount").arg(&mnt));
-    assert!(m.wait_exit(Duration::from_secs(10)).success(), "{}", m.log_text());
+    assert!(
+        m.wait_exit(Duration::from_secs(10)).success(),
+        "{}",
+        m.log_text()
+    );
 }
 
 /// A damaged pack makes reads of the range it holds fail with EIO; the rest
@@ -466,14 +615,22 @@ fn fuse_damaged_pack_is_eio_only_where_damaged() {
     require_fuse();
     let env = Env::init(&[]);
     let good = env.path("good.raw");
-    make_image(&good, 6 * MIB, &[(0, &random_bytes(50, 6 * MIB as usize)[..])]);
+    make_image(
+        &good,
+        6 * MIB,
+        &[(0, &random_bytes(50, 6 * MIB as usize)[..])],
+    );
     env.backup("good", &[("sda", &good)]);
     let before = env.pack_files();
     let bad = env.path("bad.raw");
     let bad_data = random_bytes(51, 8 * MIB as usize);
     make_image(&bad, 8 * MIB, &[(0, &bad_data[..])]);
     env.backup("bad", &[("sda", &bad)]);
-    let new: Vec<PathBuf> = env.pack_files().into_iter().filter(|p| !before.contains(p)).collect();
+    let new: Vec<PathBuf> = env
+        .pack_files()
+        .into_iter()
+        .filter(|p| !before.contains(p))
+        .collect();
     assert_eq!(new.len(), 1, "the second backup wrote one pack: {new:?}");
     // Flip bytes in the middle of the pack: inside one of its data chunks.
     let pack = &new[0];
@@ -494,19 +651,37 @@ fn fuse_damaged_pack_is_eio_only_where_damaged() {
         match pread(&img, i * MIB, MIB as usize) {
             Ok(got) => {
                 let o = usize::try_from(i * MIB).unwrap();
-                assert!(got == bad_data[o..o + MIB as usize], "chunk {i} read wrong bytes");
+                assert!(
+                    got == bad_data[o..o + MIB as usize],
+                    "chunk {i} read wrong bytes"
+                );
                 ok += 1;
             }
             Err(e) => {
-                assert_eq!(e, libc::EIO, "chunk {i}: a damaged chunk must be EIO, got errno {e}");
+                assert_eq!(
+                    e,
+                    libc::EIO,
+                    "chunk {i}: a damaged chunk must be EIO, got errno {e}"
+                );
                 eio += 1;
             }
         }
     }
     assert!(eio >= 1, "no read failed although a pack is damaged");
-    assert!(ok >= 6, "only {ok} of 8 chunks read; damage should stay local");
-    assert_eq!(sha256_file(&m.path("good/latest/sda.img")), sha256_file(&good), "an undamaged disk must read");
-    assert!(m.log_text().contains("damaged"), "the log must say why reads fail:\n{}", m.log_text());
+    assert!(
+        ok >= 6,
+        "only {ok} of 8 chunks read; damage should stay local"
+    );
+    assert_eq!(
+        sha256_file(&m.path("good/latest/sda.img")),
+        sha256_file(&good),
+        "an undamaged disk must read"
+    );
+    assert!(
+        m.log_text().contains("damaged"),
+        "the log must say why reads fail:\n{}",
+        m.log_text()
+    );
 }
 
 /// Snapshots committed while mounted appear without remounting, both in a
@@ -516,7 +691,11 @@ fn fuse_snapshots_committed_after_mounting_appear() {
     require_fuse();
     let env = Env::init(&[]);
     let disk = env.path("sda.raw");
-    make_image(&disk, 4 * MIB, &[(0, &random_bytes(60, 2 * MIB as usize)[..])]);
+    make_image(
+        &disk,
+        4 * MIB,
+        &[(0, &random_bytes(60, 2 * MIB as usize)[..])],
+    );
     let first = env.backup("vm1", &[("sda", &disk)]);
     let m = Mounted::start(&env, &env.path("mnt"));
     assert_eq!(listing(&m.path("vm1")).len(), 2);
@@ -524,17 +703,32 @@ fn fuse_snapshots_committed_after_mounting_appear() {
     write_at(&disk, MIB, &random_bytes(61, MIB as usize));
     let second = env.backup("vm1", &[("sda", &disk)]);
     let other = env.path("other.raw");
-    make_image(&other, 2 * MIB, &[(0, &random_bytes(62, 2 * MIB as usize)[..])]);
+    make_image(
+        &other,
+        2 * MIB,
+        &[(0, &random_bytes(62, 2 * MIB as usize)[..])],
+    );
     let third = env.backup("vm2", &[("sda", &other)]);
 
-    wait_until("the new snapshot in vm1/", Duration::from_secs(10), || listing(&m.path("vm1")).len() == 3);
-    wait_until("vm2/ at the root", Duration::from_secs(10), || m.path("vm2").is_dir());
-    assert_eq!(sha256_file(&m.path(&format!("ids/{second}/sda.img"))), sha256_file(&disk));
-    assert_eq!(sha256_file(&m.path("vm2/latest/sda.img")), sha256_file(&other));
+    wait_until("the new snapshot in vm1/", Duration::from_secs(10), || {
+        listing(&m.path("vm1")).len() == 3
+    });
+    wait_until("vm2/ at the root", Duration::from_secs(10), || {
+        m.path("vm2").is_dir()
+    });
+    assert_eq!(
+        sha256_file(&m.path(&format!("ids/{second}/sda.img"))),
+        sha256_file(&disk)
+    );
+    assert_eq!(
+        sha256_file(&m.path("vm2/latest/sda.img")),
+        sha256_file(&other)
+    );
     wait_until("latest to move", Duration::from_secs(10), || {
-        fs::read_link(m.path("vm1/latest")).ok() == fs::read_link(m.path(&format!("ids/{second}"))).ok().map(|p| {
-            PathBuf::from(p.file_name().unwrap_or(OsStr::new("")))
-        })
+        fs::read_link(m.path("vm1/latest")).ok()
+            == fs::read_link(m.path(&format!("ids/{second}")))
+                .ok()
+                .map(|p| PathBuf::from(p.file_name().unwrap_or(OsStr::new(""))))
     });
     // The old snapshot is untouched.
     assert!(m.path(&format!("ids/{first}/sda.img")).is_file());

@@ -4,6 +4,7 @@
 mod util;
 
 mod engine;
+mod fuse;
 mod nbd;
 
 mod capture;

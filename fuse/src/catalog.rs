@@ -42,7 +42,11 @@ pub struct SnapEntry {
 impl SnapEntry {
     /// Directory name of each disk, in manifest order.
     pub fn disk_names(&self) -> Vec<(String, String)> {
-        self.snap.disks.iter().map(|d| (safe_name(&d.name), d.name.clone())).collect()
+        self.snap
+            .disks
+            .iter()
+            .map(|d| (safe_name(&d.name), d.name.clone()))
+            .collect()
     }
 }
 
@@ -77,7 +81,10 @@ pub struct Catalog {
 
 /// Open the repository at `backend`. Without a passphrase an encrypted
 /// repository fails with a message that says how to give one.
-pub fn open_repo(backend: &Arc<dyn Backend>, passphrase: Option<&[u8]>) -> ekko::Result<Repository> {
+pub fn open_repo(
+    backend: &Arc<dyn Backend>,
+    passphrase: Option<&[u8]>,
+) -> ekko::Result<Repository> {
     Repository::open(Arc::clone(backend), || {
         passphrase.map(<[u8]>::to_vec).ok_or_else(|| {
             ekko::Error::Invalid(
@@ -104,14 +111,21 @@ impl Catalog {
         let cat = Catalog {
             backend,
             passphrase,
-            repo: RwLock::new(RepoView { repo: Arc::new(repo), covers: 0, generation: 0 }),
+            repo: RwLock::new(RepoView {
+                repo: Arc::new(repo),
+                covers: 0,
+                generation: 0,
+            }),
             reopen_lock: Mutex::new(()),
             refresh_lock: Mutex::new(()),
             state: RwLock::new(State::default()),
             nodes,
             chunks,
         };
-        let mut st = State { last_refresh: Some(Instant::now()), ..State::default() };
+        let mut st = State {
+            last_refresh: Some(Instant::now()),
+            ..State::default()
+        };
         cat.add_new(&mut st, ids);
         *cat.state.write().expect("catalog lock") = st;
         Ok(cat)
@@ -120,11 +134,23 @@ impl Catalog {
     /// List snapshots again if the last listing is older than
     /// `REFRESH_INTERVAL`. A failed listing keeps the previous one.
     pub fn refresh(&self) {
-        if self.state.read().expect("catalog lock").last_refresh.is_some_and(|t| t.elapsed() < REFRESH_INTERVAL) {
+        if self
+            .state
+            .read()
+            .expect("catalog lock")
+            .last_refresh
+            .is_some_and(|t| t.elapsed() < REFRESH_INTERVAL)
+        {
             return;
         }
         let _serial = self.refresh_lock.lock().expect("refresh lock");
-        if self.state.read().expect("catalog lock").last_refresh.is_some_and(|t| t.elapsed() < REFRESH_INTERVAL) {
+        if self
+            .state
+            .read()
+            .expect("catalog lock")
+            .last_refresh
+            .is_some_and(|t| t.elapsed() < REFRESH_INTERVAL)
+        {
             return;
         }
         let ids = match snapshot::list_ids(self.backend.as_ref()) {
@@ -138,17 +164,32 @@ impl Catalog {
         // Manifests load without holding the state lock: lookups go on.
         let (known, bad, listing) = {
             let st = self.state.read().expect("catalog lock");
-            (st.by_id.keys().cloned().collect::<HashSet<_>>(), st.bad.clone(), st.listing)
+            (
+                st.by_id.keys().cloned().collect::<HashSet<_>>(),
+                st.bad.clone(),
+                st.listing,
+            )
         };
         let listed: HashSet<String> = ids.iter().cloned().collect();
-        let new: Vec<String> = ids.into_iter().filter(|id| !known.contains(id) && !bad.contains(id)).collect();
-        let mut scratch = State { listing: listing + 1, ..State::default() };
+        let new: Vec<String> = ids
+            .into_iter()
+            .filter(|id| !known.contains(id) && !bad.contains(id))
+            .collect();
+        let mut scratch = State {
+            listing: listing + 1,
+            ..State::default()
+        };
         let loaded = self.load(&mut scratch, &new);
 
         let mut st = self.state.write().expect("catalog lock");
         st.listing = listing + 1;
         st.bad.extend(scratch.bad);
-        let gone: Vec<String> = st.by_id.keys().filter(|id| !listed.contains(*id)).cloned().collect();
+        let gone: Vec<String> = st
+            .by_id
+            .keys()
+            .filter(|id| !listed.contains(*id))
+            .cloned()
+            .collect();
         for id in gone {
             tracing::info!("snapshot {id} was removed from the repository; it leaves the tree");
             st.by_id.remove(&id);
@@ -195,7 +236,11 @@ impl Catalog {
             let base = match ekko::time::parse_rfc3339(&snap.time) {
                 Some(t) => humantime::format_rfc3339_seconds(t).to_string(),
                 None => {
-                    tracing::warn!("snapshot {} has an unreadable time {:?}", snap.id, snap.time);
+                    tracing::warn!(
+                        "snapshot {} has an unreadable time {:?}",
+                        snap.id,
+                        snap.time
+                    );
                     safe_name(&snap.time)
                 }
             };
@@ -215,28 +260,57 @@ impl Catalog {
                 snap,
             });
             list.push(Arc::clone(&entry));
-            list.sort_by(|a, b| a.snap.time.cmp(&b.snap.time).then(a.snap.id.cmp(&b.snap.id)));
+            list.sort_by(|a, b| {
+                a.snap
+                    .time
+                    .cmp(&b.snap.time)
+                    .then(a.snap.id.cmp(&b.snap.id))
+            });
             st.by_id.insert(entry.snap.id.clone(), entry);
         }
     }
 
     /// VM directory names, sorted.
     pub fn vms(&self) -> Vec<String> {
-        self.state.read().expect("catalog lock").vms.keys().cloned().collect()
+        self.state
+            .read()
+            .expect("catalog lock")
+            .vms
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// Snapshots of one VM, oldest first (empty if the VM is gone).
     pub fn snapshots(&self, vm_dir: &str) -> Vec<Arc<SnapEntry>> {
-        self.state.read().expect("catalog lock").vms.get(vm_dir).cloned().unwrap_or_default()
+        self.state
+            .read()
+            .expect("catalog lock")
+            .vms
+            .get(vm_dir)
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub fn by_id(&self, id: &str) -> Option<Arc<SnapEntry>> {
-        self.state.read().expect("catalog lock").by_id.get(id).cloned()
+        self.state
+            .read()
+            .expect("catalog lock")
+            .by_id
+            .get(id)
+            .cloned()
     }
 
     /// All snapshot ids, sorted.
     pub fn ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.state.read().expect("catalog lock").by_id.keys().cloned().collect();
+        let mut ids: Vec<String> = self
+            .state
+            .read()
+            .expect("catalog lock")
+            .by_id
+            .keys()
+            .cloned()
+            .collect();
         ids.sort();
         ids
     }
@@ -282,14 +356,21 @@ impl Catalog {
         let repo = Arc::new(open_repo(&self.backend, self.passphrase.as_deref())?);
         tracing::info!(elapsed = ?started.elapsed(), "reopened the repository to read snapshots committed after mounting");
         let mut v = self.repo.write().expect("repo lock");
-        *v = RepoView { repo: Arc::clone(&repo), covers, generation: generation + 1 };
+        *v = RepoView {
+            repo: Arc::clone(&repo),
+            covers,
+            generation: generation + 1,
+        };
         Ok((repo, generation + 1))
     }
 }
 
 /// A directory name for an arbitrary string: no `/` or NUL, never `.`/`..`.
 pub fn safe_name(s: &str) -> String {
-    let n: String = s.chars().map(|c| if c == '/' || c == '\0' { '_' } else { c }).collect();
+    let n: String = s
+        .chars()
+        .map(|c| if c == '/' || c == '\0' { '_' } else { c })
+        .collect();
     match n.as_str() {
         "" | "." | ".." => format!("_{n}"),
         _ => n,

@@ -83,7 +83,9 @@ fn guest_errno(what: &dyn Display, e: &ext4_view::Ext4Error) -> Errno {
             }
         },
         X::Encrypted => {
-            tracing::warn!("{what}: the file is encrypted inside the guest (fscrypt); it cannot be read");
+            tracing::warn!(
+                "{what}: the file is encrypted inside the guest (fscrypt); it cannot be read"
+            );
             Errno::EACCES
         }
         _ => {
@@ -100,12 +102,23 @@ mod tests {
     #[test]
     fn damage_is_eio_and_only_missing_names_are_enoent() {
         let what = "test";
-        let damage = FsError::Core(ekko::Error::Corrupt { name: "packs/x".into(), reason: "bad".into() });
+        let damage = FsError::Core(ekko::Error::Corrupt {
+            name: "packs/x".into(),
+            reason: "bad".into(),
+        });
         assert_eq!(errno(&what, &damage), Errno::EIO);
-        let missing = FsError::Core(ekko::Error::NotFound { name: "snapshots/x".into() });
+        let missing = FsError::Core(ekko::Error::NotFound {
+            name: "snapshots/x".into(),
+        });
         assert_eq!(errno(&what, &missing), Errno::EIO);
-        let io = ext4_view::Ext4Error::Io(Box::new(ekko::Error::Corrupt { name: "p".into(), reason: "r".into() }));
+        let io = ext4_view::Ext4Error::Io(Box::new(ekko::Error::Corrupt {
+            name: "p".into(),
+            reason: "r".into(),
+        }));
         assert_eq!(errno(&what, &FsError::Guest(io)), Errno::EIO);
-        assert_eq!(errno(&what, &FsError::Guest(ext4_view::Ext4Error::NotFound)), Errno::ENOENT);
+        assert_eq!(
+            errno(&what, &FsError::Guest(ext4_view::Ext4Error::NotFound)),
+            Errno::ENOENT
+        );
     }
 }

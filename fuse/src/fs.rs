@@ -23,10 +23,10 @@ use std::time::{Duration, SystemTime};
 
 use ekko::DiskReader;
 use fuser::{
-    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
+    Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::catalog::{safe_name, Catalog, SnapEntry};
@@ -65,8 +65,16 @@ pub struct EkkoFs {
 }
 
 enum Handle {
-    Image { reader: Arc<DiskReader>, cursor: Mutex<Cursor>, label: String },
-    Guest { vol: Arc<Volume>, path: Vec<u8>, size: u64 },
+    Image {
+        reader: Arc<DiskReader>,
+        cursor: Mutex<Cursor>,
+        label: String,
+    },
+    Guest {
+        vol: Arc<Volume>,
+        path: Vec<u8>,
+        size: u64,
+    },
     Dir(Vec<DirEntry>),
 }
 
@@ -93,7 +101,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl EkkoFs {
-    pub fn new(catalog: Arc<Catalog>, prefetch: Arc<Prefetcher>, owner: Owner, settings: Settings) -> EkkoFs {
+    pub fn new(
+        catalog: Arc<Catalog>,
+        prefetch: Arc<Prefetcher>,
+        owner: Owner,
+        settings: Settings,
+    ) -> EkkoFs {
         EkkoFs {
             catalog,
             tree: Tree::new(),
@@ -121,7 +134,10 @@ impl EkkoFs {
     }
 
     fn latest_target(&self, vm: &str) -> Option<String> {
-        self.catalog.snapshots(vm).last().map(|e| e.time_dir.clone())
+        self.catalog
+            .snapshots(vm)
+            .last()
+            .map(|e| e.time_dir.clone())
     }
 
     fn id_target(snap: &SnapEntry) -> String {
@@ -133,17 +149,27 @@ impl EkkoFs {
     }
 
     /// The partitions of a disk, parsed on first access.
-    fn volumes(&self, snap: &Arc<SnapEntry>, disk: &str, cell: &Mutex<Option<Arc<Volumes>>>) -> Res<Arc<Volumes>> {
+    fn volumes(
+        &self,
+        snap: &Arc<SnapEntry>,
+        disk: &str,
+        cell: &Mutex<Option<Arc<Volumes>>>,
+    ) -> Res<Arc<Volumes>> {
         let mut cached = lock(cell);
         if let Some(v) = &*cached {
             return Ok(Arc::clone(v));
         }
         let label = Self::disk_label(snap, disk);
-        let reader = self.catalog.reader(snap, disk).map_err(|e| errno(&label, &FsError::Core(e)))?;
+        let reader = self
+            .catalog
+            .reader(snap, disk)
+            .map_err(|e| errno(&label, &FsError::Core(e)))?;
         let table = match ptable::parse(&|buf, off| reader.read_at(buf, off), reader.size()) {
             Ok(t) => t,
             Err(e) if e.is_damage() => {
-                tracing::error!("{label}: the partition table cannot be read ({e}); the folder stays empty");
+                tracing::error!(
+                    "{label}: the partition table cannot be read ({e}); the folder stays empty"
+                );
                 let v = Arc::new(Vec::new());
                 *cached = Some(Arc::clone(&v));
                 return Ok(v);
@@ -153,7 +179,10 @@ impl EkkoFs {
         };
         let regions: Vec<(String, u64, u64)> = match &table {
             Table::None => vec![(WHOLE_DISK.to_string(), 0, reader.size())],
-            Table::Mbr(p) | Table::Gpt(p) => p.iter().map(|p| (format!("part{}", p.number), p.offset, p.size)).collect(),
+            Table::Mbr(p) | Table::Gpt(p) => p
+                .iter()
+                .map(|p| (format!("part{}", p.number), p.offset, p.size))
+                .collect(),
         };
         tracing::debug!("{label}: partition table {table:?}");
         let vols: Volumes = regions
@@ -167,7 +196,11 @@ impl EkkoFs {
                     size,
                     prefetch: Arc::clone(&self.prefetch),
                 };
-                let vol = Volume::new(format!("{label}/{name}"), source, self.settings.guest_workers);
+                let vol = Volume::new(
+                    format!("{label}/{name}"),
+                    source,
+                    self.settings.guest_workers,
+                );
                 (name, Arc::new(vol))
             })
             .collect();
@@ -182,7 +215,11 @@ impl EkkoFs {
             parent.ino,
             name,
             |_| true,
-            || Kind::Guest { vol: Arc::clone(vol), path: child_path, meta: std::sync::RwLock::new(None) },
+            || Kind::Guest {
+                vol: Arc::clone(vol),
+                path: child_path,
+                meta: std::sync::RwLock::new(None),
+            },
         )
     }
 
@@ -195,12 +232,18 @@ impl EkkoFs {
                 if bytes == b"ids" {
                     return Ok(self.tree.child(ROOT, bytes, |_| true, || Kind::Ids));
                 }
-                let vm = name_s.filter(|n| self.catalog.vms().iter().any(|v| v == n)).ok_or(Errno::ENOENT)?;
-                Ok(self.tree.child(ROOT, bytes, |_| true, || Kind::Vm { vm: vm.to_string() }))
+                let vm = name_s
+                    .filter(|n| self.catalog.vms().iter().any(|v| v == n))
+                    .ok_or(Errno::ENOENT)?;
+                Ok(self
+                    .tree
+                    .child(ROOT, bytes, |_| true, || Kind::Vm { vm: vm.to_string() }))
             }
             Kind::Ids => {
                 self.catalog.refresh();
-                let snap = name_s.and_then(|n| self.catalog.by_id(n)).ok_or(Errno::ENOENT)?;
+                let snap = name_s
+                    .and_then(|n| self.catalog.by_id(n))
+                    .ok_or(Errno::ENOENT)?;
                 let id = snap.snap.id.clone();
                 Ok(self.tree.child(
                     parent.ino,
@@ -213,9 +256,16 @@ impl EkkoFs {
                 self.catalog.refresh();
                 let snaps = self.catalog.snapshots(vm);
                 if bytes == b"latest" && !snaps.is_empty() {
-                    return Ok(self.tree.child(parent.ino, bytes, |_| true, || Kind::Latest { vm: vm.clone() }));
+                    return Ok(self.tree.child(
+                        parent.ino,
+                        bytes,
+                        |_| true,
+                        || Kind::Latest { vm: vm.clone() },
+                    ));
                 }
-                let snap = name_s.and_then(|n| snaps.into_iter().find(|e| e.time_dir == n)).ok_or(Errno::ENOENT)?;
+                let snap = name_s
+                    .and_then(|n| snaps.into_iter().find(|e| e.time_dir == n))
+                    .ok_or(Errno::ENOENT)?;
                 let id = snap.snap.id.clone();
                 Ok(self.tree.child(
                     parent.ino,
@@ -229,34 +279,64 @@ impl EkkoFs {
                 for (dir, disk) in snap.disk_names() {
                     if n.strip_suffix(".img") == Some(dir.as_str()) {
                         let snap = Arc::clone(snap);
-                        return Ok(self.tree.child(parent.ino, bytes, |_| true, || Kind::Image { snap, disk }));
+                        return Ok(self.tree.child(
+                            parent.ino,
+                            bytes,
+                            |_| true,
+                            || Kind::Image { snap, disk },
+                        ));
                     }
                     if n == dir {
                         let snap = Arc::clone(snap);
-                        return Ok(self.tree.child(parent.ino, bytes, |_| true, || Kind::DiskDir {
-                            snap,
-                            disk,
-                            volumes: Mutex::new(None),
-                        }));
+                        return Ok(self.tree.child(
+                            parent.ino,
+                            bytes,
+                            |_| true,
+                            || Kind::DiskDir {
+                                snap,
+                                disk,
+                                volumes: Mutex::new(None),
+                            },
+                        ));
                     }
                 }
                 Err(Errno::ENOENT)
             }
-            Kind::DiskDir { snap, disk, volumes } => {
+            Kind::DiskDir {
+                snap,
+                disk,
+                volumes,
+            } => {
                 let vols = self.volumes(snap, disk, volumes)?;
-                let (_, vol) = vols.iter().find(|(n, _)| n.as_bytes() == bytes).ok_or(Errno::ENOENT)?;
-                Ok(self.tree.child(parent.ino, bytes, |_| true, || Kind::Guest {
-                    vol: Arc::clone(vol),
-                    path: b"/".to_vec(),
-                    meta: std::sync::RwLock::new(None),
-                }))
+                let (_, vol) = vols
+                    .iter()
+                    .find(|(n, _)| n.as_bytes() == bytes)
+                    .ok_or(Errno::ENOENT)?;
+                Ok(self.tree.child(
+                    parent.ino,
+                    bytes,
+                    |_| true,
+                    || Kind::Guest {
+                        vol: Arc::clone(vol),
+                        path: b"/".to_vec(),
+                        meta: std::sync::RwLock::new(None),
+                    },
+                ))
             }
             Kind::Guest { vol, path, .. } => {
-                let child = self.guest_child(parent, vol, path, bytes);
-                let Kind::Guest { path: child_path, meta, .. } = &child.kind else { unreachable!("guest child") };
-                let m = vol.metadata(child_path.clone()).map_err(|e| errno(&format!("{}{}", vol.label, String::from_utf8_lossy(child_path)), &e))?;
+                // Metadata first: names that do not exist get no inode.
+                let child_path = join(path, bytes);
+                let m = vol.metadata(child_path.clone()).map_err(|e| {
+                    errno(
+                        &format!("{}{}", vol.label, String::from_utf8_lossy(&child_path)),
+                        &e,
+                    )
+                })?;
                 let m = m.ok_or(Errno::ENOENT)?;
-                *meta.write().unwrap_or_else(PoisonError::into_inner) = Some(m);
+                let child = self.guest_child(parent, vol, path, bytes);
+                if let Kind::Guest { meta, .. } = &child.kind {
+                    *meta.write().unwrap_or_else(PoisonError::into_inner) = Some(m);
+                }
                 Ok(child)
             }
             Kind::Latest { .. } | Kind::IdLink { .. } | Kind::Image { .. } => Err(Errno::ENOTDIR),
@@ -269,17 +349,30 @@ impl EkkoFs {
         Ok(match &node.kind {
             Kind::Root | Kind::Ids => (tree::dir_attr(ino, self.mounted_at, o), SHORT_TTL),
             Kind::Vm { vm } => {
-                let t = self.catalog.snapshots(vm).last().map_or(self.mounted_at, |e| e.time);
+                let t = self
+                    .catalog
+                    .snapshots(vm)
+                    .last()
+                    .map_or(self.mounted_at, |e| e.time);
                 (tree::dir_attr(ino, t, o), SHORT_TTL)
             }
             Kind::Latest { vm } => {
                 let len = self.latest_target(vm).map_or(0, |t| t.len());
                 (tree::link_attr(ino, len, self.mounted_at, o), SHORT_TTL)
             }
-            Kind::IdLink { snap } => (tree::link_attr(ino, Self::id_target(snap).len(), snap.time, o), LONG_TTL),
-            Kind::Snap { snap } | Kind::DiskDir { snap, .. } => (tree::dir_attr(ino, snap.time, o), LONG_TTL),
+            Kind::IdLink { snap } => (
+                tree::link_attr(ino, Self::id_target(snap).len(), snap.time, o),
+                LONG_TTL,
+            ),
+            Kind::Snap { snap } | Kind::DiskDir { snap, .. } => {
+                (tree::dir_attr(ino, snap.time, o), LONG_TTL)
+            }
             Kind::Image { snap, disk } => {
-                let size = snap.snap.disk(disk).map(|d| d.size).map_err(|e| errno(&"image", &FsError::Core(e)))?;
+                let size = snap
+                    .snap
+                    .disk(disk)
+                    .map(|d| d.size)
+                    .map_err(|e| errno(&"image", &FsError::Core(e)))?;
                 (tree::image_attr(ino, size, snap.time, o), LONG_TTL)
             }
             Kind::Guest { vol, path, meta } => {
@@ -312,25 +405,48 @@ impl EkkoFs {
 
     fn list(&self, node: &Node) -> Res<Vec<DirEntry>> {
         let mut out = vec![
-            DirEntry { ino: node.ino, kind: FileType::Directory, name: ".".into() },
-            DirEntry { ino: node.parent, kind: FileType::Directory, name: "..".into() },
+            DirEntry {
+                ino: node.ino,
+                kind: FileType::Directory,
+                name: ".".into(),
+            },
+            DirEntry {
+                ino: node.parent,
+                kind: FileType::Directory,
+                name: "..".into(),
+            },
         ];
         let mut add = |n: &Node, kind: FileType, name: &[u8]| {
-            out.push(DirEntry { ino: n.ino, kind, name: OsString::from_vec(name.to_vec()) });
+            out.push(DirEntry {
+                ino: n.ino,
+                kind,
+                name: OsString::from_vec(name.to_vec()),
+            });
         };
         match &node.kind {
             Kind::Root => {
                 self.catalog.refresh();
-                add(&self.tree.child(ROOT, b"ids", |_| true, || Kind::Ids), FileType::Directory, b"ids");
+                add(
+                    &self.tree.child(ROOT, b"ids", |_| true, || Kind::Ids),
+                    FileType::Directory,
+                    b"ids",
+                );
                 for vm in self.catalog.vms() {
-                    let n = self.tree.child(ROOT, vm.as_bytes(), |_| true, || Kind::Vm { vm: vm.clone() });
+                    let n = self.tree.child(
+                        ROOT,
+                        vm.as_bytes(),
+                        |_| true,
+                        || Kind::Vm { vm: vm.clone() },
+                    );
                     add(&n, FileType::Directory, vm.as_bytes());
                 }
             }
             Kind::Ids => {
                 self.catalog.refresh();
                 for id in self.catalog.ids() {
-                    let Some(snap) = self.catalog.by_id(&id) else { continue };
+                    let Some(snap) = self.catalog.by_id(&id) else {
+                        continue;
+                    };
                     let n = self.tree.child(
                         node.ino,
                         id.as_bytes(),
@@ -344,7 +460,12 @@ impl EkkoFs {
                 self.catalog.refresh();
                 let snaps = self.catalog.snapshots(vm);
                 if !snaps.is_empty() {
-                    let n = self.tree.child(node.ino, b"latest", |_| true, || Kind::Latest { vm: vm.clone() });
+                    let n = self.tree.child(
+                        node.ino,
+                        b"latest",
+                        |_| true,
+                        || Kind::Latest { vm: vm.clone() },
+                    );
                     add(&n, FileType::Symlink, b"latest");
                 }
                 for snap in snaps {
@@ -364,24 +485,43 @@ impl EkkoFs {
                     let img = format!("{dir}.img");
                     let s = Arc::clone(snap);
                     let d = disk.clone();
-                    let n = self.tree.child(node.ino, img.as_bytes(), |_| true, || Kind::Image { snap: s, disk: d });
+                    let n = self.tree.child(
+                        node.ino,
+                        img.as_bytes(),
+                        |_| true,
+                        || Kind::Image { snap: s, disk: d },
+                    );
                     add(&n, FileType::RegularFile, img.as_bytes());
                     let s = Arc::clone(snap);
-                    let n = self.tree.child(node.ino, dir.as_bytes(), |_| true, || Kind::DiskDir {
-                        snap: s,
-                        disk,
-                        volumes: Mutex::new(None),
-                    });
+                    let n = self.tree.child(
+                        node.ino,
+                        dir.as_bytes(),
+                        |_| true,
+                        || Kind::DiskDir {
+                            snap: s,
+                            disk,
+                            volumes: Mutex::new(None),
+                        },
+                    );
                     add(&n, FileType::Directory, dir.as_bytes());
                 }
             }
-            Kind::DiskDir { snap, disk, volumes } => {
+            Kind::DiskDir {
+                snap,
+                disk,
+                volumes,
+            } => {
                 for (name, vol) in self.volumes(snap, disk, volumes)?.iter() {
-                    let n = self.tree.child(node.ino, name.as_bytes(), |_| true, || Kind::Guest {
-                        vol: Arc::clone(vol),
-                        path: b"/".to_vec(),
-                        meta: std::sync::RwLock::new(None),
-                    });
+                    let n = self.tree.child(
+                        node.ino,
+                        name.as_bytes(),
+                        |_| true,
+                        || Kind::Guest {
+                            vol: Arc::clone(vol),
+                            path: b"/".to_vec(),
+                            meta: std::sync::RwLock::new(None),
+                        },
+                    );
                     add(&n, FileType::Directory, name.as_bytes());
                 }
             }
@@ -392,7 +532,9 @@ impl EkkoFs {
                     add(&n, tree::guest_kind(e.kind), &e.name);
                 }
             }
-            Kind::Latest { .. } | Kind::IdLink { .. } | Kind::Image { .. } => return Err(Errno::ENOTDIR),
+            Kind::Latest { .. } | Kind::IdLink { .. } | Kind::Image { .. } => {
+                return Err(Errno::ENOTDIR)
+            }
         }
         Ok(out)
     }
@@ -401,13 +543,24 @@ impl EkkoFs {
         match &node.kind {
             Kind::Image { snap, disk } => {
                 let label = format!("{}.img", Self::disk_label(snap, disk));
-                let reader = self.catalog.reader(snap, disk).map_err(|e| errno(&label, &FsError::Core(e)))?;
-                Ok(Handle::Image { reader, cursor: Mutex::new(Cursor::default()), label })
+                let reader = self
+                    .catalog
+                    .reader(snap, disk)
+                    .map_err(|e| errno(&label, &FsError::Core(e)))?;
+                Ok(Handle::Image {
+                    reader,
+                    cursor: Mutex::new(Cursor::default()),
+                    label,
+                })
             }
             Kind::Guest { vol, path, .. } => {
                 let (a, _) = self.attr(node)?;
                 match a.kind {
-                    FileType::RegularFile => Ok(Handle::Guest { vol: Arc::clone(vol), path: path.clone(), size: a.size }),
+                    FileType::RegularFile => Ok(Handle::Guest {
+                        vol: Arc::clone(vol),
+                        path: path.clone(),
+                        size: a.size,
+                    }),
                     FileType::Directory => Err(Errno::EISDIR),
                     // Devices, fifos and sockets of a guest have nothing to read.
                     _ => Err(Errno::ENXIO),
@@ -421,23 +574,32 @@ impl EkkoFs {
     fn read_handle(&self, fh: FileHandle, offset: u64, size: u32) -> Res<Vec<u8>> {
         let len = u64::from(size.min(MAX_READ));
         match &*self.handle(fh)? {
-            Handle::Image { reader, cursor, label } => {
+            Handle::Image {
+                reader,
+                cursor,
+                label,
+            } => {
                 let disk = reader.size();
                 if offset >= disk {
                     return Ok(Vec::new());
                 }
                 let n = usize::try_from(len.min(disk - offset)).map_err(|_| Errno::EINVAL)?;
                 let mut buf = vec![0u8; n];
-                reader
-                    .read_at(&mut buf, offset)
-                    .map_err(|e| errno(&format!("{label} at offset {offset}"), &FsError::Core(e)))?;
+                reader.read_at(&mut buf, offset).map_err(|e| {
+                    errno(&format!("{label} at offset {offset}"), &FsError::Core(e))
+                })?;
                 self.prefetch.hint(reader, &mut lock(cursor), offset, len);
                 Ok(buf)
             }
             Handle::Guest { vol, path, .. } => {
-                let label = format!("{}{} at offset {offset}", vol.label, String::from_utf8_lossy(path));
+                let label = format!(
+                    "{}{} at offset {offset}",
+                    vol.label,
+                    String::from_utf8_lossy(path)
+                );
                 let n = usize::try_from(len).map_err(|_| Errno::EINVAL)?;
-                vol.read(fh.0, path.clone(), offset, n).map_err(|e| errno(&label, &e))
+                vol.read(fh.0, path.clone(), offset, n)
+                    .map_err(|e| errno(&label, &e))
             }
             Handle::Dir(_) => Err(Errno::EISDIR),
         }
@@ -488,7 +650,10 @@ impl Filesystem for EkkoFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let r = self.node(parent).and_then(|p| self.lookup_node(&p, name)).and_then(|n| self.attr(&n));
+        let r = self
+            .node(parent)
+            .and_then(|p| self.lookup_node(&p, name))
+            .and_then(|n| self.attr(&n));
         match r {
             Ok((attr, ttl)) => reply.entry(&ttl, &attr, Generation(0)),
             Err(e) => reply.error(e),
@@ -504,7 +669,10 @@ impl Filesystem for EkkoFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let r = self.node(ino).and_then(|n| match &n.kind {
-            Kind::Latest { vm } => self.latest_target(vm).map(String::into_bytes).ok_or(Errno::ENOENT),
+            Kind::Latest { vm } => self
+                .latest_target(vm)
+                .map(String::into_bytes)
+                .ok_or(Errno::ENOENT),
             Kind::IdLink { snap } => Ok(Self::id_target(snap).into_bytes()),
             Kind::Guest { vol, path, .. } => {
                 let label = format!("{}{}", vol.label, String::from_utf8_lossy(path));
@@ -546,7 +714,15 @@ impl Filesystem for EkkoFs {
         }
     }
 
-    fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
         match self.seek(fh, offset, whence) {
             Ok(p) => reply.offset(p),
             Err(e) => reply.error(e),
@@ -571,11 +747,25 @@ impl Filesystem for EkkoFs {
         reply.ok();
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
@@ -588,12 +778,21 @@ impl Filesystem for EkkoFs {
         }
     }
 
-    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let h = match self.handle(fh) {
             Ok(h) => h,
             Err(e) => return reply.error(e),
         };
-        let Handle::Dir(entries) = &*h else { return reply.error(Errno::ENOTDIR) };
+        let Handle::Dir(entries) = &*h else {
+            return reply.error(Errno::ENOTDIR);
+        };
         let skip = usize::try_from(offset).unwrap_or(usize::MAX);
         for (i, e) in entries.iter().enumerate().skip(skip) {
             let next = u64::try_from(i).expect("fits") + 1;
@@ -604,12 +803,26 @@ impl Filesystem for EkkoFs {
         reply.ok();
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         lock(&self.handles).remove(&fh.0);
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
@@ -617,7 +830,14 @@ impl Filesystem for EkkoFs {
         reply.statfs(0, 0, 0, self.tree.inode_count(), 0, 4096, 255, 4096);
     }
 
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
         reply.error(Errno::from_i32(libc::ENODATA));
     }
 
@@ -673,7 +893,15 @@ impl Filesystem for EkkoFs {
         reply.error(Errno::EROFS);
     }
 
-    fn mkdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, _mode: u32, _umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
         reply.error(Errno::EROFS);
     }
 
@@ -685,7 +913,14 @@ impl Filesystem for EkkoFs {
         reply.error(Errno::EROFS);
     }
 
-    fn symlink(&self, _req: &Request, _parent: INodeNo, _link_name: &OsStr, _target: &Path, reply: ReplyEntry) {
+    fn symlink(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _link_name: &OsStr,
+        _target: &Path,
+        reply: ReplyEntry,
+    ) {
         reply.error(Errno::EROFS);
     }
 
@@ -702,7 +937,14 @@ impl Filesystem for EkkoFs {
         reply.error(Errno::EROFS);
     }
 
-    fn link(&self, _req: &Request, _ino: INodeNo, _newparent: INodeNo, _newname: &OsStr, reply: ReplyEntry) {
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
         reply.error(Errno::EROFS);
     }
 

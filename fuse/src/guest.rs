@@ -84,7 +84,11 @@ impl Volume {
 
     /// Run `f` on a worker (`key` picks which: the same key, the same
     /// worker) and wait for its answer.
-    fn call<R: Send + 'static>(self: &Arc<Self>, key: Option<u64>, f: impl FnOnce(&mut Worker) -> R + Send + 'static) -> FsResult<R> {
+    fn call<R: Send + 'static>(
+        self: &Arc<Self>,
+        key: Option<u64>,
+        f: impl FnOnce(&mut Worker) -> R + Send + 'static,
+    ) -> FsResult<R> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.submit(
             key,
@@ -121,16 +125,27 @@ impl Volume {
                 slots[i] = Some(tx);
             }
             Err(e) => {
-                tracing::warn!("{}: cannot start a worker thread ({e}); working inline", self.label);
+                tracing::warn!(
+                    "{}: cannot start a worker thread ({e}); working inline",
+                    self.label
+                );
                 drop(slots);
-                let mut w = Worker { source: Arc::clone(&self.source), fs: None, files: HashMap::new() };
+                let mut w = Worker {
+                    source: Arc::clone(&self.source),
+                    fs: None,
+                    files: HashMap::new(),
+                };
                 job(&mut w);
             }
         }
     }
 
     fn run_worker(self: Arc<Self>, slot: usize, rx: &Receiver<Job>) {
-        let mut w = Worker { source: Arc::clone(&self.source), fs: None, files: HashMap::new() };
+        let mut w = Worker {
+            source: Arc::clone(&self.source),
+            fs: None,
+            files: HashMap::new(),
+        };
         loop {
             match rx.recv_timeout(IDLE_EXIT) {
                 Ok(job) => job(&mut w),
@@ -151,14 +166,24 @@ impl Volume {
         }
     }
 
-    fn loaded<R>(self: &Arc<Self>, w: &mut Worker, f: impl FnOnce(&Ext4) -> Result<R, Ext4Error>) -> FsResult<Option<R>> {
+    fn loaded<R>(
+        self: &Arc<Self>,
+        w: &mut Worker,
+        f: impl FnOnce(&Ext4) -> Result<R, Ext4Error>,
+    ) -> FsResult<Option<R>> {
         if self.is_unreadable() {
             return Ok(None);
         }
         if w.fs.is_none() {
             let src = &w.source;
             let reader = src.catalog.reader(&src.snap, &src.disk)?;
-            let part = PartRead { reader, offset: src.offset, size: src.size, prefetch: Arc::clone(&src.prefetch), cursor: Cursor::default() };
+            let part = PartRead {
+                reader,
+                offset: src.offset,
+                size: src.size,
+                prefetch: Arc::clone(&src.prefetch),
+                cursor: Cursor::default(),
+            };
             match Ext4::load(Box::new(part)) {
                 Ok(fs) => w.fs = Some(fs),
                 Err(e) => {
@@ -180,7 +205,9 @@ impl Volume {
     /// `lstat` of a guest path. `None`: the volume is unreadable.
     pub fn metadata(self: &Arc<Self>, path: Vec<u8>) -> FsResult<Option<Metadata>> {
         let me = Arc::clone(self);
-        self.call(None, move |w| me.loaded(w, |fs| fs.symlink_metadata(path.as_slice())))?
+        self.call(None, move |w| {
+            me.loaded(w, |fs| fs.symlink_metadata(path.as_slice()))
+        })?
     }
 
     /// The entries of a guest directory, without `.` and `..`.
@@ -195,7 +222,10 @@ impl Volume {
                     if name == b"." || name == b".." {
                         continue;
                     }
-                    out.push(GuestEntry { name, kind: e.file_type()? });
+                    out.push(GuestEntry {
+                        name,
+                        kind: e.file_type()?,
+                    });
                 }
                 Ok(out)
             })
@@ -205,13 +235,23 @@ impl Volume {
 
     pub fn read_link(self: &Arc<Self>, path: Vec<u8>) -> FsResult<Vec<u8>> {
         let me = Arc::clone(self);
-        let r = self.call(None, move |w| me.loaded(w, |fs| fs.read_link(path.as_slice()).map(|p| p.as_ref().to_vec())))??;
+        let r = self.call(None, move |w| {
+            me.loaded(w, |fs| {
+                fs.read_link(path.as_slice()).map(|p| p.as_ref().to_vec())
+            })
+        })??;
         r.ok_or(FsError::Guest(Ext4Error::NotFound))
     }
 
     /// Read up to `len` bytes at `offset` of the regular file `path`, opened
     /// as handle `fh`.
-    pub fn read(self: &Arc<Self>, fh: u64, path: Vec<u8>, offset: u64, len: usize) -> FsResult<Vec<u8>> {
+    pub fn read(
+        self: &Arc<Self>,
+        fh: u64,
+        path: Vec<u8>,
+        offset: u64,
+        len: usize,
+    ) -> FsResult<Vec<u8>> {
         let me = Arc::clone(self);
         let r = self.call(Some(fh), move |w| -> FsResult<Option<Vec<u8>>> {
             if me.loaded(w, |_| Ok(()))?.is_none() {
@@ -232,7 +272,8 @@ impl Volume {
             if file.position() != offset {
                 file.seek_to(offset)?;
             }
-            let want = usize::try_from((size - offset).min(u64::try_from(len).unwrap_or(u64::MAX))).unwrap_or(len);
+            let want = usize::try_from((size - offset).min(u64::try_from(len).unwrap_or(u64::MAX)))
+                .unwrap_or(len);
             let mut buf = vec![0u8; want];
             let mut done = 0;
             while done < want {
@@ -283,10 +324,18 @@ struct PastEnd {
 }
 
 impl Ext4Read for PartRead {
-    fn read(&mut self, start: u64, dst: &mut [u8]) -> Result<(), Box<dyn std::error::Error + Send + Sync + 'static>> {
+    fn read(
+        &mut self,
+        start: u64,
+        dst: &mut [u8],
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync + 'static>> {
         let len = u64::try_from(dst.len())?;
         if start.checked_add(len).is_none_or(|end| end > self.size) {
-            return Err(Box::new(PastEnd { start, len, size: self.size }));
+            return Err(Box::new(PastEnd {
+                start,
+                len,
+                size: self.size,
+            }));
         }
         let at = self.offset + start;
         self.reader.read_at(dst, at).map_err(Box::new)?;

@@ -67,14 +67,25 @@ impl Default for MountOptions {
 
 /// Open the repository behind `backend` and prepare its tree. Only the
 /// snapshot manifests are read; disks are opened when first used.
-pub fn open(backend: Arc<dyn Backend>, passphrase: Option<Vec<u8>>, opts: &MountOptions) -> ekko::Result<EkkoFs> {
+pub fn open(
+    backend: Arc<dyn Backend>,
+    passphrase: Option<Vec<u8>>,
+    opts: &MountOptions,
+) -> ekko::Result<EkkoFs> {
     let nodes = Arc::new(NodeCache::new(opts.map_nodes));
     let chunks = Arc::new(ChunkCache::new(opts.cache_bytes));
     let catalog = Arc::new(catalog::Catalog::open(backend, passphrase, nodes, chunks)?);
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let prefetch = Arc::new(prefetch::Prefetcher::new(threads, opts.read_ahead_chunks));
     let (uid, gid) = std::fs::metadata("/proc/self").map_or((0, 0), |m| (m.uid(), m.gid()));
-    Ok(EkkoFs::new(catalog, prefetch, tree::Owner { uid, gid }, Settings { guest_workers: opts.guest_workers }))
+    Ok(EkkoFs::new(
+        catalog,
+        prefetch,
+        tree::Owner { uid, gid },
+        Settings {
+            guest_workers: opts.guest_workers,
+        },
+    ))
 }
 
 /// Mount `fs` at `mountpoint` and serve it on background threads until the
@@ -83,22 +94,33 @@ pub fn open(backend: Arc<dyn Backend>, passphrase: Option<Vec<u8>>, opts: &Mount
 /// There is deliberately no auto-unmount: if the daemon is killed, the
 /// mountpoint fails with ENOTCONN ("Transport endpoint is not connected")
 /// until `fusermount3 -u`, instead of silently looking like an empty folder.
-pub fn mount(fs: EkkoFs, mountpoint: &Path, opts: &MountOptions) -> std::io::Result<fuser::BackgroundSession> {
+pub fn mount(
+    fs: EkkoFs,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> std::io::Result<fuser::BackgroundSession> {
     let is_root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::RO,
         MountOption::FSName("ekko".into()),
         MountOption::Subtype("ekko".into()),
-        MountOption::DefaultPermissions,
         MountOption::NoDev,
         MountOption::NoSuid,
         MountOption::NoAtime,
     ];
-    // As root, let other users in (permissions still apply: the synthetic
-    // folders are the owner's only, guest files keep their guest modes).
-    // Other users would need user_allow_other in /etc/fuse.conf.
-    config.acl = if is_root { SessionACL::All } else { SessionACL::Owner };
+    if is_root {
+        // Other users may come in, and the kernel checks permissions: the
+        // synthetic folders are root's only (0500), so guest files, which
+        // keep their guest owners and modes, are reached by root alone.
+        config.mount_options.push(MountOption::DefaultPermissions);
+        config.acl = SessionACL::All;
+    } else {
+        // Only the user who mounted gets in (FUSE refuses everyone else),
+        // and guest owners mean nothing on the host: that user reads every
+        // guest file, as root would.
+        config.acl = SessionACL::Owner;
+    }
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
     fuser::Session::new(fs, mountpoint, &config)?.spawn()

@@ -98,14 +98,33 @@ fn check_mountpoint(mp: &Path) -> anyhow::Result<()> {
     }
 }
 
+fn sighup_ignored() -> bool {
+    // SAFETY: sigaction with a null new action only reads the current
+    // disposition into a zeroed struct that we own.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_IGN
+    }
+}
+
 fn run(cli: &Cli) -> anyhow::Result<()> {
-    let repo = cli.repo.as_ref().context("no repository given: use --repo PATH or set EKKO_REPO")?;
+    let repo = cli
+        .repo
+        .as_ref()
+        .context("no repository given: use --repo PATH or set EKKO_REPO")?;
     check_mountpoint(&cli.mountpoint)?;
 
     // Before mounting, so that a signal never leaves a mount behind.
     let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
-        signal_hook::flag::register(sig, Arc::clone(&stop)).context("installing signal handlers")?;
+    let mut signals = vec![signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM];
+    // A hang-up unmounts too, unless it is ignored (`nohup ekko mount …`).
+    if !sighup_ignored() {
+        signals.push(signal_hook::consts::SIGHUP);
+    }
+    for sig in signals {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("installing signal handlers")?;
     }
 
     let passphrase = ekko::secret::from_env(cli.password_file.as_deref())?;
@@ -145,10 +164,17 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             // Files are still open below it: detach now; the kernel drops
             // the mount when they are closed (or when this process exits).
             tracing::warn!("{} is busy; detaching it lazily", cli.mountpoint.display());
-            let status = std::process::Command::new("fusermount3").arg("-u").arg("-z").arg(&cli.mountpoint).status();
+            let status = std::process::Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(&cli.mountpoint)
+                .status();
             match status {
                 Ok(s) if s.success() => Ok(()),
-                Ok(s) => bail!("fusermount3 -u -z {} failed ({s})", cli.mountpoint.display()),
+                Ok(s) => bail!(
+                    "fusermount3 -u -z {} failed ({s})",
+                    cli.mountpoint.display()
+                ),
                 Err(e) => Err(e).context("running fusermount3"),
             }
         }

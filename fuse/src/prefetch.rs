@@ -32,22 +32,29 @@ impl Prefetcher {
         if window == 0 || threads == 0 {
             return Prefetcher { tx: None, window };
         }
-        let (tx, rx) = bounded::<(Arc<DiskReader>, u64)>(usize::try_from(window).unwrap_or(64).saturating_mul(4));
+        let (tx, rx) = bounded::<(Arc<DiskReader>, u64)>(
+            usize::try_from(window).unwrap_or(64).saturating_mul(4),
+        );
         for i in 0..threads {
             let rx = rx.clone();
-            let spawned = std::thread::Builder::new().name(format!("ekko-prefetch-{i}")).spawn(move || {
-                for (reader, idx) in rx {
-                    // Errors surface, with their log line, when the data is
-                    // actually read.
-                    reader.prefetch(idx, idx + 1);
-                }
-            });
+            let spawned = std::thread::Builder::new()
+                .name(format!("ekko-prefetch-{i}"))
+                .spawn(move || {
+                    for (reader, idx) in rx {
+                        // Errors surface, with their log line, when the data is
+                        // actually read.
+                        reader.prefetch(idx, idx + 1);
+                    }
+                });
             if let Err(e) = spawned {
                 tracing::warn!("cannot start a read-ahead thread ({e}); reading without it");
                 return Prefetcher { tx: None, window };
             }
         }
-        Prefetcher { tx: Some(tx), window }
+        Prefetcher {
+            tx: Some(tx),
+            window,
+        }
     }
 
     /// Note a read of `len` bytes at `offset` and fetch ahead if the reader
@@ -58,8 +65,13 @@ impl Prefetcher {
         let end = offset.saturating_add(len);
         // Parallel kernel read-ahead requests arrive slightly out of order:
         // anything near the previous end counts as sequential.
-        let sequential = offset <= cursor.last_end.saturating_add(2 * cs) && end.saturating_add(2 * cs) > cursor.last_end;
-        cursor.last_end = if sequential { cursor.last_end.max(end) } else { end };
+        let sequential = offset <= cursor.last_end.saturating_add(2 * cs)
+            && end.saturating_add(2 * cs) > cursor.last_end;
+        cursor.last_end = if sequential {
+            cursor.last_end.max(end)
+        } else {
+            end
+        };
         if !sequential || cursor.last_end == 0 {
             cursor.ahead = 0;
             return;

@@ -49,7 +49,9 @@ pub fn parse(read: &dyn Fn(&mut [u8], u64) -> Result<()>, size: u64) -> Result<T
     if mbr[510..512] != [0x55, 0xaa] {
         return Ok(Table::None);
     }
-    let entries: Vec<MbrEntry> = (0..4).map(|i| MbrEntry::parse(&mbr[446 + 16 * i..462 + 16 * i])).collect();
+    let entries: Vec<MbrEntry> = (0..4)
+        .map(|i| MbrEntry::parse(&mbr[446 + 16 * i..462 + 16 * i]))
+        .collect();
     // A boot sector of a filesystem (FAT) also ends in 55 AA; real partition
     // entries have a status of 0 or 0x80.
     if entries.iter().any(|e| e.status != 0 && e.status != 0x80) {
@@ -73,7 +75,14 @@ pub fn parse(read: &dyn Fn(&mut [u8], u64) -> Result<()>, size: u64) -> Result<T
             parse_logical(read, size, u64::from(e.start), &mut parts)?;
             continue;
         }
-        if let Some(p) = clip(number, u64::from(e.start), u64::from(e.sectors), SECTOR, size, format!("mbr {:#04x}", e.kind)) {
+        if let Some(p) = clip(
+            number,
+            u64::from(e.start),
+            u64::from(e.sectors),
+            SECTOR,
+            size,
+            format!("mbr {:#04x}", e.kind),
+        ) {
             parts.push(p);
         }
     }
@@ -93,19 +102,36 @@ struct MbrEntry {
 
 impl MbrEntry {
     fn parse(b: &[u8]) -> MbrEntry {
-        MbrEntry { status: b[0], kind: b[4], start: u32_at(b, 8), sectors: u32_at(b, 12) }
+        MbrEntry {
+            status: b[0],
+            kind: b[4],
+            start: u32_at(b, 8),
+            sectors: u32_at(b, 12),
+        }
     }
 }
 
 /// A partition of `count` sectors from `start`, cut to the disk's end; `None`
 /// when it lies entirely outside the disk.
-fn clip(number: u32, start: u64, count: u64, sector: u64, disk: u64, kind: String) -> Option<Partition> {
+fn clip(
+    number: u32,
+    start: u64,
+    count: u64,
+    sector: u64,
+    disk: u64,
+    kind: String,
+) -> Option<Partition> {
     let offset = start.checked_mul(sector)?;
     if offset >= disk || count == 0 {
         return None;
     }
-    let size = count.checked_mul(sector).unwrap_or(u64::MAX).min(disk - offset);
-    Some(Partition { number, offset, size, kind })
+    let size = count.saturating_mul(sector).min(disk - offset);
+    Some(Partition {
+        number,
+        offset,
+        size,
+        kind,
+    })
 }
 
 /// Walk the chain of extended boot records that starts at LBA `ext_start`.
@@ -119,7 +145,12 @@ fn parse_logical(
     let mut seen = std::collections::HashSet::new();
     let mut number = 5;
     while number < 5 + MAX_LOGICAL && seen.insert(ebr_lba) {
-        let Some(off) = ebr_lba.checked_mul(SECTOR).filter(|o| o.saturating_add(SECTOR) <= size) else { break };
+        let Some(off) = ebr_lba
+            .checked_mul(SECTOR)
+            .filter(|o| o.saturating_add(SECTOR) <= size)
+        else {
+            break;
+        };
         let mut ebr = [0u8; 512];
         read(&mut ebr, off)?;
         if ebr[510..512] != [0x55, 0xaa] {
@@ -149,7 +180,11 @@ fn parse_logical(
 }
 
 /// The GPT at LBA 1 (or, if that one is damaged, its backup), or `None`.
-fn parse_gpt(read: &dyn Fn(&mut [u8], u64) -> Result<()>, size: u64, sector: u64) -> Result<Option<Vec<Partition>>> {
+fn parse_gpt(
+    read: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    size: u64,
+    sector: u64,
+) -> Result<Option<Vec<Partition>>> {
     let last_lba = size / sector - 1;
     for lba in [1, last_lba] {
         if let Some(parts) = parse_gpt_at(read, size, sector, lba)? {
@@ -165,7 +200,12 @@ fn parse_gpt_at(
     sector: u64,
     lba: u64,
 ) -> Result<Option<Vec<Partition>>> {
-    let Some(off) = lba.checked_mul(sector).filter(|o| o.saturating_add(sector) <= size) else { return Ok(None) };
+    let Some(off) = lba
+        .checked_mul(sector)
+        .filter(|o| o.saturating_add(sector) <= size)
+    else {
+        return Ok(None);
+    };
     let mut hdr = vec![0u8; usize::try_from(sector).expect("small")];
     read(&mut hdr, off)?;
     if &hdr[..8] != b"EFI PART" {
@@ -185,17 +225,22 @@ fn parse_gpt_at(
     let entries_lba = u64_at(&hdr, 72);
     let count = u32_at(&hdr, 80);
     let esize = u32_at(&hdr, 84);
-    if count > MAX_GPT_ENTRIES || !(128..=4096).contains(&esize) || esize % 8 != 0 {
+    if count > MAX_GPT_ENTRIES || !(128..=4096).contains(&esize) || esize & 7 != 0 {
         return Ok(None);
     }
     let total = u64::from(count) * u64::from(esize);
-    let Some(eoff) = entries_lba.checked_mul(sector).filter(|o| o.saturating_add(total) <= size) else {
+    let Some(eoff) = entries_lba
+        .checked_mul(sector)
+        .filter(|o| o.saturating_add(total) <= size)
+    else {
         return Ok(None);
     };
     let mut table = vec![0u8; usize::try_from(total).expect("at most 4 MiB")];
     read(&mut table, eoff)?;
     if crc32(&table) != u32_at(&hdr, 88) {
-        tracing::warn!("GPT partition entries for the header at LBA {lba} have a bad checksum; ignoring them");
+        tracing::warn!(
+            "GPT partition entries for the header at LBA {lba} have a bad checksum; ignoring them"
+        );
         return Ok(None);
     }
     let esize = usize::try_from(esize).expect("small");
@@ -210,7 +255,14 @@ fn parse_gpt_at(
             continue;
         }
         let number = u32::try_from(i).expect("at most 1024") + 1;
-        if let Some(p) = clip(number, first, last - first + 1, sector, size, format!("gpt {}", guid(type_guid))) {
+        if let Some(p) = clip(
+            number,
+            first,
+            last - first + 1,
+            sector,
+            size,
+            format!("gpt {}", guid(type_guid)),
+        ) {
             parts.push(p);
         }
     }
@@ -226,7 +278,10 @@ fn guid(b: &[u8]) -> String {
         u16::from_le_bytes([b[6], b[7]]),
         b[8],
         b[9],
-        b[10..16].iter().map(|x| format!("{x:02x}")).collect::<String>()
+        b[10..16]
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<String>()
     )
 }
 
@@ -236,7 +291,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -291,8 +350,14 @@ mod tests {
         let t = parse(&reader(&img), 8 << 20).unwrap();
         let Table::Mbr(p) = t else { panic!("{t:?}") };
         assert_eq!(p.len(), 3);
-        assert_eq!((p[0].number, p[0].offset, p[0].size), (1, 2048 * 512, 2048 * 512));
-        assert_eq!((p[1].number, p[1].offset, p[1].size), (5, 6144 * 512, 1024 * 512));
+        assert_eq!(
+            (p[0].number, p[0].offset, p[0].size),
+            (1, 2048 * 512, 2048 * 512)
+        );
+        assert_eq!(
+            (p[1].number, p[1].offset, p[1].size),
+            (5, 6144 * 512, 1024 * 512)
+        );
         assert_eq!((p[2].number, p[2].offset), (6, 10240 * 512));
         assert_eq!(p[2].offset + p[2].size, 8 << 20);
     }
@@ -334,6 +399,14 @@ mod tests {
         img[512..512 + 8].copy_from_slice(b"EFI PART");
         let t = parse(&reader(&img), size).unwrap();
         let Table::Gpt(p) = t else { panic!("{t:?}") };
-        assert_eq!(p, vec![Partition { number: 1, offset: 2048 * 512, size: 2048 * 512, kind: p[0].kind.clone() }]);
+        assert_eq!(
+            p,
+            vec![Partition {
+                number: 1,
+                offset: 2048 * 512,
+                size: 2048 * 512,
+                kind: p[0].kind.clone()
+            }]
+        );
     }
 }

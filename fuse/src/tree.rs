@@ -24,19 +24,38 @@ pub enum Kind {
     /// `ids/`: one link per snapshot id.
     Ids,
     /// `<vm>/`
-    Vm { vm: String },
+    Vm {
+        vm: String,
+    },
     /// `<vm>/latest`, pointing at the newest `<time>`.
-    Latest { vm: String },
+    Latest {
+        vm: String,
+    },
     /// `ids/<id>`
-    IdLink { snap: Arc<SnapEntry> },
+    IdLink {
+        snap: Arc<SnapEntry>,
+    },
     /// `<vm>/<time>/`
-    Snap { snap: Arc<SnapEntry> },
+    Snap {
+        snap: Arc<SnapEntry>,
+    },
     /// `<vm>/<time>/<disk>.img`
-    Image { snap: Arc<SnapEntry>, disk: String },
+    Image {
+        snap: Arc<SnapEntry>,
+        disk: String,
+    },
     /// `<vm>/<time>/<disk>/`
-    DiskDir { snap: Arc<SnapEntry>, disk: String, volumes: Mutex<Option<Arc<Volumes>>> },
+    DiskDir {
+        snap: Arc<SnapEntry>,
+        disk: String,
+        volumes: Mutex<Option<Arc<Volumes>>>,
+    },
     /// A path inside a guest filesystem; `/` is the partition folder itself.
-    Guest { vol: Arc<Volume>, path: Vec<u8>, meta: RwLock<Option<ext4_view::Metadata>> },
+    Guest {
+        vol: Arc<Volume>,
+        path: Vec<u8>,
+        meta: RwLock<Option<ext4_view::Metadata>>,
+    },
 }
 
 pub struct Node {
@@ -58,8 +77,15 @@ impl Default for Tree {
 
 impl Tree {
     pub fn new() -> Tree {
-        let root = Arc::new(Node { ino: ROOT, parent: ROOT, kind: Kind::Root });
-        Tree { nodes: RwLock::new(vec![root]), children: Mutex::new(HashMap::new()) }
+        let root = Arc::new(Node {
+            ino: ROOT,
+            parent: ROOT,
+            kind: Kind::Root,
+        });
+        Tree {
+            nodes: RwLock::new(vec![root]),
+            children: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn get(&self, ino: u64) -> Option<Arc<Node>> {
@@ -74,7 +100,13 @@ impl Tree {
 
     /// The node for `name` in `parent`: the existing one if `same` accepts
     /// it, otherwise a new one made by `make`.
-    pub fn child(&self, parent: u64, name: &[u8], same: impl Fn(&Kind) -> bool, make: impl FnOnce() -> Kind) -> Arc<Node> {
+    pub fn child(
+        &self,
+        parent: u64,
+        name: &[u8],
+        same: impl Fn(&Kind) -> bool,
+        make: impl FnOnce() -> Kind,
+    ) -> Arc<Node> {
         let mut children = self.children.lock().expect("children lock");
         let key = (parent, name.to_vec());
         if let Some(ino) = children.get(&key) {
@@ -86,7 +118,11 @@ impl Tree {
         }
         let mut nodes = self.nodes.write().expect("tree lock");
         let ino = u64::try_from(nodes.len()).expect("fits") + 1;
-        let node = Arc::new(Node { ino, parent, kind: make() });
+        let node = Arc::new(Node {
+            ino,
+            parent,
+            kind: make(),
+        });
         nodes.push(Arc::clone(&node));
         children.insert(key, ino);
         node
@@ -100,7 +136,14 @@ pub struct Owner {
     pub gid: u32,
 }
 
-fn attr(ino: u64, kind: FileType, perm: u16, size: u64, time: SystemTime, owner: Owner) -> FileAttr {
+fn attr(
+    ino: u64,
+    kind: FileType,
+    perm: u16,
+    size: u64,
+    time: SystemTime,
+    owner: Owner,
+) -> FileAttr {
     FileAttr {
         ino: INodeNo(ino),
         size,
@@ -131,7 +174,14 @@ pub fn image_attr(ino: u64, size: u64, time: SystemTime, owner: Owner) -> FileAt
 }
 
 pub fn link_attr(ino: u64, target_len: usize, time: SystemTime, owner: Owner) -> FileAttr {
-    attr(ino, FileType::Symlink, 0o777, u64::try_from(target_len).unwrap_or(0), time, owner)
+    attr(
+        ino,
+        FileType::Symlink,
+        0o777,
+        u64::try_from(target_len).unwrap_or(0),
+        time,
+        owner,
+    )
 }
 
 fn guest_time(t: ext4_view::Timestamp) -> SystemTime {
