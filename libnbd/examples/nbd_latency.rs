@@ -7,7 +7,9 @@ use std::time::Instant;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let uri = args.next().ok_or("usage: nbd_latency URI [READS] [SPAN_BYTES]")?;
+    let uri = args
+        .next()
+        .ok_or("usage: nbd_latency URI [READS] [SPAN_BYTES]")?;
     let reads: usize = args.next().map_or(Ok(2000), |s| s.parse())?;
     let h = ekko_libnbd::Handle::new()?;
     h.connect_uri(&uri)?;
