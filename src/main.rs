@@ -18,11 +18,28 @@ fn main() -> ExitCode {
                     return ExitCode::SUCCESS;
                 }
             }
-            eprintln!("ekko: error: {e:#}");
+            eprintln!("ekko: error: {}", error_chain(&e));
             let damage = e
                 .downcast_ref::<ekko::Error>()
                 .is_some_and(ekko::Error::is_damage);
             ExitCode::from(if damage { 3 } else { 1 })
         }
     }
+}
+
+/// The error and its causes on one line, leaving out a cause whose text the
+/// message before it already contains (library errors embed their source).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
