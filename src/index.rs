@@ -68,7 +68,8 @@ fn loc_from(b: &[u8]) -> Option<Location> {
 
 enum Store {
     Redb(redb::Database),
-    Memory(RwLock<HashMap<ChunkId, Location>>),
+    /// The entries, and the index files they came from.
+    Memory(RwLock<(HashMap<ChunkId, Location>, HashSet<String>)>),
 }
 
 pub struct Index {
@@ -117,16 +118,48 @@ impl Index {
                 ),
             }
         }
-        let mut map = HashMap::new();
-        for name in listed.keys() {
-            for (id, loc) in read_index_file(backend, keys, name)? {
-                map.insert(id, loc);
-            }
-        }
-        Ok(Index {
-            store: Store::Memory(RwLock::new(map)),
+        let idx = Index {
+            store: Store::Memory(RwLock::default()),
             pending: RwLock::default(),
-        })
+        };
+        idx.load_new_into_memory(backend, keys, &listed)?;
+        Ok(idx)
+    }
+
+    /// Take in index files written since this index was opened (by other
+    /// processes, e.g. a backup while a FUSE mount or NBD server runs).
+    pub fn refresh(&self, backend: &dyn Backend, keys: &Keys) -> Result<()> {
+        let listed: HashMap<String, u64> = backend
+            .list("index/")?
+            .into_iter()
+            .map(|o| (o.name, o.size))
+            .collect();
+        match &self.store {
+            Store::Redb(_) => self.sync_cache(backend, keys, &listed),
+            Store::Memory(_) => self.load_new_into_memory(backend, keys, &listed),
+        }
+    }
+
+    fn load_new_into_memory(
+        &self,
+        backend: &dyn Backend,
+        keys: &Keys,
+        listed: &HashMap<String, u64>,
+    ) -> Result<()> {
+        let Store::Memory(m) = &self.store else {
+            return Ok(());
+        };
+        let new: Vec<&String> = {
+            let g = m.read().expect("index lock");
+            listed.keys().filter(|n| !g.1.contains(*n)).collect()
+        };
+        for name in new {
+            let entries = read_index_file(backend, keys, name)?;
+            let mut g = m.write().expect("index lock");
+            g.0.extend(entries);
+            g.1.insert(name.clone());
+        }
+        Ok(())
     }
 
     fn open_cache(path: &Path) -> Result<redb::Database> {
@@ -214,7 +247,7 @@ impl Index {
             return Ok(Some(*l));
         }
         match &self.store {
-            Store::Memory(m) => Ok(m.read().expect("index lock").get(id).copied()),
+            Store::Memory(m) => Ok(m.read().expect("index lock").0.get(id).copied()),
             Store::Redb(db) => {
                 let tx = db.begin_read().map_err(cache_err)?;
                 let t = match tx.open_table(CHUNKS) {
@@ -256,10 +289,11 @@ impl Index {
         backend.put(&name, &data)?;
         let size = u64::try_from(data.len()).expect("fits");
         match &self.store {
-            Store::Memory(m) => m
-                .write()
-                .expect("index lock")
-                .extend(entries.iter().copied()),
+            Store::Memory(m) => {
+                let mut g = m.write().expect("index lock");
+                g.0.extend(entries.iter().copied());
+                g.1.insert(name.clone());
+            }
             Store::Redb(db) => {
                 let tx = db.begin_write().map_err(cache_err)?;
                 {
@@ -290,4 +324,47 @@ pub fn default_cache_path(repo_id: &str) -> Option<PathBuf> {
         .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("ekko")))
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/ekko")))?;
     Some(base.join(repo_id).join("index.redb"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::LocalBackend;
+
+    fn loc(i: u8) -> Location {
+        Location {
+            pack: ObjectId([i; 16]),
+            offset: 16,
+            stored_len: 100,
+            raw_len: 200,
+            kind: ChunkKind::Data,
+            compressed: true,
+        }
+    }
+
+    #[test]
+    fn refresh_takes_in_index_files_of_other_writers() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = LocalBackend::new(dir.path().join("repo"));
+        let keys = Keys::from_master(&[8; 64]);
+        let cache = dir.path().join("cache/index.redb");
+        for cache in [None, Some(cache.as_path())] {
+            let reader = Index::open(&backend, &keys, cache).unwrap();
+            let writer = Index::open(&backend, &keys, None).unwrap();
+            let id = ChunkId([rand_byte(cache.is_some()); 32]);
+            writer.add_pending(vec![(id, loc(1))]);
+            writer.flush(&backend, &keys).unwrap();
+            assert_eq!(reader.lookup(&id).unwrap(), None);
+            reader.refresh(&backend, &keys).unwrap();
+            assert_eq!(reader.lookup(&id).unwrap(), Some(loc(1)));
+        }
+    }
+
+    fn rand_byte(second: bool) -> u8 {
+        if second {
+            2
+        } else {
+            1
+        }
+    }
 }

@@ -295,6 +295,12 @@ impl Repository {
         &self.index
     }
 
+    /// Take in chunks that other processes committed since this repository
+    /// was opened, so that their newer snapshots can be read.
+    pub fn refresh_index(&self) -> Result<()> {
+        self.index.refresh(self.backend.as_ref(), &self.keys)
+    }
+
     pub fn encode_chunk(&self, kind: ChunkKind, plain: &[u8]) -> EncodedChunk {
         let id = self.keys.chunk_id(plain);
         chunk::encode(&self.keys, id, kind, plain, self.config.compression_level)
