@@ -17,8 +17,8 @@ use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use ekko::DiskReader;
@@ -62,6 +62,11 @@ pub struct EkkoFs {
     owner: Owner,
     mounted_at: SystemTime,
     settings: Settings,
+    /// Set once the kernel's read-ahead for the mount has been raised: it
+    /// then sends several large reads of an image at once, which decode in
+    /// parallel on the FUSE threads, and read-ahead in the daemon would only
+    /// duplicate work (measured: a third more CPU, and slower).
+    kernel_read_ahead: Arc<AtomicBool>,
 }
 
 enum Handle {
@@ -76,6 +81,59 @@ enum Handle {
         size: u64,
     },
     Dir(Vec<DirEntry>),
+}
+
+/// The bytes of a read reply. Most reads of an image fall within one chunk
+/// (the kernel asks for aligned runs of up to `MAX_READ`): the reply then
+/// points into the cached chunk, or into a static page of zeros for a hole,
+/// without a copy.
+enum Data {
+    Owned(Vec<u8>),
+    Chunk(Arc<Vec<u8>>, std::ops::Range<usize>),
+    Zeros(usize),
+}
+
+/// As many zeros as the largest read (in .bss: no memory until touched).
+static ZEROS: [u8; MAX_READ as usize] = [0; MAX_READ as usize];
+
+impl Data {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Data::Owned(v) => v,
+            Data::Chunk(c, r) => &c[r.clone()],
+            Data::Zeros(n) => &ZEROS[..*n],
+        }
+    }
+}
+
+/// `n` bytes (at most `MAX_READ`, within the disk) of an image at `offset`.
+fn image_read(reader: &DiskReader, offset: u64, n: u64) -> ekko::Result<Data> {
+    let cs = reader.chunk_size();
+    let idx = offset / cs;
+    let within = offset % cs;
+    let to_usize = |v: u64| usize::try_from(v).expect("below MAX_READ or the chunk size");
+    if within + n <= cs {
+        let start = to_usize(within);
+        return Ok(match reader.block(idx)? {
+            None => Data::Zeros(to_usize(n)),
+            Some(chunk) => Data::Chunk(chunk, start..start + to_usize(n)),
+        });
+    }
+    // Across chunk boundaries: one copy, chunk by chunk.
+    let mut buf = Vec::with_capacity(to_usize(n));
+    let end = offset + n;
+    let mut pos = offset;
+    while pos < end {
+        let idx = pos / cs;
+        let within = to_usize(pos % cs);
+        let take = to_usize((cs - pos % cs).min(end - pos));
+        match reader.block(idx)? {
+            None => buf.extend_from_slice(&ZEROS[..take]),
+            Some(chunk) => buf.extend_from_slice(&chunk[within..within + take]),
+        }
+        pos += u64::try_from(take).expect("fits");
+    }
+    Ok(Data::Owned(buf))
 }
 
 struct DirEntry {
@@ -116,7 +174,13 @@ impl EkkoFs {
             owner,
             mounted_at: SystemTime::now(),
             settings,
+            kernel_read_ahead: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Set this to true when the kernel's read-ahead has been raised.
+    pub fn kernel_read_ahead_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.kernel_read_ahead)
     }
 
     fn node(&self, ino: INodeNo) -> Res<Arc<Node>> {
@@ -283,7 +347,11 @@ impl EkkoFs {
                             parent.ino,
                             bytes,
                             |_| true,
-                            || Kind::Image { snap, disk },
+                            || Kind::Image {
+                                snap,
+                                disk,
+                                data_blocks: OnceLock::new(),
+                            },
                         ));
                     }
                     if n == dir {
@@ -367,13 +435,18 @@ impl EkkoFs {
             Kind::Snap { snap } | Kind::DiskDir { snap, .. } => {
                 (tree::dir_attr(ino, snap.time, o), LONG_TTL)
             }
-            Kind::Image { snap, disk } => {
+            Kind::Image {
+                snap,
+                disk,
+                data_blocks,
+            } => {
                 let size = snap
                     .snap
                     .disk(disk)
                     .map(|d| d.size)
                     .map_err(|e| errno(&"image", &FsError::Core(e)))?;
-                (tree::image_attr(ino, size, snap.time, o), LONG_TTL)
+                let blocks = self.data_blocks(snap, disk, data_blocks, size);
+                (tree::image_attr(ino, size, blocks, snap.time, o), LONG_TTL)
             }
             Kind::Guest { vol, path, meta } => {
                 if let Some(m) = &*meta.read().unwrap_or_else(PoisonError::into_inner) {
@@ -401,6 +474,42 @@ impl EkkoFs {
                 }
             }
         })
+    }
+
+    /// `st_blocks` of a disk image: its data chunks in 512-byte units, from
+    /// the block map (one cached lookup per chunk, once per image). Holes
+    /// take no room, so tools that copy sparse files see one. If the map
+    /// cannot be read, the image counts as all data (and the count is tried
+    /// again next time).
+    fn data_blocks(
+        &self,
+        snap: &Arc<SnapEntry>,
+        disk: &str,
+        cell: &OnceLock<u64>,
+        size: u64,
+    ) -> u64 {
+        if let Some(b) = cell.get() {
+            return *b;
+        }
+        let counted = self
+            .catalog
+            .reader(snap, disk)
+            .and_then(|r| r.extents(0, size))
+            .map(|ext| {
+                ext.iter()
+                    .filter(|e| e.data)
+                    .map(|e| e.len)
+                    .sum::<u64>()
+                    .div_ceil(512)
+            });
+        match counted {
+            Ok(b) => *cell.get_or_init(|| b),
+            Err(e) => {
+                let label = format!("{}.img", Self::disk_label(snap, disk));
+                tracing::warn!("{label}: cannot count its data blocks ({e}); reported as all data");
+                size.div_ceil(512)
+            }
+        }
     }
 
     fn list(&self, node: &Node) -> Res<Vec<DirEntry>> {
@@ -489,7 +598,11 @@ impl EkkoFs {
                         node.ino,
                         img.as_bytes(),
                         |_| true,
-                        || Kind::Image { snap: s, disk: d },
+                        || Kind::Image {
+                            snap: s,
+                            disk: d,
+                            data_blocks: OnceLock::new(),
+                        },
                     );
                     add(&n, FileType::RegularFile, img.as_bytes());
                     let s = Arc::clone(snap);
@@ -541,7 +654,7 @@ impl EkkoFs {
 
     fn open_node(&self, node: &Node) -> Res<Handle> {
         match &node.kind {
-            Kind::Image { snap, disk } => {
+            Kind::Image { snap, disk, .. } => {
                 let label = format!("{}.img", Self::disk_label(snap, disk));
                 let reader = self
                     .catalog
@@ -571,7 +684,7 @@ impl EkkoFs {
         }
     }
 
-    fn read_handle(&self, fh: FileHandle, offset: u64, size: u32) -> Res<Vec<u8>> {
+    fn read_handle(&self, fh: FileHandle, offset: u64, size: u32) -> Res<Data> {
         let len = u64::from(size.min(MAX_READ));
         match &*self.handle(fh)? {
             Handle::Image {
@@ -581,15 +694,15 @@ impl EkkoFs {
             } => {
                 let disk = reader.size();
                 if offset >= disk {
-                    return Ok(Vec::new());
+                    return Ok(Data::Owned(Vec::new()));
                 }
-                let n = usize::try_from(len.min(disk - offset)).map_err(|_| Errno::EINVAL)?;
-                let mut buf = vec![0u8; n];
-                reader.read_at(&mut buf, offset).map_err(|e| {
-                    errno(&format!("{label} at offset {offset}"), &FsError::Core(e))
-                })?;
-                self.prefetch.hint(reader, &mut lock(cursor), offset, len);
-                Ok(buf)
+                let n = len.min(disk - offset);
+                let map = |e| errno(&format!("{label} at offset {offset}"), &FsError::Core(e));
+                let data = image_read(reader, offset, n).map_err(map)?;
+                if !self.kernel_read_ahead.load(Ordering::Relaxed) {
+                    self.prefetch.hint(reader, &mut lock(cursor), offset, len);
+                }
+                Ok(data)
             }
             Handle::Guest { vol, path, .. } => {
                 let label = format!(
@@ -599,6 +712,7 @@ impl EkkoFs {
                 );
                 let n = usize::try_from(len).map_err(|_| Errno::EINVAL)?;
                 vol.read(fh.0, path.clone(), offset, n)
+                    .map(Data::Owned)
                     .map_err(|e| errno(&label, &e))
             }
             Handle::Dir(_) => Err(Errno::EISDIR),
@@ -709,7 +823,7 @@ impl Filesystem for EkkoFs {
         reply: ReplyData,
     ) {
         match self.read_handle(fh, offset, size) {
-            Ok(buf) => reply.data(&buf),
+            Ok(data) => reply.data(data.bytes()),
             Err(e) => reply.error(e),
         }
     }

@@ -26,6 +26,7 @@ mod prefetch;
 mod ptable;
 mod tree;
 
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -51,6 +52,9 @@ pub struct MountOptions {
     pub read_ahead_chunks: u64,
     /// Threads per guest filesystem.
     pub guest_workers: usize,
+    /// The kernel's read-ahead for files of the mount, in KiB (the mount's
+    /// `/sys/class/bdi/<dev>/read_ahead_kb`); 0 leaves it as it is. Needs root.
+    pub kernel_read_ahead_kib: u32,
 }
 
 impl Default for MountOptions {
@@ -61,6 +65,7 @@ impl Default for MountOptions {
             map_nodes: 8192,
             read_ahead_chunks: 8,
             guest_workers: 2,
+            kernel_read_ahead_kib: 4 << 10,
         }
     }
 }
@@ -123,5 +128,85 @@ pub fn mount(
     }
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    fuser::Session::new(fs, mountpoint, &config)?.spawn()
+    let raised = fs.kernel_read_ahead_flag();
+    let session = fuser::Session::new(fs, mountpoint, &config)?.spawn()?;
+    if is_root
+        && opts.kernel_read_ahead_kib > 0
+        && raise_read_ahead(mountpoint, opts.kernel_read_ahead_kib)
+    {
+        raised.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(session)
+}
+
+/// The `major:minor` of the FUSE mount at `mountpoint`, once the kernel has
+/// the daemon's init reply (which would otherwise reset the read-ahead).
+///
+/// Neither step asks for the root's attributes: the kernel would cache them
+/// for a second, and a daemon killed within that second would leave a mount
+/// that looks like a folder instead of failing with ENOTCONN.
+fn mount_device(mountpoint: &Path) -> Option<String> {
+    let mp = std::fs::canonicalize(mountpoint).ok()?;
+    let c = std::ffi::CString::new(mp.as_os_str().as_bytes()).ok()?;
+    // statfs waits until the connection is initialized; nothing is cached.
+    // SAFETY: `c` is a valid C string and `st` a zeroed struct that we own.
+    let ok = unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0
+    };
+    if !ok {
+        return None;
+    }
+    // /proc/self/mountinfo: "id parent major:minor root mountpoint …", with
+    // spaces and the like in paths escaped as \ooo; the last match is on top.
+    let want = mountinfo_escape(mp.as_os_str().as_bytes());
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.len() > 4 && f[4].as_bytes() == want.as_slice()).then(|| f[2].to_string())
+        })
+        .next_back()
+}
+
+fn mountinfo_escape(path: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(path.len());
+    for &b in path {
+        if matches!(b, b' ' | b'\t' | b'\n' | b'\\') {
+            out.extend_from_slice(format!("\\{b:03o}").as_bytes());
+        } else {
+            out.push(b);
+        }
+    }
+    out
+}
+
+/// Raise the kernel's read-ahead for the mount (best effort).
+///
+/// The kernel offers FUSE the default read-ahead (128 KiB) at init, and a
+/// daemon can only lower it there; sequential reads of `<disk>.img` then
+/// come as many small requests, mostly one at a time. A larger window makes
+/// the kernel send requests of the largest size (`MAX_READ`) several at a
+/// time, so that chunks are fetched and decoded in parallel. The setting
+/// belongs to the mount's backing device and applies to files opened
+/// afterwards.
+fn raise_read_ahead(mountpoint: &Path, kib: u32) -> bool {
+    let Some(dev) = mount_device(mountpoint) else {
+        tracing::warn!(
+            "cannot find the device of {}; read-ahead left as it is",
+            mountpoint.display()
+        );
+        return false;
+    };
+    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    match std::fs::write(&path, format!("{kib}\n")) {
+        Ok(()) => {
+            tracing::debug!("{path}: read-ahead set to {kib} KiB");
+            true
+        }
+        Err(e) => {
+            tracing::warn!("cannot set {path} ({e}); read-ahead left as it is");
+            false
+        }
+    }
 }

@@ -55,6 +55,11 @@ struct Cli {
     /// Chunks to fetch ahead of a sequential reader (0: off).
     #[arg(long, value_name = "CHUNKS", default_value_t = 8)]
     read_ahead: u64,
+
+    /// The kernel's read-ahead for the mount, in KiB (root only; 0: leave
+    /// the system's default).
+    #[arg(long, value_name = "KIB", default_value_t = 4096)]
+    kernel_read_ahead: u32,
 }
 
 fn init_logging(verbose: u8) {
@@ -133,6 +138,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         threads: cli.threads.max(1),
         cache_bytes: cli.cache_size.saturating_mul(1 << 20),
         read_ahead_chunks: cli.read_ahead,
+        kernel_read_ahead_kib: cli.kernel_read_ahead,
         ..ekko_fuse::MountOptions::default()
     };
     let started = Instant::now();

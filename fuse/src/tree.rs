@@ -6,7 +6,7 @@
 //! here does I/O.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType, INodeNo};
@@ -43,6 +43,8 @@ pub enum Kind {
     Image {
         snap: Arc<SnapEntry>,
         disk: String,
+        /// 512-byte units of data (not holes), counted on first use.
+        data_blocks: OnceLock<u64>,
     },
     /// `<vm>/<time>/<disk>/`
     DiskDir {
@@ -169,8 +171,13 @@ pub fn dir_attr(ino: u64, time: SystemTime, owner: Owner) -> FileAttr {
     attr(ino, FileType::Directory, 0o500, 0, time, owner)
 }
 
-pub fn image_attr(ino: u64, size: u64, time: SystemTime, owner: Owner) -> FileAttr {
-    attr(ino, FileType::RegularFile, 0o400, size, time, owner)
+/// A disk image. `blocks` counts its data only, in 512-byte units, so that
+/// `cp`, `tar` and `qemu-img` see a sparse file and look for its holes.
+pub fn image_attr(ino: u64, size: u64, blocks: u64, time: SystemTime, owner: Owner) -> FileAttr {
+    FileAttr {
+        blocks,
+        ..attr(ino, FileType::RegularFile, 0o400, size, time, owner)
+    }
 }
 
 pub fn link_attr(ino: u64, target_len: usize, time: SystemTime, owner: Owner) -> FileAttr {
