@@ -67,6 +67,38 @@ pub struct EkkoFs {
     /// parallel on the FUSE threads, and read-ahead in the daemon would only
     /// duplicate work (measured: a third more CPU, and slower).
     kernel_read_ahead: Arc<AtomicBool>,
+    /// Closed until the mount is set up (read-ahead raised or given up).
+    /// A file's read-ahead window is fixed when it is opened, and opening
+    /// needs a lookup first: holding lookups back for those few
+    /// milliseconds means no file is opened with the kernel's small default.
+    ready: Arc<Gate>,
+}
+
+/// A one-way gate: closed at first, opened once, waited on cheaply.
+#[derive(Default)]
+pub struct Gate {
+    open: AtomicBool,
+    lock: Mutex<()>,
+    cond: std::sync::Condvar,
+}
+
+impl Gate {
+    pub fn open(&self) {
+        let _g = self.lock.lock().expect("gate lock");
+        self.open.store(true, Ordering::Release);
+        self.cond.notify_all();
+    }
+
+    /// Wait until the gate opens, at most `limit`.
+    fn wait(&self, limit: std::time::Duration) {
+        if self.open.load(Ordering::Acquire) {
+            return;
+        }
+        let g = self.lock.lock().expect("gate lock");
+        let _ = self
+            .cond
+            .wait_timeout_while(g, limit, |_| !self.open.load(Ordering::Acquire));
+    }
 }
 
 enum Handle {
@@ -175,7 +207,13 @@ impl EkkoFs {
             mounted_at: SystemTime::now(),
             settings,
             kernel_read_ahead: Arc::new(AtomicBool::new(false)),
+            ready: Arc::new(Gate::default()),
         }
+    }
+
+    /// Open this once the mount is fully set up; lookups wait for it.
+    pub fn ready_gate(&self) -> Arc<Gate> {
+        Arc::clone(&self.ready)
     }
 
     /// Set this to true when the kernel's read-ahead has been raised.
@@ -764,6 +802,7 @@ impl Filesystem for EkkoFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.ready.wait(std::time::Duration::from_secs(2));
         let r = self
             .node(parent)
             .and_then(|p| self.lookup_node(&p, name))

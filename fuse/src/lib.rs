@@ -129,6 +129,7 @@ pub fn mount(
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
     let raised = fs.kernel_read_ahead_flag();
+    let ready = fs.ready_gate();
     let session = fuser::Session::new(fs, mountpoint, &config)?.spawn()?;
     if is_root
         && opts.kernel_read_ahead_kib > 0
@@ -136,6 +137,7 @@ pub fn mount(
     {
         raised.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+    ready.open();
     Ok(session)
 }
 
