@@ -8,9 +8,8 @@
 //!
 //! The chunk index of an open `Repository` is a view taken when it was
 //! opened, so reading a snapshot committed later needs a newer view:
-//! `reader` reopens the repository the first time data of such a snapshot
-//! is read (listing directories never needs it). Readers created before keep
-//! the older view, which still holds everything they reference.
+//! `reader` refreshes the index the first time data of such a snapshot is
+//! read (listing directories never needs it). The passphrase is not kept.
 //!
 //! Locking: `state` is read by every lookup and written only by `refresh`,
 //! which `refresh_lock` serializes; `repo` is swapped under `reopen_lock`.
@@ -70,7 +69,6 @@ struct RepoView {
 
 pub struct Catalog {
     backend: Arc<dyn Backend>,
-    passphrase: Option<Vec<u8>>,
     repo: RwLock<RepoView>,
     reopen_lock: Mutex<()>,
     refresh_lock: Mutex<()>,
@@ -110,7 +108,6 @@ impl Catalog {
         let repo = open_repo(&backend, passphrase.as_deref())?;
         let cat = Catalog {
             backend,
-            passphrase,
             repo: RwLock::new(RepoView {
                 repo: Arc::new(repo),
                 covers: 0,
@@ -353,8 +350,10 @@ impl Catalog {
         };
         let covers = self.state.read().expect("catalog lock").listing;
         let started = Instant::now();
-        let repo = Arc::new(open_repo(&self.backend, self.passphrase.as_deref())?);
-        tracing::info!(elapsed = ?started.elapsed(), "reopened the repository to read snapshots committed after mounting");
+        // Same keys, newer index: take in the index files written since.
+        let repo = Arc::clone(&self.repo.read().expect("repo lock").repo);
+        repo.refresh_index()?;
+        tracing::info!(elapsed = ?started.elapsed(), "refreshed the index to read snapshots committed after mounting");
         let mut v = self.repo.write().expect("repo lock");
         *v = RepoView {
             repo: Arc::clone(&repo),
