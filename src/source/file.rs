@@ -65,12 +65,21 @@ impl Source for FileSource {
 
     fn data_ranges(&self) -> Result<Vec<Range>> {
         let fd = self.file.as_raw_fd();
+        let whole = vec![Range {
+            offset: 0,
+            len: self.size,
+        }];
         let mut out = Vec::new();
         let mut pos = 0u64;
         while pos < self.size {
-            // ENXIO (None) past the last data means the rest is a hole.
             let Some(data) = lseek(fd, pos, libc::SEEK_DATA) else {
-                break;
+                // ENXIO: no data after `pos`. Anything else (EINVAL on a
+                // filesystem without SEEK_DATA, a block device): read it all.
+                let err = std::io::Error::last_os_error();
+                if err.raw_os_error() == Some(libc::ENXIO) {
+                    break;
+                }
+                return Ok(whole);
             };
             if data >= self.size {
                 break;
@@ -83,17 +92,6 @@ impl Source for FileSource {
                 len: hole - data,
             });
             pos = hole;
-        }
-        if out.is_empty() && pos == 0 && lseek(fd, 0, libc::SEEK_DATA).is_none() && self.size > 0 {
-            // Either fully sparse, or SEEK_DATA unsupported (then ENXIO is not
-            // what we get; EINVAL is). Be safe: check errno.
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::ENXIO) {
-                return Ok(vec![Range {
-                    offset: 0,
-                    len: self.size,
-                }]);
-            }
         }
         Ok(out)
     }
