@@ -74,7 +74,7 @@ pub fn leaf_ids(src: &dyn NodeSource, map: &MapRef, nchunks: u64) -> Result<Vec<
         let want = nchunks.div_ceil(span(level));
         let mut next = Vec::new();
         for (i, id) in level_ids.iter().enumerate() {
-            let children = want_children(want, i, level);
+            let children = want_children(want, i);
             if id.is_zero() {
                 next.extend(std::iter::repeat_n(ChunkId::ZERO, children));
             } else {
@@ -93,8 +93,8 @@ pub fn leaf_ids(src: &dyn NodeSource, map: &MapRef, nchunks: u64) -> Result<Vec<
     Ok(level_ids)
 }
 
-/// Entries of node `i` at `level`, when that level has `nodes_below` children in all.
-fn want_children(nodes_below_count: u64, i: usize, _level: u8) -> usize {
+/// Entries of node `i` of a level that has `nodes_below_count` children in all.
+fn want_children(nodes_below_count: u64, i: usize) -> usize {
     let start = u64::try_from(i).expect("fits").saturating_mul(FANOUT_U64);
     usize::try_from(nodes_below_count.saturating_sub(start).min(FANOUT_U64)).expect("below FANOUT")
 }
@@ -131,7 +131,7 @@ impl MapBuilder {
     }
 
     fn leaf_len(&self, leaf: usize) -> usize {
-        want_children(self.nchunks, leaf, 0)
+        want_children(self.nchunks, leaf)
     }
 
     fn split(idx: u64) -> (usize, usize) {

@@ -169,8 +169,7 @@ pub fn check(repo: &Repository, read_data: bool, threads: usize) -> Result<Check
     for s in &snaps {
         let mut bad = false;
         for d in &s.disks {
-            let nchunks = d.nchunks();
-            if walker.subtree_bad(d.map.root, d.map.depth, nchunks)? {
+            if walker.subtree_bad(d.map.root, d.map.depth)? {
                 bad = true;
             }
         }
@@ -251,7 +250,7 @@ impl Walker<'_> {
         false
     }
 
-    fn subtree_bad(&mut self, node: ChunkId, depth: u8, _nchunks: u64) -> Result<bool> {
+    fn subtree_bad(&mut self, node: ChunkId, depth: u8) -> Result<bool> {
         if node.is_zero() {
             return Ok(false);
         }
@@ -283,7 +282,7 @@ impl Walker<'_> {
                     let mut bad = false;
                     for c in children {
                         let b = if depth > 1 {
-                            self.subtree_bad(c, depth - 1, 0)?
+                            self.subtree_bad(c, depth - 1)?
                         } else {
                             self.chunk_bad(&c)
                         };

@@ -82,6 +82,15 @@ pub fn index_name(id: &ObjectId) -> String {
     format!("index/{}", id.to_hex())
 }
 
+/// Names and sizes of the repository's index files.
+fn list_index_files(backend: &dyn Backend) -> Result<HashMap<String, u64>> {
+    Ok(backend
+        .list("index/")?
+        .into_iter()
+        .map(|o| (o.name, o.size))
+        .collect())
+}
+
 /// Read and authenticate one index file.
 pub fn read_index_file(
     backend: &dyn Backend,
@@ -97,11 +106,7 @@ impl Index {
     /// Open the index, bringing the cache at `cache_path` in step with the
     /// repository's index files. `None` keeps everything in memory.
     pub fn open(backend: &dyn Backend, keys: &Keys, cache_path: Option<&Path>) -> Result<Index> {
-        let listed: HashMap<String, u64> = backend
-            .list("index/")?
-            .into_iter()
-            .map(|o| (o.name, o.size))
-            .collect();
+        let listed = list_index_files(backend)?;
         if let Some(path) = cache_path {
             match Self::open_cache(path) {
                 Ok(db) => {
@@ -129,11 +134,7 @@ impl Index {
     /// Take in index files written since this index was opened (by other
     /// processes, e.g. a backup while a FUSE mount or NBD server runs).
     pub fn refresh(&self, backend: &dyn Backend, keys: &Keys) -> Result<()> {
-        let listed: HashMap<String, u64> = backend
-            .list("index/")?
-            .into_iter()
-            .map(|o| (o.name, o.size))
-            .collect();
+        let listed = list_index_files(backend)?;
         match &self.store {
             Store::Redb(_) => self.sync_cache(backend, keys, &listed),
             Store::Memory(_) => self.load_new_into_memory(backend, keys, &listed),

@@ -153,37 +153,33 @@ impl DiskReader {
 
     /// Block `idx` decoded, or `None` for a hole.
     pub fn block(&self, idx: u64) -> Result<Option<Arc<Vec<u8>>>> {
+        self.fetch(idx, true)
+    }
+
+    /// Block `idx` without adding it to the cache (for one-pass readers such
+    /// as restore, which would only churn it); a cached copy is still used.
+    pub fn block_uncached(&self, idx: u64) -> Result<Option<Arc<Vec<u8>>>> {
+        self.fetch(idx, false)
+    }
+
+    fn fetch(&self, idx: u64, cache: bool) -> Result<Option<Arc<Vec<u8>>>> {
         let id = self.chunk_id(idx)?;
         if id.is_zero() {
             return Ok(None);
         }
-        let data = self
-            .chunks
-            .0
-            .get_or_insert_with(&id, || self.repo.read_chunk(&id).map(Arc::new))?;
+        let data = if cache {
+            self.chunks
+                .0
+                .get_or_insert_with(&id, || self.repo.read_chunk(&id).map(Arc::new))?
+        } else {
+            match self.chunks.0.get(&id) {
+                Some(d) => d,
+                None => Arc::new(self.repo.read_chunk(&id)?),
+            }
+        };
         if u64::try_from(data.len()).ok() != Some(self.block_len(idx)) {
             return Err(Error::corrupt(
                 format!("snapshot {} disk {}", self.snapshot_id, self.disk.name),
-                format!("block {idx} has the wrong length"),
-            ));
-        }
-        Ok(Some(data))
-    }
-
-    /// Decode block `idx` bypassing the cache (for one-pass readers such as
-    /// restore, which would only churn it).
-    pub fn block_uncached(&self, idx: u64) -> Result<Option<Vec<u8>>> {
-        let id = self.chunk_id(idx)?;
-        if id.is_zero() {
-            return Ok(None);
-        }
-        if let Some(d) = self.chunks.0.get(&id) {
-            return Ok(Some(d.as_ref().clone()));
-        }
-        let data = self.repo.read_chunk(&id)?;
-        if u64::try_from(data.len()).ok() != Some(self.block_len(idx)) {
-            return Err(Error::corrupt(
-                format!("disk {}", self.disk.name),
                 format!("block {idx} has the wrong length"),
             ));
         }

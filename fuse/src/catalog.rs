@@ -128,26 +128,22 @@ impl Catalog {
         Ok(cat)
     }
 
+    fn fresh(&self) -> bool {
+        self.state
+            .read()
+            .expect("catalog lock")
+            .last_refresh
+            .is_some_and(|t| t.elapsed() < REFRESH_INTERVAL)
+    }
+
     /// List snapshots again if the last listing is older than
     /// `REFRESH_INTERVAL`. A failed listing keeps the previous one.
     pub fn refresh(&self) {
-        if self
-            .state
-            .read()
-            .expect("catalog lock")
-            .last_refresh
-            .is_some_and(|t| t.elapsed() < REFRESH_INTERVAL)
-        {
+        if self.fresh() {
             return;
         }
         let _serial = self.refresh_lock.lock().expect("refresh lock");
-        if self
-            .state
-            .read()
-            .expect("catalog lock")
-            .last_refresh
-            .is_some_and(|t| t.elapsed() < REFRESH_INTERVAL)
-        {
+        if self.fresh() {
             return;
         }
         let ids = match snapshot::list_ids(self.backend.as_ref()) {
