@@ -186,7 +186,9 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<ObjectInfo>) -> Result<()> {
         if ft.is_dir() {
             walk(root, &path, out)?;
         } else if ft.is_file() {
-            let size = entry.metadata().map_err(|e| Error::io(&path, e))?.len();
+            let meta = entry.metadata().map_err(|e| Error::io(&path, e))?;
+            let size = meta.len();
+            let modified = meta.modified().map_err(|e| Error::io(&path, e))?;
             let rel = path
                 .strip_prefix(root)
                 .map_err(|_| Error::Invalid(format!("{} outside repository", path.display())))?;
@@ -194,6 +196,7 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<ObjectInfo>) -> Result<()> {
                 out.push(ObjectInfo {
                     name: rel.to_string(),
                     size,
+                    modified,
                 });
             }
         }

@@ -15,6 +15,9 @@ use crate::error::Result;
 pub struct ObjectInfo {
     pub name: String,
     pub size: u64,
+    /// When the object was written, by the store's clock. Garbage collection
+    /// uses it for its grace period.
+    pub modified: std::time::SystemTime,
 }
 
 /// An object being written. Nothing is visible under its name until
