@@ -495,6 +495,144 @@ fn fuse_guest_files_equal_the_originals() {
     drop(lm);
 }
 
+/// A FAT32 EFI system partition and a bare FAT16 disk (made by mkfs.vfat and
+/// filled by mtools, not by the code under test) read like the originals:
+/// long names, nested folders, sizes, mtimes, case-insensitive lookups.
+#[test]
+fn fuse_fat_partitions_read_like_the_originals() {
+    require_fuse();
+    require("mkfs.vfat");
+    require("mcopy");
+    let env = Env::init(&[]);
+    let src = env.path("esp");
+    fs::create_dir_all(src.join("EFI/BOOT")).unwrap();
+    fs::create_dir_all(src.join("EFI/debian/nested deeper")).unwrap();
+    write_file(
+        &src.join("EFI/BOOT/BOOTX64.EFI"),
+        &random_bytes(21, 3_000_000),
+    );
+    write_file(&src.join("EFI/debian/grub.cfg"), b"search --fs-uuid x\n");
+    write_file(
+        &src.join("EFI/debian/nested deeper/A long file name.txt"),
+        &text_bytes(22, 70_000),
+    );
+    // FAT keeps local time in 2-second steps; mtools runs with TZ=UTC.
+    let mtime = SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
+    File::options()
+        .write(true)
+        .open(src.join("EFI/debian/grub.cfg"))
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let fat = |kind: &str, size_kib: u64, out: &Path| {
+        let _ = fs::remove_file(out);
+        run_tool(
+            Command::new("mkfs.vfat")
+                .args(["-F", kind, "-n", "EKKOTEST", "-C"])
+                .arg(out)
+                .arg(size_kib.to_string())
+                .stdout(Stdio::null()),
+        );
+        run_tool(
+            Command::new("mcopy")
+                .env("TZ", "UTC")
+                .args(["-s", "-m", "-i"])
+                .arg(out)
+                .arg(src.join("EFI"))
+                .arg("::/"),
+        );
+    };
+    // sda: GPT, partition 1 an EFI system partition (FAT32, 40 MiB).
+    let disk = env.path("sda.raw");
+    make_image(&disk, 64 * MIB, &[]);
+    let mut sf = Command::new("sfdisk");
+    sf.arg("-q")
+        .arg(&disk)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null());
+    let mut child = sf.spawn().expect("running sfdisk");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: gpt\nstart=2048, size=81920, type=U\n")
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "sfdisk failed");
+    let part = env.path("esp.img");
+    fat("32", 40 * 1024, &part);
+    File::options()
+        .write(true)
+        .open(&disk)
+        .unwrap()
+        .write_all_at(&fs::read(&part).unwrap(), PART_OFFSET)
+        .unwrap();
+    // sdb: a bare FAT16 filesystem, no partition table.
+    let bare = env.path("sdb.raw");
+    fat("16", 16 * 1024, &bare);
+    env.backup("uefi1", &[("sda", &disk), ("sdb", &bare)]);
+
+    let m = Mounted::start(&env, &env.path("mnt"));
+    for (root, how) in [
+        (m.path("uefi1/latest/sda/part1"), "FAT32 ESP"),
+        (m.path("uefi1/latest/sdb/whole"), "bare FAT16"),
+    ] {
+        assert_eq!(listing(&root), vec!["EFI"], "{how}: top folder");
+        let mut sub = listing(&root.join("EFI"));
+        sub.sort();
+        assert_eq!(sub, vec!["BOOT", "debian"], "{how}: EFI/");
+        let mut deb = listing(&root.join("EFI/debian"));
+        deb.sort();
+        assert_eq!(deb, vec!["grub.cfg", "nested deeper"], "{how}: EFI/debian/");
+        assert_eq!(
+            listing(&root.join("EFI/debian")).len(),
+            2,
+            "{how}: a second listing is the same"
+        );
+        let efi = root.join("EFI/BOOT/BOOTX64.EFI");
+        let copy = env.path("copy.efi");
+        run_tool(Command::new("cp").arg(&efi).arg(&copy));
+        assert_eq!(
+            sha256_file(&copy),
+            sha256_file(&src.join("EFI/BOOT/BOOTX64.EFI")),
+            "{how}: cp of BOOTX64.EFI"
+        );
+        assert_eq!(fs::metadata(&efi).unwrap().len(), 3_000_000, "{how}: size");
+        assert_eq!(
+            read_all(&root.join("EFI/debian/nested deeper/A long file name.txt")),
+            read_all(&src.join("EFI/debian/nested deeper/A long file name.txt")),
+            "{how}: a long name in a nested folder"
+        );
+        let cfg = fs::metadata(root.join("EFI/debian/grub.cfg")).unwrap();
+        assert_eq!(cfg.modified().unwrap(), mtime, "{how}: mtime");
+        assert_eq!(cfg.permissions().mode() & 0o777, 0o644, "{how}: mode");
+        assert!(
+            fs::metadata(root.join("EFI")).unwrap().is_dir(),
+            "{how}: EFI is a folder"
+        );
+        // FAT names are case-insensitive, as in the guest.
+        assert_eq!(
+            read_all(&root.join("efi/boot/bootx64.efi")),
+            read_all(&efi),
+            "{how}: case-insensitive lookup"
+        );
+        assert_eq!(
+            fs::metadata(root.join("EFI/nothing-here"))
+                .map(|_| ())
+                .map_err(|e| e.raw_os_error()),
+            Err(Some(libc::ENOENT)),
+            "{how}: a missing name"
+        );
+        assert_eq!(
+            File::create(root.join("EFI/new.txt"))
+                .map(|_| ())
+                .map_err(|e| e.raw_os_error()),
+            Err(Some(libc::EROFS)),
+            "{how}: writes"
+        );
+    }
+}
+
 /// 32 threads reading at random offsets at once get the restored bytes.
 #[test]
 fn fuse_parallel_random_reads_match_the_restore() {

@@ -21,6 +21,11 @@ pub enum FsError {
     #[error("guest filesystem: {0}")]
     Guest(#[from] ext4_view::Ext4Error),
 
+    /// The FAT reader failed (a read error of the disk below it arrives
+    /// wrapped in the `io::Error`).
+    #[error("guest filesystem: {0}")]
+    GuestIo(#[from] std::io::Error),
+
     /// The worker thread that owns a guest filesystem stopped (it panicked).
     #[error("the guest filesystem worker stopped; see the log above")]
     WorkerGone,
@@ -33,6 +38,7 @@ pub fn errno(what: &dyn Display, err: &FsError) -> Errno {
     match err {
         FsError::Core(e) => core_errno(what, e),
         FsError::Guest(e) => guest_errno(what, e),
+        FsError::GuestIo(e) => guest_io_errno(what, e),
         FsError::WorkerGone => {
             tracing::error!("{what}: {err}");
             Errno::EIO
@@ -88,6 +94,26 @@ fn guest_errno(what: &dyn Display, e: &ext4_view::Ext4Error) -> Errno {
             );
             Errno::EACCES
         }
+        _ => {
+            tracing::error!("{what}: {e}");
+            Errno::EIO
+        }
+    }
+}
+
+fn guest_io_errno(what: &dyn Display, e: &std::io::Error) -> Errno {
+    use std::io::ErrorKind as K;
+    if let Some(core) = e.get_ref().and_then(|i| i.downcast_ref::<ekko::Error>()) {
+        return core_errno(what, core);
+    }
+    match e.kind() {
+        K::NotFound => {
+            tracing::debug!("{what}: no such file in the guest filesystem");
+            Errno::ENOENT
+        }
+        K::NotADirectory => Errno::ENOTDIR,
+        K::IsADirectory => Errno::EISDIR,
+        K::InvalidInput => Errno::EINVAL,
         _ => {
             tracing::error!("{what}: {e}");
             Errno::EIO

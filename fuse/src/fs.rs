@@ -680,7 +680,7 @@ impl EkkoFs {
                 let label = format!("{}{}", vol.label, String::from_utf8_lossy(path));
                 for e in vol.read_dir(path.clone()).map_err(|e| errno(&label, &e))? {
                     let n = self.guest_child(node, vol, path, &e.name);
-                    add(&n, tree::guest_kind(e.kind), &e.name);
+                    add(&n, e.kind, &e.name);
                 }
             }
             Kind::Latest { .. } | Kind::IdLink { .. } | Kind::Image { .. } => {

@@ -1,7 +1,9 @@
-//! Guest filesystems: one `Volume` per partition (or whole disk), read with
-//! ext4-view through the disk's `DiskReader`.
+//! Guest filesystems: one `Volume` per partition (or whole disk), read
+//! through the disk's `DiskReader` with ext4-view (ext2/3/4) or, failing
+//! that, `fatfs` (FAT12/16/32; see `fat`).
 //!
-//! `ext4_view::Ext4` is not `Send` (it shares its state with `Rc`), so each
+//! Neither reader is `Send` (ext4-view shares its state with `Rc`, fatfs
+//! with `RefCell`), so each
 //! volume runs a few worker threads, each with its own `Ext4` over the same
 //! reader; FUSE threads hand them work and wait for the answer. Reads of one
 //! open file always go to the same worker, which keeps the file positioned
@@ -10,7 +12,7 @@
 //! after a minute without work, so an idle mount holds no threads; the next
 //! request starts a new worker.
 //!
-//! A volume whose filesystem cannot be loaded (not ext2/3/4, damaged
+//! A volume whose filesystem cannot be loaded (neither ext2/3/4 nor FAT, damaged
 //! superblock, …) is logged once and then shows as an empty folder; it never
 //! fails anything else.
 
@@ -18,12 +20,14 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ext4_view::{Ext4, Ext4Error, Ext4Read, File, Metadata};
+use fuser::FileType;
 
 use crate::catalog::{Catalog, SnapEntry};
 use crate::errno::{FsError, FsResult};
+use crate::fat::{Fat, PartDevice};
 use crate::prefetch::{Cursor, Prefetcher};
 use ekko::DiskReader;
 
@@ -56,13 +60,85 @@ pub struct Volume {
 /// A directory entry of the guest.
 pub struct GuestEntry {
     pub name: Vec<u8>,
-    pub kind: ext4_view::FileType,
+    pub kind: FileType,
+}
+
+/// A guest file's attributes, whichever filesystem it lives in.
+#[derive(Debug, Clone)]
+pub struct GuestMeta {
+    pub kind: FileType,
+    pub size: u64,
+    /// Permission bits (`0o7777` at most).
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub atime: SystemTime,
+    pub mtime: SystemTime,
+    pub crtime: SystemTime,
+}
+
+impl GuestMeta {
+    /// A folder with no attributes of its own (a FAT root).
+    pub fn dir(time: SystemTime) -> GuestMeta {
+        GuestMeta {
+            kind: FileType::Directory,
+            size: 0,
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+            atime: time,
+            mtime: time,
+            crtime: time,
+        }
+    }
+
+    fn from_ext4(m: &Metadata) -> GuestMeta {
+        let mtime = ext4_time(m.modified());
+        GuestMeta {
+            kind: ext4_kind(m.file_type()),
+            size: m.len(),
+            perm: m.mode() & 0o7777,
+            uid: m.uid(),
+            gid: m.gid(),
+            atime: ext4_time(m.accessed()),
+            mtime,
+            crtime: m.created().map_or(mtime, ext4_time),
+        }
+    }
+}
+
+fn ext4_time(t: ext4_view::Timestamp) -> SystemTime {
+    let nanos = Duration::from_nanos(u64::from(t.nanoseconds().min(999_999_999)));
+    match u64::try_from(t.seconds()) {
+        Ok(s) => UNIX_EPOCH + Duration::from_secs(s) + nanos,
+        Err(_) => UNIX_EPOCH - Duration::from_secs(t.seconds().unsigned_abs()) + nanos,
+    }
+}
+
+fn ext4_kind(t: ext4_view::FileType) -> FileType {
+    use ext4_view::FileType as G;
+    match t {
+        G::BlockDevice => FileType::BlockDevice,
+        G::CharacterDevice => FileType::CharDevice,
+        G::Directory => FileType::Directory,
+        G::Fifo => FileType::NamedPipe,
+        G::Symlink => FileType::Symlink,
+        G::Socket => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+/// A loaded guest filesystem.
+enum GuestFs {
+    Ext4(Ext4),
+    Fat(Box<Fat>),
 }
 
 /// The state a worker thread owns.
 pub struct Worker {
     source: Arc<VolumeSource>,
-    fs: Option<Ext4>,
+    fs: Option<GuestFs>,
+    /// Open ext4 files, positioned where their last read ended.
     files: HashMap<u64, File>,
 }
 
@@ -166,31 +242,23 @@ impl Volume {
         }
     }
 
+    /// Run `f` on the worker's filesystem, loading it first if needed.
+    /// `None`: the volume holds nothing readable.
     fn loaded<R>(
         self: &Arc<Self>,
         w: &mut Worker,
-        f: impl FnOnce(&Ext4) -> Result<R, Ext4Error>,
+        f: impl FnOnce(&GuestFs, &mut HashMap<u64, File>) -> FsResult<R>,
     ) -> FsResult<Option<R>> {
         if self.is_unreadable() {
             return Ok(None);
         }
         if w.fs.is_none() {
-            let src = &w.source;
-            let reader = src.catalog.reader(&src.snap, &src.disk)?;
-            let part = PartRead {
-                reader,
-                offset: src.offset,
-                size: src.size,
-                prefetch: Arc::clone(&src.prefetch),
-                cursor: Cursor::default(),
-            };
-            match Ext4::load(Box::new(part)) {
+            match self.load(&w.source)? {
                 Ok(fs) => w.fs = Some(fs),
-                Err(e) => {
-                    let msg = e.to_string();
+                Err(msg) => {
                     if self.unreadable.set(msg.clone()).is_ok() {
                         tracing::warn!(
-                            "{}: no readable ext2/3/4 filesystem ({msg}); it is shown as an empty folder (the raw disk image still has its bytes)",
+                            "{}: no readable ext2/3/4 or FAT filesystem ({msg}); it is shown as an empty folder (the raw disk image still has its bytes)",
                             self.label
                         );
                     }
@@ -199,14 +267,42 @@ impl Volume {
             }
         }
         let fs = w.fs.as_ref().expect("loaded above");
-        Ok(Some(f(fs)?))
+        Ok(Some(f(fs, &mut w.files)?))
+    }
+
+    /// Load the volume's filesystem: ext2/3/4, else FAT. The inner error is
+    /// why neither could be read.
+    fn load(&self, src: &VolumeSource) -> FsResult<Result<GuestFs, String>> {
+        let reader = src.catalog.reader(&src.snap, &src.disk)?;
+        let part = PartRead {
+            reader: Arc::clone(&reader),
+            offset: src.offset,
+            size: src.size,
+            prefetch: Arc::clone(&src.prefetch),
+            cursor: Cursor::default(),
+        };
+        let ext4_err = match Ext4::load(Box::new(part)) {
+            Ok(fs) => return Ok(Ok(GuestFs::Ext4(fs))),
+            Err(e) => e,
+        };
+        let dev = PartDevice::new(reader, src.offset, src.size);
+        Ok(match Fat::load(dev, src.snap.time) {
+            Ok(Some(fat)) => Ok(GuestFs::Fat(Box::new(fat))),
+            Ok(None) => Err(ext4_err.to_string()),
+            Err(e) => Err(format!("{ext4_err}; as FAT: {e}")),
+        })
     }
 
     /// `lstat` of a guest path. `None`: the volume is unreadable.
-    pub fn metadata(self: &Arc<Self>, path: Vec<u8>) -> FsResult<Option<Metadata>> {
+    pub fn metadata(self: &Arc<Self>, path: Vec<u8>) -> FsResult<Option<GuestMeta>> {
         let me = Arc::clone(self);
         self.call(None, move |w| {
-            me.loaded(w, |fs| fs.symlink_metadata(path.as_slice()))
+            me.loaded(w, |fs, _| match fs {
+                GuestFs::Ext4(fs) => {
+                    Ok(GuestMeta::from_ext4(&fs.symlink_metadata(path.as_slice())?))
+                }
+                GuestFs::Fat(fat) => Ok(fat.metadata(&path)?),
+            })
         })?
     }
 
@@ -214,20 +310,23 @@ impl Volume {
     pub fn read_dir(self: &Arc<Self>, path: Vec<u8>) -> FsResult<Vec<GuestEntry>> {
         let me = Arc::clone(self);
         let r = self.call(None, move |w| {
-            me.loaded(w, |fs| {
-                let mut out = Vec::new();
-                for e in fs.read_dir(path.as_slice())? {
-                    let e = e?;
-                    let name = e.file_name().as_ref().to_vec();
-                    if name == b"." || name == b".." {
-                        continue;
+            me.loaded(w, |fs, _| match fs {
+                GuestFs::Ext4(fs) => {
+                    let mut out = Vec::new();
+                    for e in fs.read_dir(path.as_slice())? {
+                        let e = e?;
+                        let name = e.file_name().as_ref().to_vec();
+                        if name == b"." || name == b".." {
+                            continue;
+                        }
+                        out.push(GuestEntry {
+                            name,
+                            kind: ext4_kind(e.file_type()?),
+                        });
                     }
-                    out.push(GuestEntry {
-                        name,
-                        kind: e.file_type()?,
-                    });
+                    Ok(out)
                 }
-                Ok(out)
+                GuestFs::Fat(fat) => Ok(fat.read_dir(&path)?),
             })
         })??;
         Ok(r.unwrap_or_default())
@@ -236,8 +335,11 @@ impl Volume {
     pub fn read_link(self: &Arc<Self>, path: Vec<u8>) -> FsResult<Vec<u8>> {
         let me = Arc::clone(self);
         let r = self.call(None, move |w| {
-            me.loaded(w, |fs| {
-                fs.read_link(path.as_slice()).map(|p| p.as_ref().to_vec())
+            me.loaded(w, |fs, _| match fs {
+                GuestFs::Ext4(fs) => {
+                    Ok(fs.read_link(path.as_slice()).map(|p| p.as_ref().to_vec())?)
+                }
+                GuestFs::Fat(_) => Err(FsError::Guest(Ext4Error::NotASymlink)),
             })
         })??;
         r.ok_or(FsError::Guest(Ext4Error::NotFound))
@@ -253,42 +355,11 @@ impl Volume {
         len: usize,
     ) -> FsResult<Vec<u8>> {
         let me = Arc::clone(self);
-        let r = self.call(Some(fh), move |w| -> FsResult<Option<Vec<u8>>> {
-            if me.loaded(w, |_| Ok(()))?.is_none() {
-                return Ok(None);
-            }
-            let fs = w.fs.clone().expect("loaded");
-            if !w.files.contains_key(&fh) {
-                if w.files.len() >= MAX_OPEN_FILES {
-                    w.files.clear();
-                }
-                w.files.insert(fh, fs.open(path.as_slice())?);
-            }
-            let file = w.files.get_mut(&fh).expect("inserted above");
-            let size = file.metadata().len();
-            if offset >= size {
-                return Ok(Some(Vec::new()));
-            }
-            if file.position() != offset {
-                file.seek_to(offset)?;
-            }
-            let want = usize::try_from((size - offset).min(u64::try_from(len).unwrap_or(u64::MAX)))
-                .unwrap_or(len);
-            let mut buf = vec![0u8; want];
-            let mut done = 0;
-            while done < want {
-                match file.read_bytes(&mut buf[done..]) {
-                    Ok(0) => break,
-                    Ok(n) => done += n,
-                    Err(e) => {
-                        // Its position is now unknown: open afresh next time.
-                        w.files.remove(&fh);
-                        return Err(e.into());
-                    }
-                }
-            }
-            buf.truncate(done);
-            Ok(Some(buf))
+        let r = self.call(Some(fh), move |w| {
+            me.loaded(w, |fs, files| match fs {
+                GuestFs::Ext4(fs) => ext4_read(fs, files, fh, &path, offset, len),
+                GuestFs::Fat(fat) => Ok(fat.read(&path, offset, len)?),
+            })
         })??;
         r.ok_or(FsError::Guest(Ext4Error::NotFound))
     }
@@ -304,6 +375,48 @@ impl Volume {
             }));
         }
     }
+}
+
+/// A read of an ext4 file through the worker's table of open files.
+fn ext4_read(
+    fs: &Ext4,
+    files: &mut HashMap<u64, File>,
+    fh: u64,
+    path: &[u8],
+    offset: u64,
+    len: usize,
+) -> FsResult<Vec<u8>> {
+    if !files.contains_key(&fh) {
+        if files.len() >= MAX_OPEN_FILES {
+            files.clear();
+        }
+        files.insert(fh, fs.open(path)?);
+    }
+    let file = files.get_mut(&fh).expect("inserted above");
+    let size = file.metadata().len();
+    if offset >= size {
+        return Ok(Vec::new());
+    }
+    if file.position() != offset {
+        file.seek_to(offset)?;
+    }
+    let want =
+        usize::try_from((size - offset).min(u64::try_from(len).unwrap_or(u64::MAX))).unwrap_or(len);
+    let mut buf = vec![0u8; want];
+    let mut done = 0;
+    while done < want {
+        match file.read_bytes(&mut buf[done..]) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) => {
+                // Its position is now unknown: open afresh next time.
+                files.remove(&fh);
+                return Err(e.into());
+            }
+        }
+    }
+    buf.truncate(done);
+    Ok(buf)
 }
 
 /// The bytes of one partition, as ext4-view reads them.

@@ -12,14 +12,15 @@
 //! ```
 //!
 //! Module map: `catalog` (which snapshots exist and their names), `tree`
-//! (inode numbers), `fs` (the FUSE operations), `guest` (ext2/3/4 through
-//! ext4-view), `ptable` (MBR and GPT), `prefetch` (sequential read-ahead) and
+//! (inode numbers), `fs` (the FUSE operations), `guest` (guest filesystems:
+//! ext2/3/4 through ext4-view), `fat` (FAT12/16/32 through fatfs), `ptable` (MBR and GPT), `prefetch` (sequential read-ahead) and
 //! `errno` (the one mapping of errors to errno values). The crate reads
 //! backups only through the core's `DiskReader`; it knows nothing of packs,
 //! indexes or maps.
 
 mod catalog;
 mod errno;
+mod fat;
 mod fs;
 mod guest;
 mod prefetch;

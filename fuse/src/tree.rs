@@ -7,12 +7,12 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use fuser::{FileAttr, FileType, INodeNo};
 
 use crate::catalog::SnapEntry;
-use crate::guest::Volume;
+use crate::guest::{GuestMeta, Volume};
 
 pub const ROOT: u64 = 1;
 
@@ -56,7 +56,7 @@ pub enum Kind {
     Guest {
         vol: Arc<Volume>,
         path: Vec<u8>,
-        meta: RwLock<Option<ext4_view::Metadata>>,
+        meta: RwLock<Option<GuestMeta>>,
     },
 }
 
@@ -191,45 +191,22 @@ pub fn link_attr(ino: u64, target_len: usize, time: SystemTime, owner: Owner) ->
     )
 }
 
-fn guest_time(t: ext4_view::Timestamp) -> SystemTime {
-    let nanos = Duration::from_nanos(u64::from(t.nanoseconds().min(999_999_999)));
-    match u64::try_from(t.seconds()) {
-        Ok(s) => UNIX_EPOCH + Duration::from_secs(s) + nanos,
-        Err(_) => UNIX_EPOCH - Duration::from_secs(t.seconds().unsigned_abs()) + nanos,
-    }
-}
-
-pub fn guest_kind(t: ext4_view::FileType) -> FileType {
-    use ext4_view::FileType as G;
-    match t {
-        G::BlockDevice => FileType::BlockDevice,
-        G::CharacterDevice => FileType::CharDevice,
-        G::Directory => FileType::Directory,
-        G::Fifo => FileType::NamedPipe,
-        G::Symlink => FileType::Symlink,
-        G::Socket => FileType::Socket,
-        _ => FileType::RegularFile,
-    }
-}
-
 /// A guest file's attributes, as the guest has them (owner and mode too).
-pub fn guest_attr(ino: u64, m: &ext4_view::Metadata) -> FileAttr {
-    let mtime = guest_time(m.modified());
-    let kind = guest_kind(m.file_type());
+pub fn guest_attr(ino: u64, m: &GuestMeta) -> FileAttr {
     FileAttr {
         ino: INodeNo(ino),
-        size: m.len(),
-        blocks: m.len().div_ceil(512),
-        atime: guest_time(m.accessed()),
-        mtime,
-        // ext4-view does not expose ctime; mtime is the closest it has.
-        ctime: mtime,
-        crtime: m.created().map_or(mtime, guest_time),
-        kind,
-        perm: m.mode() & 0o7777,
-        nlink: if kind == FileType::Directory { 2 } else { 1 },
-        uid: m.uid(),
-        gid: m.gid(),
+        size: m.size,
+        blocks: m.size.div_ceil(512),
+        atime: m.atime,
+        mtime: m.mtime,
+        // Neither reader exposes ctime; mtime is the closest they have.
+        ctime: m.mtime,
+        crtime: m.crtime,
+        kind: m.kind,
+        perm: m.perm,
+        nlink: if m.kind == FileType::Directory { 2 } else { 1 },
+        uid: m.uid,
+        gid: m.gid,
         rdev: 0,
         blksize: 4096,
         flags: 0,
