@@ -103,8 +103,7 @@ fn periods(secs: i64) -> Periods {
     }
 }
 
-fn epoch_seconds(time: &str) -> Option<i64> {
-    let t = crate::time::parse_rfc3339(time)?;
+fn epoch_seconds(t: std::time::SystemTime) -> Option<i64> {
     match t.duration_since(std::time::UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_secs()).ok(),
         Err(e) => i64::try_from(e.duration().as_secs()).ok().map(|s| -s),
@@ -129,10 +128,12 @@ pub fn apply(
     vms.dedup();
     let mut out = Vec::with_capacity(snaps.len());
     for vm in vms {
-        let mut group: Vec<(&Snapshot, Option<i64>)> = snaps
+        // Newest first, to the nanosecond (backups a moment apart must not
+        // tie), then by id for a stable order.
+        let mut group: Vec<(&Snapshot, Option<std::time::SystemTime>)> = snaps
             .iter()
             .filter(|s| s.vm == vm)
-            .map(|s| (s, epoch_seconds(&s.time)))
+            .map(|s| (s, crate::time::parse_rfc3339(&s.time)))
             .collect();
         group.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.0.id.cmp(&a.0.id)));
         let mut last = 0u32;
@@ -140,7 +141,8 @@ pub fn apply(
         let mut prev: [Option<Periods>; 4] = [None; 4];
         let limits = [policy.hourly, policy.daily, policy.weekly, policy.monthly];
         let names = ["hourly", "daily", "weekly", "monthly"];
-        for (s, secs) in group {
+        for (s, t) in group {
+            let secs = t.and_then(epoch_seconds);
             let mut reasons = Vec::new();
             if protected.contains(&s.id) {
                 reasons.push("protected".to_string());
@@ -185,7 +187,7 @@ mod tests {
     use super::*;
 
     fn at(t: &str) -> Periods {
-        periods(epoch_seconds(t).unwrap())
+        periods(epoch_seconds(crate::time::parse_rfc3339(t).unwrap()).unwrap())
     }
 
     #[test]

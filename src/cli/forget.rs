@@ -13,6 +13,10 @@ use super::Global;
 
 #[derive(Args)]
 pub struct ForgetArgs {
+    /// Forget these snapshots (ids, prefixes or VM@latest) instead of
+    /// applying a policy. Protected ones are refused.
+    #[arg(value_name = "SNAPSHOT", conflicts_with_all = ["keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly"])]
+    snapshots: Vec<String>,
     /// Keep the N newest snapshots.
     #[arg(long, value_name = "N", default_value_t = 0)]
     keep_last: u32,
@@ -51,7 +55,7 @@ pub fn run(g: &Global, a: ForgetArgs) -> Result<ExitCode> {
         weekly: a.keep_weekly,
         monthly: a.keep_monthly,
     };
-    if policy.is_empty() {
+    if policy.is_empty() && a.snapshots.is_empty() {
         eprintln!("ekko: error: no retention policy given: pass at least one --keep-* option (nothing was removed)");
         return Ok(ExitCode::from(2));
     }
@@ -72,7 +76,36 @@ pub fn run(g: &Global, a: ForgetArgs) -> Result<ExitCode> {
         .filter(|s| a.vm.as_ref().is_none_or(|v| &s.vm == v))
         .collect();
     let protected = ekko::gc::protected_ids(backend)?;
-    let decisions = retention::apply(&policy, &snaps, &protected)?;
+    let decisions = if a.snapshots.is_empty() {
+        retention::apply(&policy, &snaps, &protected)?
+    } else {
+        let mut named = std::collections::HashSet::new();
+        for spec in &a.snapshots {
+            let s = ekko::snapshot::resolve(backend, keys, spec)?;
+            if protected.contains(&s.id) {
+                anyhow::bail!(
+                    "snapshot {} is protected: run `ekko protect --remove {}` first (nothing was removed)",
+                    s.id,
+                    s.id
+                );
+            }
+            named.insert(s.id);
+        }
+        snaps
+            .iter()
+            .map(|s| retention::Decision {
+                id: s.id.clone(),
+                vm: s.vm.clone(),
+                time: s.time.clone(),
+                keep: !named.contains(&s.id),
+                reasons: if named.contains(&s.id) {
+                    vec![]
+                } else {
+                    vec!["not named".into()]
+                },
+            })
+            .collect()
+    };
     let mut removed = 0usize;
     for d in decisions.iter().filter(|d| !d.keep) {
         if !a.dry_run {
