@@ -117,21 +117,18 @@ pub fn read_marks(backend: &dyn Backend, keys: &Keys) -> Result<(Vec<MarkFile>, 
             Err(Error::NotFound { .. }) => continue,
             Err(e) => return Err(e),
         };
-        let parsed = format::open_file(keys, MAGIC_GC_MARK, "GC mark", &o.name, &data).and_then(
-            |body| {
+        let parsed =
+            format::open_file(keys, MAGIC_GC_MARK, "GC mark", &o.name, &data).and_then(|body| {
                 serde_json::from_slice::<Mark>(&body)
                     .map_err(|e| Error::corrupt(&o.name, e.to_string()))
-            },
-        );
+            });
         match parsed {
             Ok(mark) => ok.push(MarkFile {
                 name: o.name,
                 modified: o.modified,
                 mark,
             }),
-            Err(e) if e.is_damage() || matches!(e, Error::UnsupportedVersion { .. }) => {
-                bad.push(e)
-            }
+            Err(e) if e.is_damage() || matches!(e, Error::UnsupportedVersion { .. }) => bad.push(e),
             Err(e) => return Err(e),
         }
     }

@@ -76,12 +76,7 @@ fn read_locks(backend: &dyn Backend, keys: &Keys) -> Result<Vec<(String, LockInf
 }
 
 impl<'a> Lock<'a> {
-    fn write(
-        backend: &'a dyn Backend,
-        keys: &Keys,
-        kind: Kind,
-        purpose: &str,
-    ) -> Result<Lock<'a>> {
+    fn write(backend: &'a dyn Backend, keys: &Keys, kind: Kind, purpose: &str) -> Result<Lock<'a>> {
         let info = LockInfo {
             exclusive: kind == Kind::Exclusive,
             gc: kind == Kind::Gc,
@@ -96,12 +91,7 @@ impl<'a> Lock<'a> {
         Ok(Lock { backend, name })
     }
 
-    fn conflict(
-        backend: &dyn Backend,
-        keys: &Keys,
-        me: Option<&str>,
-        want: Kind,
-    ) -> Result<()> {
+    fn conflict(backend: &dyn Backend, keys: &Keys, me: Option<&str>, want: Kind) -> Result<()> {
         for (name, info) in read_locks(backend, keys)? {
             if Some(name.as_str()) == me || !alive(&info) {
                 continue;

@@ -47,6 +47,9 @@ pub struct PruneOptions {
     pub repack_threshold: u8,
     /// Compute and report, change nothing.
     pub dry_run: bool,
+    /// Crash tests only: pause this long after every change to the
+    /// repository, so that a kill lands between any two of them.
+    pub step_delay: Option<Duration>,
 }
 
 impl Default for PruneOptions {
@@ -56,6 +59,7 @@ impl Default for PruneOptions {
             skew: gc::DEFAULT_SKEW,
             repack_threshold: 50,
             dry_run: false,
+            step_delay: None,
         }
     }
 }
@@ -114,6 +118,11 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
         ));
     }
     let started = Instant::now();
+    let step = || {
+        if let Some(d) = opts.step_delay {
+            std::thread::sleep(d);
+        }
+    };
     let backend = repo.backend().as_ref();
     let keys = repo.keys();
     let lock = if opts.dry_run {
@@ -306,11 +315,18 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
                 .into_iter()
                 .flatten()
                 .filter(|c| referenced.contains(*c))
-                .filter_map(|c| choose(&locs[c], &none).filter(|l| l.pack == *p).map(|l| (*c, l)))
+                .filter_map(|c| {
+                    choose(&locs[c], &none)
+                        .filter(|l| l.pack == *p)
+                        .map(|l| (*c, l))
+                })
                 .collect();
             if opts.dry_run {
                 report.packs_repacked += 1;
-                report.bytes_repacked += mine.iter().map(|(_, l)| u64::from(l.stored_len)).sum::<u64>();
+                report.bytes_repacked += mine
+                    .iter()
+                    .map(|(_, l)| u64::from(l.stored_len))
+                    .sum::<u64>();
                 new_marks.push(*p);
                 continue;
             }
@@ -346,6 +362,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
                 report.bytes_repacked += u64::try_from(b.sealed.len()).expect("fits");
                 if w.len() >= limit {
                     let entries = writer.take().expect("present").finish(keys)?;
+                    step();
                     report.packs_written += 1;
                     chosen_override.extend(entries);
                 }
@@ -356,6 +373,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
         if let Some(w) = writer.take() {
             if !w.is_empty() {
                 chosen_override.extend(w.finish(keys)?);
+                step();
                 report.packs_written += 1;
             }
         }
@@ -394,9 +412,11 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
                     &name,
                     &format::seal_file(keys, MAGIC_INDEX, &name, &format::encode_index(part)),
                 )?;
+                step();
             }
             for f in &index_files {
                 backend.delete(f)?;
+                step();
             }
         }
     }
@@ -404,9 +424,11 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     if !opts.dry_run {
         for p in &deleting {
             backend.delete(&pack::pack_name(p))?;
+            step();
         }
         for m in &due {
             backend.delete(&m.name)?;
+            step();
         }
     }
     let mut pending_times: Vec<SystemTime> = pending

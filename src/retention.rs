@@ -34,7 +34,11 @@ pub struct Policy {
 
 impl Policy {
     pub fn is_empty(&self) -> bool {
-        self.last == 0 && self.hourly == 0 && self.daily == 0 && self.weekly == 0 && self.monthly == 0
+        self.last == 0
+            && self.hourly == 0
+            && self.daily == 0
+            && self.weekly == 0
+            && self.monthly == 0
     }
 }
 

@@ -85,7 +85,16 @@ fn new_repo() -> Env {
 
 fn backup(env: &Env, vm: &str, img: &Path, time: Option<&str>) -> String {
     let disk = format!("sda={}", img.display());
-    let mut args = vec!["backup", "--vm", vm, "--disk", &disk, "--threads", "1", "-q"];
+    let mut args = vec![
+        "backup",
+        "--vm",
+        vm,
+        "--disk",
+        &disk,
+        "--threads",
+        "1",
+        "-q",
+    ];
     if let Some(t) = time {
         args.extend(["--time", t]);
     }
@@ -122,7 +131,15 @@ fn restore_sha(env: &Env, id: &str) -> String {
     let to = env.path(&format!("r-{id}-{}.img", rand::random::<u32>()));
     ok(
         env,
-        &["restore", id, "--disk", "sda", "--to", to.to_str().unwrap(), "-q"],
+        &[
+            "restore",
+            id,
+            "--disk",
+            "sda",
+            "--to",
+            to.to_str().unwrap(),
+            "-q",
+        ],
     );
     let h = sha256_file(&to);
     std::fs::remove_file(&to).unwrap();
@@ -137,7 +154,11 @@ fn all_restore_exactly(env: &Env, expected: &HashMap<String, String>) -> usize {
         let want = expected
             .get(id)
             .unwrap_or_else(|| panic!("snapshot {id} was never recorded"));
-        assert_eq!(&restore_sha(env, id), want, "snapshot {id} restores wrongly");
+        assert_eq!(
+            &restore_sha(env, id),
+            want,
+            "snapshot {id} restores wrongly"
+        );
     }
     snaps.len()
 }
@@ -184,7 +205,11 @@ fn retention_keeps_exactly_what_the_policy_says_and_protected_snapshots_survive(
     let order = [3, 0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15, 14];
     let mut by_index = BTreeMap::new();
     for (n, &i) in order.iter().enumerate() {
-        make_image(&img, 256 * KIB as u64, &[(0, &random_bytes(n as u64, 64 * KIB))]);
+        make_image(
+            &img,
+            256 * KIB as u64,
+            &[(0, &random_bytes(n as u64, 64 * KIB))],
+        );
         by_index.insert(i, backup(&env, "a", &img, Some(a_times[i])));
     }
     for i in 0..a_times.len() {
@@ -192,7 +217,11 @@ fn retention_keeps_exactly_what_the_policy_says_and_protected_snapshots_survive(
     }
     let mut b = Vec::new();
     for (i, t) in b_times.iter().enumerate() {
-        make_image(&img, 256 * KIB as u64, &[(0, &random_bytes(100 + i as u64, 64 * KIB))]);
+        make_image(
+            &img,
+            256 * KIB as u64,
+            &[(0, &random_bytes(100 + i as u64, 64 * KIB))],
+        );
         b.push(backup(&env, "b", &img, Some(t)));
     }
     let snaps = snapshots(&env);
@@ -250,7 +279,11 @@ fn retention_keeps_exactly_what_the_policy_says_and_protected_snapshots_survive(
     dry.extend(["--vm", "a", "--dry-run"]);
     let before = repo_state(&env);
     let plan = json(&env, &dry);
-    assert_eq!(repo_state(&env), before, "forget --dry-run changed the repository");
+    assert_eq!(
+        repo_state(&env),
+        before,
+        "forget --dry-run changed the repository"
+    );
     assert_eq!(ids(&plan, "keep"), want_a);
 
     let mut args = policy.to_vec();
@@ -286,7 +319,10 @@ fn retention_keeps_exactly_what_the_policy_says_and_protected_snapshots_survive(
     let r = json(&env, &["forget", "--keep-last", "1"]);
     let want: BTreeSet<String> = [a[15].clone(), a[0].clone(), b[2].clone()].into();
     assert_eq!(ids(&r, "keep"), want);
-    assert_eq!(snapshots(&env).keys().cloned().collect::<BTreeSet<_>>(), want);
+    assert_eq!(
+        snapshots(&env).keys().cloned().collect::<BTreeSet<_>>(),
+        want
+    );
 
     // Without its protection, the old snapshot goes.
     ok(&env, &["protect", "--remove", &a[0], "-q"]);
@@ -294,7 +330,10 @@ fn retention_keeps_exactly_what_the_policy_says_and_protected_snapshots_survive(
     let r = json(&env, &["forget", "--keep-last", "1"]);
     assert_eq!(ids(&r, "remove"), [a[0].clone()].into());
     let want: BTreeSet<String> = [a[15].clone(), b[2].clone()].into();
-    assert_eq!(snapshots(&env).keys().cloned().collect::<BTreeSet<_>>(), want);
+    assert_eq!(
+        snapshots(&env).keys().cloned().collect::<BTreeSet<_>>(),
+        want
+    );
     check_read_data(&env);
 }
 
@@ -397,7 +436,11 @@ fn dry_runs_change_nothing() {
     age_past_grace();
     let before = repo_state(&env);
     let r = prune(&env, &["--dry-run"]);
-    assert_eq!(repo_state(&env), before, "prune --dry-run changed the repository");
+    assert_eq!(
+        repo_state(&env),
+        before,
+        "prune --dry-run changed the repository"
+    );
     assert!(r["packs_marked"].as_u64().unwrap() >= 4, "{r}");
     assert_eq!(r["dry_run"], true);
     // A real run marks; once the mark is due a dry run would delete.
@@ -408,9 +451,23 @@ fn dry_runs_change_nothing() {
     let before = repo_state(&env);
     let r = json(
         &env,
-        &["forget", "--keep-last", "1", "--dry-run", "--prune", "--grace", GRACE, "--clock-skew", "0s"],
+        &[
+            "forget",
+            "--keep-last",
+            "1",
+            "--dry-run",
+            "--prune",
+            "--grace",
+            GRACE,
+            "--clock-skew",
+            "0s",
+        ],
     );
-    assert_eq!(repo_state(&env), before, "forget --dry-run --prune changed the repository");
+    assert_eq!(
+        repo_state(&env),
+        before,
+        "forget --dry-run --prune changed the repository"
+    );
     assert_eq!(r["remove"].as_array().unwrap().len(), 1, "{r}");
     assert!(r["prune"]["packs_deleted"].as_u64().unwrap() >= 4, "{r}");
     let r = prune(&env, &["--dry-run"]);
@@ -437,7 +494,13 @@ fn a_backup_never_deduplicates_against_marked_packs() {
     make_image(&img, 2 * MIB as u64, &[(0, &data)]);
     let v = json(
         &env,
-        &["backup", "--vm", "c", "--disk", &format!("sda={}", img.display())],
+        &[
+            "backup",
+            "--vm",
+            "c",
+            "--disk",
+            &format!("sda={}", img.display()),
+        ],
     );
     assert!(
         v["bytes_new"].as_u64().unwrap() >= 2 * MIB as u64,
@@ -465,7 +528,16 @@ fn a_backup_that_outlives_a_new_marks_grace_aborts_without_committing() {
     let slow = env.path("slow.img");
     make_image(&slow, 4 * MIB as u64, &[(0, &random_bytes(12, 4 * MIB))]);
     let child = ekko(&env)
-        .args(["backup", "--vm", "slow", "--threads", "1", "--rate-limit", "1", "--disk"])
+        .args([
+            "backup",
+            "--vm",
+            "slow",
+            "--threads",
+            "1",
+            "--rate-limit",
+            "1",
+            "--disk",
+        ])
         .arg(format!("sda={}", slow.display()))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -580,8 +652,14 @@ fn backups_and_forget_prune_run_at_the_same_time_over_and_over() {
         std::thread::sleep(Duration::from_millis(rng.gen_range(500..1500)));
     }
     eprintln!("{committed} backups committed, {aborted} aborted, {kept_referenced} marked packs kept because a racing backup reused them");
-    assert!(committed >= rounds * vms.len() / 2, "too few backups committed: {committed}");
-    assert!(deleted > 0, "prune never deleted anything while backups ran");
+    assert!(
+        committed >= rounds * vms.len() / 2,
+        "too few backups committed: {committed}"
+    );
+    assert!(
+        deleted > 0,
+        "prune never deleted anything while backups ran"
+    );
     // Quiesce: everything garbage is reclaimed and all still restores.
     std::thread::sleep(Duration::from_secs(3));
     let fv = json(&env, &["prune", "--grace", "3s", "--clock-skew", "250ms"]);
@@ -599,16 +677,19 @@ fn killing_prune_at_random_points_leaves_a_clean_repository() {
     let mut hashes = HashMap::new();
     let img = env.path("img");
     let mut n = 0u64;
+    let mut image = random_bytes(1, 4 * MIB);
     let mut add = |env: &Env, hashes: &mut HashMap<String, String>, k: usize| {
         for _ in 0..k {
             n += 1;
-            // Half old data, half new: forgotten snapshots leave packs that
-            // are partly live, so prune repacks as well as deletes.
-            let mut parts = random_bytes(n, 4 * MIB);
-            if n > 1 {
-                parts[..2 * MIB].copy_from_slice(&random_bytes(n - 1, 4 * MIB)[2 * MIB..]);
+            // Each image replaces a random half of the previous one's
+            // chunks: forgotten snapshots leave packs that are partly live,
+            // so prune repacks as well as deletes.
+            for (g, chunk) in image.chunks_mut(64 * KIB).enumerate() {
+                if random_bytes(n * 7919 + g as u64, 8)[0] & 1 == 0 {
+                    chunk.copy_from_slice(&random_bytes(n * 100_000 + g as u64, 64 * KIB));
+                }
             }
-            make_image(&img, 4 * MIB as u64, &[(0, &parts)]);
+            write_file(&img, &image);
             let id = backup(env, "a", &img, None);
             hashes.insert(id, sha256_file(&img));
         }
@@ -616,14 +697,30 @@ fn killing_prune_at_random_points_leaves_a_clean_repository() {
     add(&env, &mut hashes, 4);
     ok(&env, &["forget", "--keep-last", "2", "-q"]);
     age_past_grace();
-    // How long an uninterrupted prune takes here (dry run: no change).
+    // Each prune pauses 20 ms after every change it makes, so that a kill
+    // at a random instant lands between any two of them. How long an
+    // uninterrupted one takes bounds the kill instant.
+    let prune_args = [
+        "prune",
+        "--grace",
+        "1s",
+        "--clock-skew",
+        "0s",
+        "--repack-threshold",
+        "30",
+        "--crash-test-delay",
+        "20ms",
+    ];
     let t = Instant::now();
     prune(&env, &["--dry-run"]);
-    let span = t.elapsed().as_millis().max(20) as u64 * 3;
+    let startup = t.elapsed().as_millis() as u64;
     let mut killed = 0;
-    for round in 0..8 {
+    let mut finished = 0;
+    let mut repacked = 0;
+    for round in 0..10 {
+        let span = startup + 600;
         let mut child = ekko(&env)
-            .args(["prune", "--grace", "1s", "--clock-skew", "0s", "--repack-threshold", "30", "-q"])
+            .args(prune_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -632,8 +729,14 @@ fn killing_prune_at_random_points_leaves_a_clean_repository() {
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap(); // SIGKILL, by pid
             killed += 1;
+        } else {
+            finished += 1;
         }
         child.wait().unwrap();
+        // What the prunes so far have left to do, without doing it.
+        repacked += prune(&env, &["--dry-run", "--repack-threshold", "30"])["packs_repacked"]
+            .as_u64()
+            .unwrap();
         check_read_data(&env);
         all_restore_exactly(&env, &hashes);
         if round % 2 == 1 {
@@ -642,6 +745,11 @@ fn killing_prune_at_random_points_leaves_a_clean_repository() {
         }
         std::thread::sleep(Duration::from_millis(1100));
     }
+    eprintln!("{killed} prunes killed, {finished} finished first, {repacked} packs repacked");
+    assert!(
+        repacked > 0,
+        "the history should have given prune packs to repack"
+    );
     assert!(killed > 0, "prune always finished before the kill");
     // The next prune succeeds (the killed ones' locks are stale), and a
     // later one reclaims what they marked.

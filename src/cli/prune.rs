@@ -24,6 +24,9 @@ pub struct GcArgs {
     /// Repack a pack when at least this percentage of it is garbage.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub repack_threshold: u8,
+    /// Crash tests: pause after every change to the repository.
+    #[arg(long, hide = true, value_parser = humantime::parse_duration)]
+    pub crash_test_delay: Option<Duration>,
 }
 
 impl GcArgs {
@@ -33,6 +36,7 @@ impl GcArgs {
             skew: self.clock_skew,
             repack_threshold: self.repack_threshold,
             dry_run,
+            step_delay: self.crash_test_delay,
         }
     }
 }
