@@ -50,6 +50,9 @@ pub struct PruneOptions {
     /// Crash tests only: pause this long after every change to the
     /// repository, so that a kill lands between any two of them.
     pub step_delay: Option<Duration>,
+    /// Dry runs only: treat these snapshots as gone (what `forget
+    /// --dry-run --prune` would have removed).
+    pub assume_forgotten: HashSet<String>,
 }
 
 impl Default for PruneOptions {
@@ -60,6 +63,7 @@ impl Default for PruneOptions {
             repack_threshold: 50,
             dry_run: false,
             step_delay: None,
+            assume_forgotten: HashSet::new(),
         }
     }
 }
@@ -112,6 +116,11 @@ fn older_than(now: SystemTime, t: SystemTime, d: Duration) -> bool {
 
 pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     gc::validate_grace(opts.grace, opts.skew)?;
+    if !opts.dry_run && !opts.assume_forgotten.is_empty() {
+        return Err(Error::Invalid(
+            "assume_forgotten is for dry runs only".into(),
+        ));
+    }
     if opts.repack_threshold > 100 {
         return Err(Error::Invalid(
             "the repack threshold is a percentage: 0 to 100".into(),
@@ -154,10 +163,11 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
         .flat_map(|m| m.mark.pack_ids())
         .collect();
 
-    let (snaps, bad_snaps) = snapshot::load_all(backend, keys)?;
+    let (mut snaps, bad_snaps) = snapshot::load_all(backend, keys)?;
     if let Some(e) = bad_snaps.first() {
         return Err(unsafe_(format!("a snapshot manifest is unreadable ({e})")));
     }
+    snaps.retain(|s| !opts.assume_forgotten.contains(&s.id));
     report.snapshots = snaps.len();
 
     let index_files: Vec<String> = backend

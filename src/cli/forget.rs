@@ -137,7 +137,16 @@ pub fn run(g: &Global, a: ForgetArgs) -> Result<ExitCode> {
     }
     let pruned = if a.prune {
         drop(_lock);
-        Some(ekko::prune::prune(&repo, &a.gc.options(a.dry_run))?)
+        let mut opts = a.gc.options(a.dry_run);
+        if a.dry_run {
+            // Report the prune as it would run after this forget.
+            opts.assume_forgotten = decisions
+                .iter()
+                .filter(|d| !d.keep)
+                .map(|d| d.id.clone())
+                .collect();
+        }
+        Some(ekko::prune::prune(&repo, &opts)?)
     } else {
         None
     };

@@ -37,6 +37,7 @@ impl GcArgs {
             repack_threshold: self.repack_threshold,
             dry_run,
             step_delay: self.crash_test_delay,
+            assume_forgotten: Default::default(),
         }
     }
 }
