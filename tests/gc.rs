@@ -128,6 +128,10 @@ fn check_read_data(env: &Env) {
 }
 
 fn restore_sha(env: &Env, id: &str) -> String {
+    restore_disk_sha(env, id, "sda")
+}
+
+fn restore_disk_sha(env: &Env, id: &str, disk: &str) -> String {
     let to = env.path(&format!("r-{id}-{}.img", rand::random::<u32>()));
     ok(
         env,
@@ -135,7 +139,7 @@ fn restore_sha(env: &Env, id: &str) -> String {
             "restore",
             id,
             "--disk",
-            "sda",
+            disk,
             "--to",
             to.to_str().unwrap(),
             "-q",
@@ -761,4 +765,124 @@ fn killing_prune_at_random_points_leaves_a_clean_repository() {
     all_restore_exactly(&env, &hashes);
     let left = snapshots(&env);
     assert_eq!(left.len(), 2);
+}
+
+#[test]
+fn a_backup_whose_reused_pack_vanished_aborts_without_committing() {
+    // Fault injection on a local repository: a pack disappears under a
+    // running backup that deduplicates against it, as if a prune the backup
+    // could not see had deleted it. The backup must notice before writing
+    // its manifest.
+    let env = new_repo();
+    let img = env.path("img");
+    make_image(&img, 2 * MIB as u64, &[(0, &random_bytes(21, 2 * MIB))]);
+    backup(&env, "a", &img, None);
+    let packs = env.pack_files();
+    assert!(!packs.is_empty());
+    let child = ekko(&env)
+        .args([
+            "backup",
+            "--vm",
+            "b",
+            "--threads",
+            "1",
+            "--rate-limit",
+            "1",
+            "--disk",
+        ])
+        .arg(format!("sda={}", img.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    for p in &packs {
+        std::fs::remove_file(p).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_clean_failure(&out, "was deleted by a prune");
+    assert!(
+        !snapshots(&env).values().any(|s| s["vm"] == "b"),
+        "the backup committed a snapshot that references deleted packs"
+    );
+}
+
+#[path = "util/qsd.rs"]
+mod qsd;
+
+/// Open the repository through the library, to forge the state a race
+/// leaves behind.
+fn open_repo(env: &Env) -> ekko::Repository {
+    let backend = std::sync::Arc::new(ekko::LocalBackend::new(repo_url(env)));
+    ekko::Repository::open_with_cache(backend, || Ok(PASSWORD.as_bytes().to_vec()), false).unwrap()
+}
+
+#[test]
+fn an_incremental_whose_parent_sits_in_marked_packs_reads_in_full() {
+    let env = new_repo();
+    let qsd = qsd::Qsd::start(1, 16 * MIB as u64);
+    qsd.write("disk0", 0x11, 0, 4 * MIB as u64);
+    let live = |env: &Env| {
+        json(
+            env,
+            &[
+                "backup",
+                "--vm",
+                "live",
+                "--qmp",
+                qsd.qmp_path().to_str().unwrap(),
+                "--workdir",
+                qsd.workdir().to_str().unwrap(),
+                "--threads",
+                "1",
+            ],
+        )
+    };
+    let full = live(&env);
+    assert_eq!(full["disks"][0]["mode"], "full", "{full}");
+    qsd.write("disk0", 0x22, MIB as u64, 64 * KIB as u64);
+    let want = qsd.reference("disk0", &env.path("ref.img"));
+
+    // The state a backup that raced a prune leaves: the parent's chunks sit
+    // in packs that a mark names (it committed after the prune scanned).
+    let repo = open_repo(&env);
+    let marked: Vec<String> = env
+        .pack_files()
+        .iter()
+        .map(|p| p.file_name().unwrap().to_str().unwrap().to_string())
+        .collect();
+    ekko::gc::write_mark(
+        repo.backend().as_ref(),
+        repo.keys(),
+        &ekko::gc::Mark {
+            time: "2026-11-26T00:00:00Z".into(),
+            host: "test".into(),
+            grace_ms: 3_600_000,
+            skew_ms: 0,
+            packs: marked,
+        },
+    )
+    .unwrap();
+
+    // The next backup could be an incremental, but building on that parent
+    // would tie it to packs due for deletion: it reads in full, and stores
+    // again even the chunks the marked packs hold.
+    let inc = live(&env);
+    let d = &inc["disks"][0];
+    assert_eq!(d["mode"], "full", "{inc}");
+    assert!(
+        d["reason"]
+            .as_str()
+            .unwrap()
+            .contains("marked for deletion"),
+        "{inc}"
+    );
+    assert!(d["chunks_new"].as_u64().unwrap() >= 2, "{inc}");
+    let check = json(&env, &["check", "--read-data"]);
+    assert_eq!(check["gc_marks"], 1, "{check}");
+    assert_eq!(check["problems"].as_array().unwrap().len(), 0, "{check}");
+    assert_eq!(
+        restore_disk_sha(&env, inc["id"].as_str().unwrap(), "disk0"),
+        want
+    );
 }
