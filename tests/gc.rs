@@ -807,8 +807,7 @@ fn a_backup_whose_reused_pack_vanished_aborts_without_committing() {
     );
 }
 
-#[path = "util/qsd.rs"]
-mod qsd;
+use crate::capture::qsd;
 
 /// Open the repository through the library, to forge the state a race
 /// leaves behind.
