@@ -885,3 +885,41 @@ fn an_incremental_whose_parent_sits_in_marked_packs_reads_in_full() {
         want
     );
 }
+
+#[test]
+fn a_marked_pack_that_a_snapshot_came_to_need_is_kept() {
+    // The state a backup that missed a mark leaves: its snapshot relies on
+    // chunks whose only copies are in marked packs. When the mark comes due,
+    // prune scans the snapshots again and keeps those packs.
+    let env = new_repo();
+    let img = env.path("img");
+    make_image(&img, 2 * MIB as u64, &[(0, &random_bytes(31, 2 * MIB))]);
+    let id = backup(&env, "a", &img, None);
+    let want = sha256_file(&img);
+    let packs: Vec<String> = env
+        .pack_files()
+        .iter()
+        .map(|p| p.file_name().unwrap().to_str().unwrap().to_string())
+        .collect();
+    let repo = open_repo(&env);
+    ekko::gc::write_mark(
+        repo.backend().as_ref(),
+        repo.keys(),
+        &ekko::gc::Mark {
+            time: "2026-11-26T00:00:00Z".into(),
+            host: "test".into(),
+            grace_ms: 500,
+            skew_ms: 0,
+            packs: packs.clone(),
+        },
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let r = prune(&env, &[]);
+    assert_eq!(r["marks_completed"], 1, "{r}");
+    assert_eq!(r["packs_deleted"], 0, "{r}");
+    assert_eq!(r["packs_kept_referenced"], packs.len(), "{r}");
+    assert_eq!(env.pack_files().len(), packs.len());
+    check_read_data(&env);
+    assert_eq!(restore_sha(&env, &id), want);
+}
