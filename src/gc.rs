@@ -376,3 +376,40 @@ impl Guard {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grace_must_leave_backups_time() {
+        let s = Duration::from_secs;
+        assert!(validate_grace(s(10), s(5)).is_err());
+        assert!(validate_grace(s(10), s(4)).is_ok());
+        assert!(validate_grace(s(1), s(0)).is_ok());
+        let m = Mark {
+            time: String::new(),
+            host: String::new(),
+            grace_ms: 86_400_000,
+            skew_ms: 600_000,
+            packs: vec![ObjectId([7; 16]).to_hex(), "not hex".into()],
+        };
+        assert_eq!(m.backup_bound(), s(86_400 - 1_200));
+        // A malformed id is skipped, never turned into another pack's id.
+        assert_eq!(m.pack_ids().collect::<Vec<_>>(), vec![ObjectId([7; 16])]);
+    }
+
+    #[test]
+    fn a_guard_refuses_marked_packs_and_records_the_rest() {
+        let g = Guard {
+            started: Instant::now(),
+            seen: HashSet::new(),
+            candidates: [ObjectId([1; 16])].into(),
+            depends: Mutex::new(HashSet::new()),
+        };
+        assert!(!g.reuse(ObjectId([1; 16])));
+        assert!(g.reuse(ObjectId([2; 16])));
+        let deps = g.depends.lock().unwrap().clone();
+        assert_eq!(deps, [ObjectId([2; 16])].into());
+    }
+}

@@ -104,6 +104,12 @@ impl Repository {
                 opts.chunk_size
             )));
         }
+        if !(1 << 20..=1 << 30).contains(&opts.pack_size) {
+            return Err(Error::Invalid(format!(
+                "pack size {} must be from 1 MiB to 1 GiB",
+                opts.pack_size
+            )));
+        }
         if !(-7..=22).contains(&opts.compression_level) {
             return Err(Error::Invalid(
                 "zstd level must be from -7 to 22 (0 = off)".into(),

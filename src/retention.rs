@@ -216,4 +216,40 @@ mod tests {
             assert_eq!(days_from_civil(y, m, dd), d);
         }
     }
+
+    fn snap(id: &str, vm: &str, time: &str) -> Snapshot {
+        Snapshot {
+            id: id.into(),
+            vm: vm.into(),
+            time: time.into(),
+            parent: None,
+            host: "h".into(),
+            disks: vec![],
+            ekko_version: "0".into(),
+        }
+    }
+
+    #[test]
+    fn newest_by_nanoseconds_and_per_vm() {
+        let snaps = [
+            snap("aa", "x", "2026-09-01T10:00:00.000000002Z"),
+            snap("bb", "x", "2026-09-01T10:00:00.000000001Z"),
+            snap("cc", "y", "2020-01-01T00:00:00Z"),
+        ];
+        let p = Policy {
+            last: 1,
+            ..Policy::default()
+        };
+        let d = apply(&p, &snaps, &HashSet::new()).unwrap();
+        let kept: Vec<&str> = d.iter().filter(|d| d.keep).map(|d| d.id.as_str()).collect();
+        assert_eq!(kept, ["aa", "cc"]);
+        let prot: HashSet<String> = ["bb".to_string()].into();
+        let d = apply(&p, &snaps, &prot).unwrap();
+        assert!(d.iter().all(|d| d.keep));
+        assert_eq!(
+            d.iter().find(|d| d.id == "bb").unwrap().reasons,
+            ["protected"]
+        );
+        assert!(apply(&Policy::default(), &snaps, &HashSet::new()).is_err());
+    }
 }
