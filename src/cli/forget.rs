@@ -43,6 +43,7 @@ pub struct ForgetArgs {
     prune: bool,
     #[command(flatten)]
     gc: GcArgs,
+    /// Print a JSON report.
     #[arg(long)]
     json: bool,
 }

@@ -16,8 +16,8 @@ pub struct GcArgs {
     /// backup.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     pub grace: Duration,
-    /// Bound on the clock skew between the store's nodes (plus listing
-    /// delay). Backups that did not see a mark must finish within
+    /// Bound on the skew of the store's timestamps, plus listing delay and
+    /// the time a manifest upload takes (docs/GC.md). Backups that did not see a mark must finish within
     /// grace − 2 × skew.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub clock_skew: Duration,
@@ -49,6 +49,7 @@ pub struct PruneArgs {
     /// Report what would be deleted, marked and repacked; change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Print a JSON report.
     #[arg(long)]
     json: bool,
 }
