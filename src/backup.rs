@@ -22,6 +22,7 @@ use crate::blockmap::{self, MapBuilder};
 use crate::chunk::{self, EncodedChunk};
 use crate::error::{Error, Result};
 use crate::format::{self, ChunkKind};
+use crate::gc::Guard;
 use crate::id::ChunkId;
 use crate::pack::PackWriter;
 use crate::reader::{NodeCache, RepoNodes};
@@ -93,6 +94,8 @@ pub struct Session<'r> {
     nodes: NodeCache,
     disks: Vec<Disk>,
     started: Instant,
+    /// Marks seen at the start and packs relied on: see `crate::gc`.
+    guard: Guard,
 }
 
 /// Turn byte ranges into sorted, merged runs of block indices.
@@ -116,8 +119,10 @@ fn block_runs(ranges: &[Range], cs: u64, nchunks: u64) -> Vec<(u64, u64)> {
 }
 
 impl<'r> Session<'r> {
-    pub fn new(repo: &'r Repository) -> Session<'r> {
-        Session {
+    /// Start a session. Reads the GC marks, then refreshes the index.
+    pub fn new(repo: &'r Repository) -> Result<Session<'r>> {
+        let guard = Guard::start(repo)?;
+        Ok(Session {
             repo,
             pack: Mutex::new(None),
             uploader: Mutex::new(None),
@@ -125,7 +130,8 @@ impl<'r> Session<'r> {
             nodes: NodeCache::new(1024),
             disks: Vec::new(),
             started: Instant::now(),
-        }
+            guard,
+        })
     }
 
     pub fn repo(&self) -> &Repository {
@@ -191,8 +197,11 @@ impl<'r> Session<'r> {
     /// Is this chunk already stored, or claimed by another worker of this
     /// session? Claims it if not.
     fn claim(&self, id: &ChunkId) -> Result<bool> {
-        if self.repo.index().contains(id)? {
-            return Ok(false);
+        // A chunk in a pack that prune marked is stored again.
+        if let Some(loc) = self.repo.index().lookup(id)? {
+            if self.guard.reuse(loc.pack) {
+                return Ok(false);
+            }
         }
         Ok(self.inflight.lock().expect("inflight lock").insert(*id))
     }
@@ -208,7 +217,18 @@ impl<'r> Session<'r> {
     }
 
     /// Back up one disk; its entry goes into the snapshot at commit.
-    pub fn backup_disk(&mut self, plan: DiskPlan<'_>, opts: &BackupOptions) -> Result<Disk> {
+    pub fn backup_disk(&mut self, mut plan: DiskPlan<'_>, opts: &BackupOptions) -> Result<Disk> {
+        if let Some(parent) = plan.incremental_parent {
+            if let Some(why) = self.guard.parent_blocked(self.repo, parent)? {
+                plan.incremental_parent = None;
+                plan.capture = Capture {
+                    mode: snapshot::CaptureMode::Full,
+                    bitmap: None,
+                    next_bitmap: plan.capture.next_bitmap,
+                    reason: Some(why),
+                };
+            }
+        }
         let cs = u64::from(self.repo.config().chunk_size);
         let size = plan.source.size();
         let nchunks = size.div_ceil(cs);
@@ -414,6 +434,7 @@ impl<'r> Session<'r> {
             disks: std::mem::take(&mut self.disks),
             ekko_version: env!("CARGO_PKG_VERSION").to_string(),
         };
+        self.guard.before_commit(self.repo)?;
         snapshot::save(self.repo.backend().as_ref(), self.repo.keys(), &snap)?;
         tracing::info!(snapshot = %snap.id, elapsed = ?self.started.elapsed(), "snapshot committed");
         Ok(snap)

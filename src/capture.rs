@@ -649,7 +649,10 @@ impl<'r> LiveBackup<'r> {
         };
         tracing::info!(session = %session.tag(), new = %self.new_bitmap, prev = ?self.prev_bitmap, "point in time taken");
 
-        let mut backup = Session::new(self.repo);
+        let mut backup = match Session::new(self.repo) {
+            Ok(b) => b,
+            Err(e) => return Err(abort(session, e.into())),
+        };
         let read = self.read_disks(&mut session, &mut backup, limiter.as_ref(), opts, progress);
         let reports = match read {
             Ok(r) if !opts.cancel.load(Ordering::Relaxed) => r,

@@ -36,6 +36,11 @@ pub struct CheckReport {
     pub damaged_snapshots: Vec<String>,
     /// Packs no index refers to (left by interrupted backups; harmless).
     pub unreferenced_packs: usize,
+    /// GC marks waiting for a later prune (normal; see docs/GC.md).
+    pub gc_marks: usize,
+    /// Packs those marks will delete.
+    pub packs_marked: usize,
+    pub protected_snapshots: usize,
 }
 
 impl CheckReport {
@@ -153,7 +158,24 @@ pub fn check(repo: &Repository, read_data: bool, threads: usize) -> Result<Check
         }
     }
 
-    // 4. Snapshots: walk every map; note which reference damage.
+    // 4. GC marks and protect objects: they must open; a mark is not damage.
+    let (marks, bad_marks) = crate::gc::read_marks(backend, keys)?;
+    report.gc_marks = marks.len();
+    report.packs_marked = marks.iter().map(|m| m.mark.packs.len()).sum();
+    for e in bad_marks {
+        report.problems.push(format!("GC mark: {e}"));
+    }
+    for o in backend.list(crate::gc::PROTECT_PREFIX)? {
+        match crate::gc::read_protection(backend, keys, &o.name) {
+            Ok(_) => report.protected_snapshots += 1,
+            Err(e) if e.is_damage() || matches!(e, Error::UnsupportedVersion { .. }) => {
+                report.problems.push(format!("protect object: {e}"));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+
+    // 5. Snapshots: walk every map; note which reference damage.
     let (snaps, bad_snaps) = snapshot::load_all(backend, keys)?;
     report.snapshots = snaps.len() + bad_snaps.len();
     for e in bad_snaps {

@@ -89,6 +89,12 @@ pub enum Error {
     #[error("interrupted")]
     Interrupted,
 
+    #[error("{reason}; nothing was committed (the packs written are reclaimed by a later prune): run the backup again")]
+    GcRace { reason: String },
+
+    #[error("prune cannot see every reference: {reason}; nothing was deleted. Run `ekko check` and repair the repository first")]
+    PruneUnsafe { reason: String },
+
     #[error("index cache: {0}")]
     Cache(String),
 }

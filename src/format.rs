@@ -15,6 +15,8 @@ pub const MAGIC_PACK_END: &[u8; 8] = b"EKKOPEND";
 pub const MAGIC_INDEX: &[u8; 8] = b"EKKOINDX";
 pub const MAGIC_SNAPSHOT: &[u8; 8] = b"EKKOSNAP";
 pub const MAGIC_LOCK: &[u8; 8] = b"EKKOLOCK";
+pub const MAGIC_GC_MARK: &[u8; 8] = b"EKKOGCMK";
+pub const MAGIC_PROTECT: &[u8; 8] = b"EKKOPROT";
 
 /// Version written by this build, for every file kind.
 pub const VERSION: u16 = 1;

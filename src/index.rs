@@ -106,7 +106,6 @@ impl Index {
     /// Open the index, bringing the cache at `cache_path` in step with the
     /// repository's index files. `None` keeps everything in memory.
     pub fn open(backend: &dyn Backend, keys: &Keys, cache_path: Option<&Path>) -> Result<Index> {
-        let listed = list_index_files(backend)?;
         if let Some(path) = cache_path {
             match Self::open_cache(path) {
                 Ok(db) => {
@@ -114,7 +113,7 @@ impl Index {
                         store: Store::Redb(db),
                         pending: RwLock::default(),
                     };
-                    idx.sync_cache(backend, keys, &listed)?;
+                    idx.refresh(backend, keys)?;
                     return Ok(idx);
                 }
                 Err(e) => tracing::warn!(
@@ -127,17 +126,30 @@ impl Index {
             store: Store::Memory(RwLock::default()),
             pending: RwLock::default(),
         };
-        idx.load_new_into_memory(backend, keys, &listed)?;
+        idx.refresh(backend, keys)?;
         Ok(idx)
     }
 
     /// Take in index files written since this index was opened (by other
     /// processes, e.g. a backup while a FUSE mount or NBD server runs).
+    ///
+    /// A listed file may vanish before it is read (a prune replacing the
+    /// index files): then list again.
     pub fn refresh(&self, backend: &dyn Backend, keys: &Keys) -> Result<()> {
-        let listed = list_index_files(backend)?;
-        match &self.store {
-            Store::Redb(_) => self.sync_cache(backend, keys, &listed),
-            Store::Memory(_) => self.load_new_into_memory(backend, keys, &listed),
+        let mut attempt = 0;
+        loop {
+            let listed = list_index_files(backend)?;
+            let r = match &self.store {
+                Store::Redb(_) => self.sync_cache(backend, keys, &listed),
+                Store::Memory(_) => self.load_new_into_memory(backend, keys, &listed),
+            };
+            match r {
+                Err(Error::NotFound { name }) if attempt < 5 && name.starts_with("index/") => {
+                    tracing::debug!("index file {name} vanished while loading; listing again");
+                    attempt += 1;
+                }
+                r => return r,
+            }
         }
     }
 

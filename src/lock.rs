@@ -5,6 +5,12 @@
 //! lock, and backups take a shared one so that a deleter can see them. A lock
 //! is an object `locks/<id>` naming its holder; it is removed on release. A
 //! lock whose process is gone on this host is stale and ignored.
+//!
+//! Prune and forget take a *GC* lock: it excludes other GC locks and the
+//! exclusive lock, but not backups, which run alongside prune safely
+//! through the mark-and-grace protocol of `crate::gc` (the lock is a
+//! courtesy between deleters; safety never rests on a listing being
+//! current).
 
 use serde::{Deserialize, Serialize};
 
@@ -14,9 +20,29 @@ use crate::error::{Error, Result};
 use crate::format::{self, MAGIC_LOCK};
 use crate::id::ObjectId;
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Shared,
+    Gc,
+    Exclusive,
+}
+
+impl Kind {
+    fn conflicts_with(self, other: &LockInfo) -> bool {
+        match self {
+            Kind::Exclusive => true,
+            Kind::Gc => other.exclusive || other.gc,
+            Kind::Shared => other.exclusive,
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct LockInfo {
     pub exclusive: bool,
+    /// A garbage-collection lock (prune, forget). Absent in older locks.
+    #[serde(default)]
+    pub gc: bool,
     pub host: String,
     pub pid: u32,
     pub time: String,
@@ -50,14 +76,10 @@ fn read_locks(backend: &dyn Backend, keys: &Keys) -> Result<Vec<(String, LockInf
 }
 
 impl<'a> Lock<'a> {
-    fn write(
-        backend: &'a dyn Backend,
-        keys: &Keys,
-        exclusive: bool,
-        purpose: &str,
-    ) -> Result<Lock<'a>> {
+    fn write(backend: &'a dyn Backend, keys: &Keys, kind: Kind, purpose: &str) -> Result<Lock<'a>> {
         let info = LockInfo {
-            exclusive,
+            exclusive: kind == Kind::Exclusive,
+            gc: kind == Kind::Gc,
             host: crate::time::hostname(),
             pid: std::process::id(),
             time: crate::time::now_rfc3339(),
@@ -69,17 +91,12 @@ impl<'a> Lock<'a> {
         Ok(Lock { backend, name })
     }
 
-    fn conflict(
-        backend: &dyn Backend,
-        keys: &Keys,
-        me: Option<&str>,
-        want_exclusive: bool,
-    ) -> Result<()> {
+    fn conflict(backend: &dyn Backend, keys: &Keys, me: Option<&str>, want: Kind) -> Result<()> {
         for (name, info) in read_locks(backend, keys)? {
             if Some(name.as_str()) == me || !alive(&info) {
                 continue;
             }
-            if want_exclusive || info.exclusive {
+            if want.conflicts_with(&info) {
                 return Err(Error::Locked {
                     holder: format!(
                         "{} (pid {} on {}, since {})",
@@ -94,25 +111,45 @@ impl<'a> Lock<'a> {
 
     /// A shared lock: fails only if a deleting operation holds the repository.
     pub fn shared(backend: &'a dyn Backend, keys: &Keys, purpose: &str) -> Result<Lock<'a>> {
-        Self::conflict(backend, keys, None, false)?;
-        let l = Self::write(backend, keys, false, purpose)?;
-        if let Err(e) = Self::conflict(backend, keys, Some(&l.name), false) {
+        Self::take(backend, keys, Kind::Shared, purpose)
+    }
+
+    /// A GC lock: one deleter at a time; backups go on.
+    pub fn gc(backend: &'a dyn Backend, keys: &Keys, purpose: &str) -> Result<Lock<'a>> {
+        Self::take(backend, keys, Kind::Gc, purpose)
+    }
+
+    fn take(backend: &'a dyn Backend, keys: &Keys, kind: Kind, purpose: &str) -> Result<Lock<'a>> {
+        Self::conflict(backend, keys, None, kind)?;
+        let l = Self::write(backend, keys, kind, purpose)?;
+        if let Err(e) = Self::conflict(backend, keys, Some(&l.name), kind) {
             drop(l);
             return Err(e);
         }
         Ok(l)
     }
 
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The store's clock now, or a little before: the timestamp the store
+    /// gave this lock object when it was written.
+    pub fn store_time(&self) -> Result<std::time::SystemTime> {
+        self.backend
+            .list("locks/")?
+            .into_iter()
+            .find(|o| o.name == self.name)
+            .map(|o| o.modified)
+            .ok_or_else(|| Error::NotFound {
+                name: self.name.clone(),
+            })
+    }
+
     /// An exclusive lock: checked before and after writing it, so that of two
     /// racing lockers at least one backs off.
     pub fn exclusive(backend: &'a dyn Backend, keys: &Keys, purpose: &str) -> Result<Lock<'a>> {
-        Self::conflict(backend, keys, None, true)?;
-        let l = Self::write(backend, keys, true, purpose)?;
-        if let Err(e) = Self::conflict(backend, keys, Some(&l.name), true) {
-            drop(l);
-            return Err(e);
-        }
-        Ok(l)
+        Self::take(backend, keys, Kind::Exclusive, purpose)
     }
 }
 

@@ -104,6 +104,12 @@ impl Repository {
                 opts.chunk_size
             )));
         }
+        if !(1 << 20..=1 << 30).contains(&opts.pack_size) {
+            return Err(Error::Invalid(format!(
+                "pack size {} must be from 1 MiB to 1 GiB",
+                opts.pack_size
+            )));
+        }
         if !(-7..=22).contains(&opts.compression_level) {
             return Err(Error::Invalid(
                 "zstd level must be from -7 to 22 (0 = off)".into(),
@@ -306,13 +312,31 @@ impl Repository {
         chunk::encode(&self.keys, id, kind, plain, self.config.compression_level)
     }
 
-    /// Fetch and decode one stored chunk.
+    /// Fetch and decode one stored chunk. If its pack is gone, a prune may
+    /// have moved the chunk since the index was loaded: look it up again once.
     pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
         let loc = self
             .index
             .lookup(id)?
             .ok_or(Error::ChunkMissing { id: *id })?;
-        self.read_chunk_at(id, &loc)
+        match self.read_chunk_at(id, &loc) {
+            Err(e @ Error::ChunkDamaged { .. }) if self.pack_missing(&loc)? => {
+                self.refresh_index()?;
+                match self.index.lookup(id)? {
+                    Some(moved) if moved != loc => self.read_chunk_at(id, &moved),
+                    _ => Err(e),
+                }
+            }
+            r => r,
+        }
+    }
+
+    fn pack_missing(&self, loc: &Location) -> Result<bool> {
+        match self.backend.size(&pack::pack_name(&loc.pack)) {
+            Ok(_) => Ok(false),
+            Err(Error::NotFound { .. }) => Ok(true),
+            Err(e) => Err(e),
+        }
     }
 
     pub fn read_chunk_at(&self, id: &ChunkId, loc: &Location) -> Result<Vec<u8>> {

@@ -155,6 +155,8 @@ pub fn load_all(backend: &dyn Backend, keys: &Keys) -> Result<(Vec<Snapshot>, Ve
     for id in list_ids(backend)? {
         match load(backend, keys, &id) {
             Ok(s) => ok.push(s),
+            // Forgotten since the listing.
+            Err(Error::NotFound { .. }) => {}
             Err(e) if e.is_damage() || matches!(e, Error::UnsupportedVersion { .. }) => bad.push(e),
             Err(e) => return Err(e),
         }

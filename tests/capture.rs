@@ -6,7 +6,7 @@
 //! is compared with it by sha256.
 
 #[path = "util/qsd.rs"]
-mod qsd;
+pub(crate) mod qsd;
 
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};

@@ -66,6 +66,10 @@ pub struct BackupArgs {
     /// Print a JSON summary instead of the snapshot id.
     #[arg(long)]
     json: bool,
+    /// Record this RFC 3339 instant as the snapshot's time instead of now
+    /// (for tests of retention on a synthetic history).
+    #[arg(long, hide = true, value_name = "RFC3339")]
+    time: Option<String>,
 }
 
 /// Lower this process's CPU and I/O priority so that tenants' VMs come first.
@@ -304,7 +308,14 @@ fn run_offline(g: &Global, a: &BackupArgs) -> Result<ExitCode> {
         Err(ekko::Error::SnapshotNotFound { .. }) => None,
         Err(e) => return Err(e.into()),
     };
-    let time = ekko::time::now_rfc3339_nanos();
+    let time = match &a.time {
+        Some(t) => {
+            let parsed = ekko::time::parse_rfc3339(t)
+                .with_context(|| format!("--time {t:?}: expected an RFC 3339 instant"))?;
+            humantime::format_rfc3339_nanos(parsed).to_string()
+        }
+        None => ekko::time::now_rfc3339_nanos(),
+    };
     let sources: Vec<(String, Box<dyn source::Source>)> = specs
         .iter()
         .map(|(n, s)| {
@@ -313,7 +324,7 @@ fn run_offline(g: &Global, a: &BackupArgs) -> Result<ExitCode> {
         })
         .collect::<Result<_>>()?;
 
-    let mut session = Session::new(&repo);
+    let mut session = Session::new(&repo)?;
     let opts_base = BackupOptions {
         threads: a.threads,
         cancel: cancel.clone(),

@@ -43,6 +43,12 @@ pub fn run(g: &Global, a: CheckArgs) -> Result<ExitCode> {
                     format!("{} PROBLEMS", r.problems.len())
                 }
             );
+            if r.gc_marks > 0 {
+                eprintln!(
+                    "{} GC mark(s) name {} pack(s) that a later prune deletes (normal)",
+                    r.gc_marks, r.packs_marked
+                );
+            }
             if r.unreferenced_packs > 0 {
                 eprintln!(
                     "{} pack(s) are not referenced by any index (left by interrupted backups)",

@@ -19,6 +19,9 @@ pub struct InitArgs {
     /// aes256-siv (default) or none.
     #[arg(long, default_value = "aes256-siv", value_parser = ["aes256-siv", "none"])]
     encryption: String,
+    /// Target pack size (1M to 1G); small packs make GC tests meaningful.
+    #[arg(long, hide = true, value_parser = super::parse_size, default_value_t = DEFAULT_PACK_SIZE)]
+    pack_size: u32,
 }
 
 pub fn run(g: &Global, a: InitArgs) -> Result<ExitCode> {
@@ -33,7 +36,7 @@ pub fn run(g: &Global, a: InitArgs) -> Result<ExitCode> {
         chunk_size: a.chunk_size,
         compression_level: a.compression,
         encrypt,
-        pack_size: DEFAULT_PACK_SIZE,
+        pack_size: a.pack_size,
     };
     let cfg = Repository::init(g.backend()?, &opts, pass.as_deref())?;
     println!("{}", cfg.id);

@@ -4,10 +4,13 @@
 
 mod backup;
 mod check;
+mod forget;
 mod index;
 mod init;
 mod key;
 mod mount;
+mod protect;
+mod prune;
 mod restore;
 mod serve_nbd;
 mod snapshots;
@@ -73,6 +76,12 @@ pub enum Command {
     Index(index::IndexCommand),
     /// Show every snapshot as a read-only file tree (FUSE).
     Mount(mount::MountArgs),
+    /// Remove snapshots by a retention policy (per VM).
+    Forget(forget::ForgetArgs),
+    /// Protect a snapshot from forget (or --remove the protection).
+    Protect(protect::ProtectArgs),
+    /// Delete data no snapshot references, safely beside running backups.
+    Prune(prune::PruneArgs),
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -87,6 +96,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Mount(a) => mount::run(g, a),
         Command::Index(a) => index::run(g, a),
         Command::ServeNbd(a) => serve_nbd::run(g, a),
+        Command::Forget(a) => forget::run(g, a),
+        Command::Protect(a) => protect::run(g, a),
+        Command::Prune(a) => prune::run(g, a),
     }
 }
 

@@ -26,6 +26,7 @@ pub fn run(g: &Global, a: SnapshotsArgs) -> Result<ExitCode> {
         .into_iter()
         .filter(|s| a.vm.as_ref().is_none_or(|v| &s.vm == v))
         .collect();
+    let protected = ekko::gc::protected_ids(repo.backend().as_ref())?;
     let mut out = std::io::stdout().lock();
     if a.json {
         let v: Vec<_> = snaps
@@ -33,6 +34,7 @@ pub fn run(g: &Global, a: SnapshotsArgs) -> Result<ExitCode> {
             .map(|s| {
                 json!({
                     "id": s.id, "vm": s.vm, "time": s.time, "parent": s.parent, "host": s.host,
+                    "protected": protected.contains(&s.id),
                     "disks": s.disks.iter().map(|d| json!({
                         "name": d.name, "size": d.size, "chunk_size": d.chunk_size,
                         "mode": d.capture.mode, "bitmap": d.capture.bitmap,
@@ -46,8 +48,8 @@ pub fn run(g: &Global, a: SnapshotsArgs) -> Result<ExitCode> {
     } else {
         writeln!(
             out,
-            "{:<10} {:<16} {:<31} {:<12} disks",
-            "id", "vm", "time", "mode"
+            "{:<10} {:<16} {:<31} {:<12} {:<9} disks",
+            "id", "vm", "time", "mode", "protected"
         )?;
         for s in &snaps {
             let mode = if s
@@ -66,11 +68,12 @@ pub fn run(g: &Global, a: SnapshotsArgs) -> Result<ExitCode> {
                 .collect();
             writeln!(
                 out,
-                "{:<10} {:<16} {:<31} {:<12} {}",
+                "{:<10} {:<16} {:<31} {:<12} {:<9} {}",
                 s.short_id(),
                 s.vm,
                 s.time,
                 mode,
+                if protected.contains(&s.id) { "yes" } else { "" },
                 disks.join(" ")
             )?;
         }

@@ -1,0 +1,166 @@
+//! `ekko forget`: remove snapshot manifests by a retention policy (see
+//! `ekko::retention` for the exact rules), and optionally prune.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Args;
+use ekko::retention::{self, Policy};
+use serde_json::json;
+
+use super::prune::GcArgs;
+use super::Global;
+
+#[derive(Args)]
+pub struct ForgetArgs {
+    /// Forget these snapshots (ids, prefixes or VM@latest) instead of
+    /// applying a policy. Protected ones are refused.
+    #[arg(value_name = "SNAPSHOT", conflicts_with_all = ["keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly"])]
+    snapshots: Vec<String>,
+    /// Keep the N newest snapshots.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_last: u32,
+    /// Keep the newest snapshot of each of the last N hours that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_hourly: u32,
+    /// Keep the newest snapshot of each of the last N days (UTC) that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_daily: u32,
+    /// Keep the newest snapshot of each of the last N ISO weeks that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_weekly: u32,
+    /// Keep the newest snapshot of each of the last N months that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_monthly: u32,
+    /// Only this VM's snapshots (the policy always applies per VM).
+    #[arg(long)]
+    vm: Option<String>,
+    /// Show what would be removed; remove nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Run `ekko prune` afterwards.
+    #[arg(long)]
+    prune: bool,
+    #[command(flatten)]
+    gc: GcArgs,
+    /// Print a JSON report.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(g: &Global, a: ForgetArgs) -> Result<ExitCode> {
+    let policy = Policy {
+        last: a.keep_last,
+        hourly: a.keep_hourly,
+        daily: a.keep_daily,
+        weekly: a.keep_weekly,
+        monthly: a.keep_monthly,
+    };
+    if policy.is_empty() && a.snapshots.is_empty() {
+        eprintln!("ekko: error: no retention policy given: pass at least one --keep-* option (nothing was removed)");
+        return Ok(ExitCode::from(2));
+    }
+    let repo = g.open()?;
+    let backend = repo.backend().as_ref();
+    let keys = repo.keys();
+    let _lock = if a.dry_run {
+        None
+    } else {
+        Some(ekko::lock::Lock::gc(backend, keys, "forget")?)
+    };
+    let (snaps, bad) = ekko::snapshot::load_all(backend, keys)?;
+    for e in &bad {
+        eprintln!("ekko: warning: {e} (left alone)");
+    }
+    let snaps: Vec<_> = snaps
+        .into_iter()
+        .filter(|s| a.vm.as_ref().is_none_or(|v| &s.vm == v))
+        .collect();
+    let protected = ekko::gc::protected_ids(backend)?;
+    let decisions = if a.snapshots.is_empty() {
+        retention::apply(&policy, &snaps, &protected)?
+    } else {
+        let mut named = std::collections::HashSet::new();
+        for spec in &a.snapshots {
+            let s = ekko::snapshot::resolve(backend, keys, spec)?;
+            if protected.contains(&s.id) {
+                anyhow::bail!(
+                    "snapshot {} is protected: run `ekko protect --remove {}` first (nothing was removed)",
+                    s.id,
+                    s.id
+                );
+            }
+            named.insert(s.id);
+        }
+        snaps
+            .iter()
+            .map(|s| retention::Decision {
+                id: s.id.clone(),
+                vm: s.vm.clone(),
+                time: s.time.clone(),
+                keep: !named.contains(&s.id),
+                reasons: if named.contains(&s.id) {
+                    vec![]
+                } else {
+                    vec!["not named".into()]
+                },
+            })
+            .collect()
+    };
+    let mut removed = 0usize;
+    for d in decisions.iter().filter(|d| !d.keep) {
+        if !a.dry_run {
+            backend.delete(&ekko::snapshot::snapshot_name(&d.id))?;
+        }
+        removed += 1;
+    }
+    if !a.json && !g.quiet {
+        let mut vm = None;
+        for d in &decisions {
+            if vm != Some(&d.vm) {
+                println!("{}:", d.vm);
+                vm = Some(&d.vm);
+            }
+            println!(
+                "  {} {:<8} {:<31} {}",
+                if d.keep { "keep  " } else { "remove" },
+                &d.id[..8],
+                d.time,
+                d.reasons.join(", ")
+            );
+        }
+        println!(
+            "{} snapshot(s) {}removed, {} kept",
+            removed,
+            if a.dry_run { "would be " } else { "" },
+            decisions.len() - removed
+        );
+    }
+    let pruned = if a.prune {
+        drop(_lock);
+        let mut opts = a.gc.options(a.dry_run);
+        if a.dry_run {
+            // Report the prune as it would run after this forget.
+            opts.assume_forgotten = decisions
+                .iter()
+                .filter(|d| !d.keep)
+                .map(|d| d.id.clone())
+                .collect();
+        }
+        Some(ekko::prune::prune(&repo, &opts)?)
+    } else {
+        None
+    };
+    if a.json {
+        let v = json!({
+            "dry_run": a.dry_run,
+            "keep": decisions.iter().filter(|d| d.keep).collect::<Vec<_>>(),
+            "remove": decisions.iter().filter(|d| !d.keep).collect::<Vec<_>>(),
+            "prune": pruned,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if let Some(r) = &pruned {
+        super::prune::print_report(g, r, false)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

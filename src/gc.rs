@@ -1,0 +1,415 @@
+//! The objects that garbage collection shares with backups, and the guard a
+//! backup holds so that it never commits a reference to a pack prune may
+//! delete. `docs/GC.md` states the protocol and its argument.
+//!
+//! - `gc/<id>`: a **GC mark**. Prune lists the packs it will delete, and
+//!   deletes them only in a later run, once the mark is older than its grace
+//!   period by the store's clock, and only if a fresh scan of the snapshots
+//!   still finds nothing that needs them.
+//! - `protect/<snapshot id>`: the snapshot may never be forgotten.
+//!
+//! Who writes: marks only by prune (under the GC lock), protect objects only
+//! by `ekko protect`. Neither is ever modified; both are deleted whole.
+//!
+//! A backup reads the marks *before* it brings its index up to date, never
+//! deduplicates against a pack that a mark names, and before it commits its
+//! snapshot (`Guard::before_commit`) checks that every pack it relied on
+//! still exists and that it has not outlived the grace period of a mark it
+//! did not see when it started.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::Backend;
+use crate::blockmap::MapRef;
+use crate::crypto::Keys;
+use crate::error::{Error, Result};
+use crate::format::{self, ChunkKind, MAGIC_GC_MARK, MAGIC_PROTECT};
+use crate::id::{ChunkId, ObjectId};
+use crate::repo::Repository;
+use crate::snapshot::Disk;
+
+pub const MARKS_PREFIX: &str = "gc/";
+pub const PROTECT_PREFIX: &str = "protect/";
+
+/// Grace period when none is given: a pack is deleted no sooner than this
+/// after a prune marked it. It must exceed the longest backup.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
+/// Default bound on the skew between the clocks that stamp objects, plus
+/// listing delay.
+pub const DEFAULT_SKEW: Duration = Duration::from_secs(10 * 60);
+
+/// The body of a GC mark (sealed JSON, see docs/FORMAT.md).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Mark {
+    /// When prune wrote it, by the prune host's clock (informational: the
+    /// grace period runs from the store's timestamp of the object).
+    pub time: String,
+    pub host: String,
+    /// Grace period in milliseconds.
+    pub grace_ms: u64,
+    /// Clock-skew and listing-delay margin in milliseconds.
+    pub skew_ms: u64,
+    /// Packs to delete (32 hex digits each).
+    pub packs: Vec<String>,
+}
+
+impl Mark {
+    pub fn grace(&self) -> Duration {
+        Duration::from_millis(self.grace_ms)
+    }
+
+    pub fn skew(&self) -> Duration {
+        Duration::from_millis(self.skew_ms)
+    }
+
+    /// How long a backup that did not see this mark may run before it must
+    /// give up instead of committing: grace − 2 × skew.
+    pub fn backup_bound(&self) -> Duration {
+        self.grace().saturating_sub(self.skew() * 2)
+    }
+
+    pub fn pack_ids(&self) -> impl Iterator<Item = ObjectId> + '_ {
+        self.packs.iter().filter_map(|h| ObjectId::from_hex(h))
+    }
+}
+
+/// A mark as found in the repository.
+#[derive(Debug, Clone)]
+pub struct MarkFile {
+    pub name: String,
+    /// The store's timestamp of the object: the grace period starts here.
+    pub modified: SystemTime,
+    pub mark: Mark,
+}
+
+/// Check the grace options: a backup must get some time to run.
+pub fn validate_grace(grace: Duration, skew: Duration) -> Result<()> {
+    if grace <= skew * 2 {
+        return Err(Error::Invalid(format!(
+            "the grace period ({}) must be longer than twice the clock skew ({}): backups get grace − 2 × skew to finish",
+            humantime::format_duration(grace),
+            humantime::format_duration(skew)
+        )));
+    }
+    Ok(())
+}
+
+pub fn write_mark(backend: &dyn Backend, keys: &Keys, mark: &Mark) -> Result<String> {
+    let name = format!("{MARKS_PREFIX}{}", ObjectId::random());
+    let body = serde_json::to_vec(mark).expect("serializable");
+    backend.put(&name, &format::seal_file(keys, MAGIC_GC_MARK, &name, &body))?;
+    Ok(name)
+}
+
+/// Every mark, and the damaged ones apart. A damaged mark is ignored by
+/// prune (it deletes nothing it cannot read) and so by backups as well.
+pub fn read_marks(backend: &dyn Backend, keys: &Keys) -> Result<(Vec<MarkFile>, Vec<Error>)> {
+    let mut ok = Vec::new();
+    let mut bad = Vec::new();
+    for o in backend.list(MARKS_PREFIX)? {
+        let data = match backend.get(&o.name) {
+            Ok(d) => d,
+            // Deleted by a prune since the listing: it is done with.
+            Err(Error::NotFound { .. }) => continue,
+            Err(e) => return Err(e),
+        };
+        let parsed =
+            format::open_file(keys, MAGIC_GC_MARK, "GC mark", &o.name, &data).and_then(|body| {
+                serde_json::from_slice::<Mark>(&body)
+                    .map_err(|e| Error::corrupt(&o.name, e.to_string()))
+            });
+        match parsed {
+            Ok(mark) => ok.push(MarkFile {
+                name: o.name,
+                modified: o.modified,
+                mark,
+            }),
+            Err(e) if e.is_damage() || matches!(e, Error::UnsupportedVersion { .. }) => bad.push(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((ok, bad))
+}
+
+/// The body of a protect object.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Protection {
+    pub snapshot: String,
+    pub time: String,
+    pub host: String,
+}
+
+fn protect_name(snapshot_id: &str) -> String {
+    format!("{PROTECT_PREFIX}{snapshot_id}")
+}
+
+/// Protect a snapshot from `forget`. Idempotent: the object's name is the
+/// snapshot id, so protecting twice writes the same object again.
+pub fn protect(backend: &dyn Backend, keys: &Keys, snapshot_id: &str) -> Result<()> {
+    let name = protect_name(snapshot_id);
+    let body = serde_json::to_vec(&Protection {
+        snapshot: snapshot_id.to_string(),
+        time: crate::time::now_rfc3339(),
+        host: crate::time::hostname(),
+    })
+    .expect("serializable");
+    backend.put(&name, &format::seal_file(keys, MAGIC_PROTECT, &name, &body))
+}
+
+/// Remove a protection; returns whether there was one.
+pub fn unprotect(backend: &dyn Backend, snapshot_id: &str) -> Result<bool> {
+    let name = protect_name(snapshot_id);
+    let existed = match backend.size(&name) {
+        Ok(_) => true,
+        Err(Error::NotFound { .. }) => false,
+        Err(e) => return Err(e),
+    };
+    backend.delete(&name)?;
+    Ok(existed)
+}
+
+/// Ids of the protected snapshots. The name alone protects: an object that
+/// does not open keeps its snapshot protected (`check` reports it).
+pub fn protected_ids(backend: &dyn Backend) -> Result<HashSet<String>> {
+    Ok(backend
+        .list(PROTECT_PREFIX)?
+        .into_iter()
+        .filter_map(|o| o.name.strip_prefix(PROTECT_PREFIX).map(str::to_string))
+        .filter(|id| ObjectId::from_hex(id).is_some())
+        .collect())
+}
+
+/// Read and authenticate one protect object.
+pub fn read_protection(backend: &dyn Backend, keys: &Keys, name: &str) -> Result<Protection> {
+    let data = backend.get(name)?;
+    let body = format::open_file(keys, MAGIC_PROTECT, "protect", name, &data)?;
+    let p: Protection =
+        serde_json::from_slice(&body).map_err(|e| Error::corrupt(name, e.to_string()))?;
+    if protect_name(&p.snapshot) != name {
+        return Err(Error::corrupt(name, "names another snapshot"));
+    }
+    Ok(p)
+}
+
+/// Visit every chunk a block map references, once: each node (as `Map`)
+/// before its children, and the data chunks of each leaf (as `Data`).
+/// `seen` spans calls, so maps that share nodes are walked once.
+pub fn walk_map(
+    repo: &Repository,
+    map: &MapRef,
+    seen: &mut HashSet<ChunkId>,
+    visit: &mut dyn FnMut(ChunkId, ChunkKind) -> Result<()>,
+) -> Result<()> {
+    if map.depth == 0 {
+        return Err(Error::corrupt("block map", "depth 0"));
+    }
+    walk_node(repo, map.root, map.depth - 1, seen, visit)
+}
+
+fn walk_node(
+    repo: &Repository,
+    id: ChunkId,
+    level: u8,
+    seen: &mut HashSet<ChunkId>,
+    visit: &mut dyn FnMut(ChunkId, ChunkKind) -> Result<()>,
+) -> Result<()> {
+    if id.is_zero() || !seen.insert(id) {
+        return Ok(());
+    }
+    visit(id, ChunkKind::Map)?;
+    let children = format::decode_map_node(&format!("map node {id}"), &repo.read_chunk(&id)?)?;
+    for c in children {
+        if level == 0 {
+            if !c.is_zero() && seen.insert(c) {
+                visit(c, ChunkKind::Data)?;
+            }
+        } else {
+            walk_node(repo, c, level - 1, seen, visit)?;
+        }
+    }
+    Ok(())
+}
+
+/// What a backup session knows about garbage collection: the marks it saw
+/// when it started, and the packs its snapshot will rely on.
+pub struct Guard {
+    started: Instant,
+    seen: HashSet<String>,
+    candidates: HashSet<ObjectId>,
+    depends: Mutex<HashSet<ObjectId>>,
+}
+
+/// Above this many packs, one listing is cheaper than a request per pack.
+const LIST_INSTEAD_OF_HEAD: usize = 64;
+
+impl Guard {
+    /// Read the marks, then bring the index up to date: in that order, so
+    /// that an index loaded from files a finished prune has since replaced
+    /// comes with the mark that names the packs it deleted.
+    pub fn start(repo: &Repository) -> Result<Guard> {
+        let started = Instant::now();
+        let (marks, bad) = read_marks(repo.backend().as_ref(), repo.keys())?;
+        for e in bad {
+            tracing::warn!("ignoring a damaged GC mark: {e}");
+        }
+        repo.refresh_index()?;
+        Ok(Guard {
+            started,
+            seen: marks.iter().map(|m| m.name.clone()).collect(),
+            candidates: marks.iter().flat_map(|m| m.mark.pack_ids()).collect(),
+            depends: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// A guard that knows of no marks (for tests of the pipeline alone).
+    pub fn none() -> Guard {
+        Guard {
+            started: Instant::now(),
+            seen: HashSet::new(),
+            candidates: HashSet::new(),
+            depends: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// May a chunk stored in `pack` be reused? Not if prune marked the pack:
+    /// the chunk is stored again instead. If it may, the snapshot now relies
+    /// on the pack.
+    pub fn reuse(&self, pack: ObjectId) -> bool {
+        if self.candidates.contains(&pack) {
+            return false;
+        }
+        self.depends.lock().expect("guard lock").insert(pack);
+        true
+    }
+
+    /// An incremental keeps the parent's chunks without reading them. If
+    /// marks exist, every chunk the parent's map references must live in an
+    /// unmarked pack; otherwise the disk must be read in full. Returns why
+    /// not, or None when the parent is safe to build on.
+    pub fn parent_blocked(&self, repo: &Repository, parent: &Disk) -> Result<Option<String>> {
+        if self.candidates.is_empty() {
+            return Ok(None);
+        }
+        let mut seen = HashSet::new();
+        let mut blocked: Option<String> = None;
+        let mut packs = HashSet::new();
+        walk_map(repo, &parent.map, &mut seen, &mut |id, _| {
+            if blocked.is_some() {
+                return Ok(());
+            }
+            match repo.index().lookup(&id)? {
+                Some(loc) if self.candidates.contains(&loc.pack) => {
+                    blocked = Some(format!(
+                        "the parent's chunk {id} is in pack {} that prune marked for deletion",
+                        loc.pack
+                    ));
+                }
+                Some(loc) => {
+                    packs.insert(loc.pack);
+                }
+                None => blocked = Some(format!("the parent's chunk {id} is not indexed")),
+            }
+            Ok(())
+        })?;
+        if blocked.is_none() {
+            self.depends.lock().expect("guard lock").extend(packs);
+        }
+        Ok(blocked)
+    }
+
+    /// Just before the snapshot manifest is written: fail if a prune may
+    /// delete, or has deleted, something this snapshot relies on.
+    pub fn before_commit(&self, repo: &Repository) -> Result<()> {
+        let backend = repo.backend().as_ref();
+        let elapsed = self.started.elapsed();
+        let (marks, _) = read_marks(backend, repo.keys())?;
+        for m in marks.iter().filter(|m| !self.seen.contains(&m.name)) {
+            let bound = m.mark.backup_bound();
+            if elapsed > bound {
+                return Err(Error::GcRace {
+                    reason: format!(
+                        "a prune marked packs for deletion ({}) while this backup ran, and the backup took {:.1} s, longer than the {:.1} s that its grace period allows",
+                        m.name,
+                        elapsed.as_secs_f64(),
+                        bound.as_secs_f64()
+                    ),
+                });
+            }
+        }
+        let deps: Vec<ObjectId> = self
+            .depends
+            .lock()
+            .expect("guard lock")
+            .iter()
+            .copied()
+            .collect();
+        let missing: Vec<ObjectId> = if deps.len() > LIST_INSTEAD_OF_HEAD {
+            let present: HashSet<ObjectId> = backend
+                .list("packs/")?
+                .iter()
+                .filter_map(|o| crate::pack::pack_id_from_name(&o.name))
+                .collect();
+            deps.into_iter().filter(|p| !present.contains(p)).collect()
+        } else {
+            let mut v = Vec::new();
+            for p in deps {
+                match backend.size(&crate::pack::pack_name(&p)) {
+                    Ok(_) => {}
+                    Err(Error::NotFound { .. }) => v.push(p),
+                    Err(e) => return Err(e),
+                }
+            }
+            v
+        };
+        if let Some(p) = missing.first() {
+            return Err(Error::GcRace {
+                reason: format!(
+                    "pack {p} (and {} more) that this backup deduplicated against was deleted by a prune",
+                    missing.len() - 1
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grace_must_leave_backups_time() {
+        let s = Duration::from_secs;
+        assert!(validate_grace(s(10), s(5)).is_err());
+        assert!(validate_grace(s(10), s(4)).is_ok());
+        assert!(validate_grace(s(1), s(0)).is_ok());
+        let m = Mark {
+            time: String::new(),
+            host: String::new(),
+            grace_ms: 86_400_000,
+            skew_ms: 600_000,
+            packs: vec![ObjectId([7; 16]).to_hex(), "not hex".into()],
+        };
+        assert_eq!(m.backup_bound(), s(86_400 - 1_200));
+        // A malformed id is skipped, never turned into another pack's id.
+        assert_eq!(m.pack_ids().collect::<Vec<_>>(), vec![ObjectId([7; 16])]);
+    }
+
+    #[test]
+    fn a_guard_refuses_marked_packs_and_records_the_rest() {
+        let g = Guard {
+            started: Instant::now(),
+            seen: HashSet::new(),
+            candidates: [ObjectId([1; 16])].into(),
+            depends: Mutex::new(HashSet::new()),
+        };
+        assert!(!g.reuse(ObjectId([1; 16])));
+        assert!(g.reuse(ObjectId([2; 16])));
+        let deps = g.depends.lock().unwrap().clone();
+        assert_eq!(deps, [ObjectId([2; 16])].into());
+    }
+}
