@@ -93,6 +93,8 @@ pub struct Session<'r> {
     nodes: NodeCache,
     disks: Vec<Disk>,
     started: Instant,
+    /// The libvirt domain, recorded in the manifest.
+    domain: Option<snapshot::DomainRecord>,
 }
 
 /// Turn byte ranges into sorted, merged runs of block indices.
@@ -125,7 +127,13 @@ impl<'r> Session<'r> {
             nodes: NodeCache::new(1024),
             disks: Vec::new(),
             started: Instant::now(),
+            domain: None,
         }
+    }
+
+    /// Records the libvirt domain the disks come from in the manifest.
+    pub fn set_domain(&mut self, domain: snapshot::DomainRecord) {
+        self.domain = Some(domain);
     }
 
     pub fn repo(&self) -> &Repository {
@@ -413,6 +421,7 @@ impl<'r> Session<'r> {
             host: crate::time::hostname(),
             disks: std::mem::take(&mut self.disks),
             ekko_version: env!("CARGO_PKG_VERSION").to_string(),
+            domain: self.domain.take(),
         };
         snapshot::save(self.repo.backend().as_ref(), self.repo.keys(), &snap)?;
         tracing::info!(snapshot = %snap.id, elapsed = ?self.started.elapsed(), "snapshot committed");

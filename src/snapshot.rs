@@ -63,6 +63,28 @@ impl Disk {
     }
 }
 
+/// The libvirt domain a snapshot was taken from (`ekko backup --domain`).
+/// Absent from manifests of other backups and of older versions.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct DomainRecord {
+    /// The domain's UUID.
+    pub uuid: String,
+    /// The libvirt URI it was reached through.
+    pub connect: String,
+    /// OpenStack Nova's metadata, when the domain is a Nova instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nova: Option<NovaRecord>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct NovaRecord {
+    pub instance_uuid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_uuid: Option<String>,
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct Snapshot {
     pub id: String,
@@ -73,6 +95,9 @@ pub struct Snapshot {
     pub host: String,
     pub disks: Vec<Disk>,
     pub ekko_version: String,
+    /// Set by libvirt domain backups; older manifests lack it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<DomainRecord>,
 }
 
 impl Snapshot {

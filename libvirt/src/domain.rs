@@ -23,6 +23,10 @@ pub struct Connection {
 
 impl Connection {
     pub fn open(uri: &str) -> Result<Connection> {
+        // libvirt prints every error to stderr by default, even those we
+        // expect and handle (no backup job, no such checkpoint); ours carry
+        // libvirt's message instead.
+        virt::error::clear_error_callback();
         let conn = Connect::open(Some(uri)).map_err(|e| Error::Connect {
             uri: uri.to_string(),
             message: e.message().to_string(),
@@ -130,7 +134,7 @@ impl Domain {
         self.dom
             .block_info(target, 0)
             .map(|b| b.capacity)
-            .map_err(|e| Error::libvirt(&self.name, &format!("reading the size of {target}"), &e))
+            .map_err(|e| Error::libvirt(&self.name, format!("reading the size of {target}"), &e))
     }
 
     /// The names of all checkpoints of the domain.
@@ -174,7 +178,7 @@ impl Domain {
             }
             return Err(Error::libvirt(
                 &self.name,
-                &format!("looking up checkpoint {name}"),
+                format!("looking up checkpoint {name}"),
                 &e,
             ));
         }

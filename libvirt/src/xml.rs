@@ -255,8 +255,14 @@ pub fn escape(s: &str) -> String {
 }
 
 /// A pull-mode backup over a Unix socket: `disks` are `(target, scratch
-/// file)`; `incremental` names the checkpoint to diff against.
-pub fn backup_xml(socket: &str, disks: &[(String, String)], incremental: Option<&str>) -> String {
+/// file)`, `others` the domain's disks left out; `incremental` names the
+/// checkpoint to diff against.
+pub fn backup_xml(
+    socket: &str,
+    disks: &[(String, String)],
+    others: &[String],
+    incremental: Option<&str>,
+) -> String {
     let mut x = String::from("<domainbackup mode='pull'>\n");
     if let Some(c) = incremental {
         x.push_str(&format!("  <incremental>{}</incremental>\n", escape(c)));
@@ -271,6 +277,9 @@ pub fn backup_xml(socket: &str, disks: &[(String, String)], incremental: Option<
             escape(target),
             escape(scratch)
         ));
+    }
+    for t in others {
+        x.push_str(&format!("    <disk name='{}' backup='no'/>\n", escape(t)));
     }
     x.push_str("  </disks>\n</domainbackup>\n");
     x
@@ -376,6 +385,7 @@ mod tests {
         let b = backup_xml(
             "/run/x'.sock",
             &[("vda".into(), "/s/vda".into())],
+            &["hdc".into()],
             Some("ekko-a-b"),
         );
         let j = parse_backup("d", &b).unwrap();
