@@ -634,9 +634,19 @@ impl<'r> DomainBackup<'r> {
             .collect();
         let cp_xml = xml::checkpoint_xml(&checkpoint, &chosen, &others);
 
+        // Started before the job, so that no instant exists in which a
+        // killed ekko would leave the job behind unwatched.
+        let watchdog = Watchdog::spawn(
+            &self.opts.connect,
+            &self.info.uuid,
+            &checkpoint,
+            &dir,
+            &mut self.warnings,
+        );
         let frozen = match self.freeze() {
             Ok(f) => f,
             Err(e) => {
+                drop(watchdog);
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(e);
             }
@@ -669,6 +679,7 @@ impl<'r> DomainBackup<'r> {
             self.base = None;
         }
         if let Err(e) = started {
+            drop(watchdog);
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e.into());
         }
@@ -679,6 +690,7 @@ impl<'r> DomainBackup<'r> {
             dir: dir.clone(),
             checkpoint: checkpoint.clone(),
             committed: false,
+            watchdog,
         };
         tracing::info!(checkpoint = %checkpoint, base = ?self.base, "backup job started");
 
@@ -739,7 +751,9 @@ impl<'r> DomainBackup<'r> {
         let parent_id = self.parent.as_ref().map(|p| p.id.clone());
         let snap = backup.commit(&self.opts.domain, time, parent_id)?;
         guard.committed = true;
-        drop(guard);
+        if let Some(w) = &mut guard.watchdog {
+            w.say("committed");
+        }
 
         // Committed: the backup stands whatever happens now.
         let mut warnings = std::mem::take(&mut self.warnings);
@@ -776,6 +790,7 @@ impl<'r> DomainBackup<'r> {
                 }
             }
         }
+        drop(guard);
         for w in &warnings {
             tracing::warn!("{w}");
         }
@@ -800,6 +815,7 @@ struct JobGuard<'a> {
     dir: PathBuf,
     checkpoint: String,
     committed: bool,
+    watchdog: Option<Watchdog>,
 }
 
 impl Drop for JobGuard<'_> {
@@ -820,6 +836,82 @@ impl Drop for JobGuard<'_> {
             );
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The cleanup a killed ekko cannot do itself. `$1` URI, `$2` domain UUID,
+/// `$3` the new checkpoint, `$4` the private directory. ekko says
+/// `committed` once the snapshot is stored and `done` when it has ended the
+/// job itself; end of input without `done` means ekko died. The job is
+/// aborted only if its socket is in ekko's directory (it is this job), and
+/// the checkpoint deleted only if no snapshot records it.
+const WATCHDOG_SCRIPT: &str = r#"committed=0
+while IFS= read -r line; do
+  case "$line" in committed) committed=1 ;; done) exit 0 ;; esac
+done
+if virsh -q -c "$1" backup-dumpxml "$2" 2>/dev/null | grep -qF "$4/"; then
+  virsh -q -c "$1" domjobabort "$2" >/dev/null 2>&1
+fi
+[ "$committed" = 1 ] || virsh -q -c "$1" checkpoint-delete "$2" "$3" >/dev/null 2>&1
+rm -rf -- "$4"
+"#;
+
+/// A small `sh` process that ends the backup job if ekko is killed
+/// (SIGKILL, OOM) before it can: libvirt keeps a pull-mode job running
+/// until a client aborts it. It holds the read end of a pipe; ekko's death
+/// closes it. It runs in its own process group, so a Ctrl-C reaches only
+/// ekko, which cleans up itself and then tells the watchdog `done`.
+struct Watchdog {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+impl Watchdog {
+    fn spawn(
+        uri: &str,
+        uuid: &str,
+        checkpoint: &str,
+        dir: &Path,
+        warnings: &mut Vec<String>,
+    ) -> Option<Watchdog> {
+        use std::os::unix::process::CommandExt;
+        use std::process::{Command, Stdio};
+        let spawned = Command::new("sh")
+            .arg("-c")
+            .arg(WATCHDOG_SCRIPT)
+            .arg("ekko-libvirt-watchdog")
+            .args([uri, uuid, checkpoint])
+            .arg(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn();
+        match spawned {
+            Ok(mut child) => Some(Watchdog {
+                stdin: child.stdin.take(),
+                child,
+            }),
+            Err(e) => {
+                warnings.push(format!("no watchdog for the backup job ({e}): if ekko is killed, the job stays until the next backup ends it"));
+                None
+            }
+        }
+    }
+
+    fn say(&mut self, line: &str) {
+        use std::io::Write;
+        if let Some(s) = &mut self.stdin {
+            let _ = writeln!(s, "{line}");
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.say("done");
+        self.stdin = None;
+        let _ = self.child.wait();
     }
 }
 
