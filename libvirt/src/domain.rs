@@ -6,6 +6,7 @@
 
 use std::ffi::{CStr, CString};
 use std::os::raw::c_char;
+use std::time::{Duration, Instant};
 
 use virt::connect::Connect;
 use virt::error::ErrorNumber;
@@ -249,13 +250,34 @@ impl Domain {
         }
     }
 
-    /// Aborts the domain's job: the normal end of a pull-mode backup.
-    pub fn abort_job(&self) -> Result<()> {
+    /// Aborts the domain's job (the normal end of a pull-mode backup) and
+    /// waits until libvirt has torn it down: the abort itself returns
+    /// before that, and until then the checkpoints cannot be changed.
+    pub fn abort_job(&self, wait: Duration) -> Result<()> {
         // SAFETY: valid domain pointer.
         if unsafe { sys::virDomainAbortJob(self.dom.as_ptr()) } < 0 {
             return Err(self.err("ending the backup job"));
         }
-        Ok(())
+        let deadline = Instant::now() + wait;
+        loop {
+            // Errors while the job ends ("backup job data missing") mean
+            // it is still going.
+            if let Ok(false) = self.has_job() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Libvirt {
+                    domain: self.name.clone(),
+                    action: "ending the backup job".into(),
+                    message: format!(
+                        "the job was still there {} s after the abort",
+                        wait.as_secs()
+                    ),
+                    code: -1,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Whether the domain has any job (of any kind) running.

@@ -67,6 +67,9 @@ use crate::source::NbdSource;
 /// `ekko-libvirt-<pid>-<8 hex>`.
 const DIR_PREFIX: &str = "ekko-libvirt-";
 
+/// How long to wait for libvirt to tear down an aborted job.
+const JOB_END_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Errors of a domain backup.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -757,7 +760,7 @@ impl<'r> DomainBackup<'r> {
 
         // Committed: the backup stands whatever happens now.
         let mut warnings = std::mem::take(&mut self.warnings);
-        if let Err(e) = self.dom.abort_job() {
+        if let Err(e) = self.dom.abort_job(JOB_END_WAIT) {
             warnings.push(format!(
                 "snapshot {} is stored, but ending the backup job failed ({e}); end it with `virsh domjobabort {}`",
                 snap.short_id(),
@@ -823,7 +826,7 @@ impl Drop for JobGuard<'_> {
         if self.committed {
             return;
         }
-        if let Err(e) = self.dom.abort_job() {
+        if let Err(e) = self.dom.abort_job(JOB_END_WAIT) {
             tracing::error!(
                 "ending the backup job after the failure: {e}; run `virsh domjobabort {}`",
                 self.dom.name()
@@ -852,7 +855,15 @@ done
 if virsh -q -c "$1" backup-dumpxml "$2" 2>/dev/null | grep -qF "$4/"; then
   virsh -q -c "$1" domjobabort "$2" >/dev/null 2>&1
 fi
-[ "$committed" = 1 ] || virsh -q -c "$1" checkpoint-delete "$2" "$3" >/dev/null 2>&1
+# The abort returns before the job is torn down; until then the checkpoint
+# cannot be deleted.
+if [ "$committed" != 1 ]; then
+  for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+    virsh -q -c "$1" checkpoint-info "$2" "$3" >/dev/null 2>&1 || break
+    virsh -q -c "$1" checkpoint-delete "$2" "$3" >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+fi
 rm -rf -- "$4"
 "#;
 
@@ -931,7 +942,7 @@ fn end_stale_job(dom: &Domain, workdir: &Path, warnings: &mut Vec<String>) -> Re
     });
     match owner {
         Some(pid) if !ekko_qmp::pid_alive(pid) => {
-            dom.abort_job()?;
+            dom.abort_job(JOB_END_WAIT)?;
             let w = format!(
                 "ended the backup job that a dead ekko process (pid {pid}) left on domain {}",
                 dom.name()

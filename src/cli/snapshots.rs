@@ -31,7 +31,7 @@ pub fn run(g: &Global, a: SnapshotsArgs) -> Result<ExitCode> {
         let v: Vec<_> = snaps
             .iter()
             .map(|s| {
-                json!({
+                let mut v = json!({
                     "id": s.id, "vm": s.vm, "time": s.time, "parent": s.parent, "host": s.host,
                     "disks": s.disks.iter().map(|d| json!({
                         "name": d.name, "size": d.size, "chunk_size": d.chunk_size,
@@ -39,7 +39,11 @@ pub fn run(g: &Global, a: SnapshotsArgs) -> Result<ExitCode> {
                         "next_bitmap": d.capture.next_bitmap, "source": d.source,
                         "bytes_new": d.stats.bytes_new,
                     })).collect::<Vec<_>>(),
-                })
+                });
+                if let Some(d) = &s.domain {
+                    v["domain"] = json!(d);
+                }
+                v
             })
             .collect();
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
