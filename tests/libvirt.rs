@@ -442,3 +442,64 @@ fn unknown_domain_and_disk_fail_cleanly() {
     assert!(!dom.has_job());
     let _ = virsh(&["destroy", &dom.name]);
 }
+
+/// A QEMU that dies holding the image leaves its bitmaps marked in use:
+/// `qemu-io` opens it read-write, writes, and kills itself.
+fn crash_while_writing(dom: &Domain, target: &str, pattern: u8, offset: u64) {
+    let d = dom.disk(target);
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", d.image.to_str().unwrap(), "-c"])
+        .arg(format!("write -P 0x{pattern:02x} {offset} 64k"))
+        .args(["-c", "sigraise 9"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("wrote 65536"),
+        "qemu-io: {out:?}"
+    );
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&d.model)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[pattern; 64 << 10], offset).unwrap();
+}
+
+#[test]
+fn inconsistent_bitmap_after_a_crash_gives_a_full_backup() {
+    require("qemu-io");
+    let env = Env::init(&[]);
+    let dom = Domain::start(
+        &env,
+        "crash",
+        &[("vda", 32 * MIB, content(13, &[(0, 4 * MIB)]))],
+        "",
+        "",
+    );
+    backup(&env, &dom, &[]);
+
+    // Running again after the crash: libvirt refuses the incremental, ekko
+    // reads in full and says why.
+    dom.quit();
+    crash_while_writing(&dom, "vda", 0x81, 9 * MIB);
+    virsh_ok(&["start", &dom.name]);
+    let (v2, err) = backup(&env, &dom, &[]);
+    assert_eq!(mode(&v2, "vda"), "full", "{v2}");
+    assert!(
+        reason(&v2, "vda").starts_with("checkpoint unusable"),
+        "{err}"
+    );
+    assert_restore(&env, &v2, "vda", &dom.model_sha("vda"));
+
+    // Stopped after the crash: the image's bitmap is marked in use.
+    dom.quit();
+    crash_while_writing(&dom, "vda", 0x82, 11 * MIB);
+    let (v3, err) = backup(&env, &dom, &[]);
+    assert_eq!(v3["running"], false);
+    assert_eq!(mode(&v3, "vda"), "full", "{v3}");
+    assert!(
+        reason(&v3, "vda").starts_with("bitmap inconsistent"),
+        "{err}"
+    );
+    assert_restore(&env, &v3, "vda", &dom.model_sha("vda"));
+    dom.check_models(&env);
+}
