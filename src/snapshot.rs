@@ -215,3 +215,51 @@ pub fn resolve(backend: &dyn Backend, keys: &Keys, spec: &str) -> Result<Snapsho
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OLD: &str = r#"{"id":"00112233445566778899aabbccddeeff","vm":"web1",
+        "time":"2026-11-25T21:42:18.123456789Z","parent":null,"host":"h",
+        "ekko_version":"0.1.0","disks":[{"name":"vda","size":1048576,
+        "chunk_size":1048576,"map":{"root":"0000000000000000000000000000000000000000000000000000000000000000","depth":1,"fanout":256},
+        "source":"x","capture":{"mode":"full"},"stats":{"bytes_read":0,
+        "bytes_new":0,"bytes_stored":0,"chunks":1,"chunks_new":0,"chunks_zero":1}}]}"#;
+
+    /// The manifest as ekko read it before the `domain` member existed.
+    #[derive(Deserialize)]
+    #[allow(dead_code)]
+    struct OldSnapshot {
+        id: String,
+        vm: String,
+        disks: Vec<Disk>,
+    }
+
+    #[test]
+    fn the_domain_record_is_optional_both_ways() {
+        // A manifest without it reads, and writes back without it.
+        let s: Snapshot = serde_json::from_str(OLD).unwrap();
+        assert_eq!(s.domain, None);
+        let again = serde_json::to_string(&s).unwrap();
+        assert!(!again.contains("domain"), "{again}");
+
+        // With it: round trip, and an older reader ignores it.
+        let mut s = s;
+        s.domain = Some(DomainRecord {
+            uuid: "u".into(),
+            connect: "qemu:///system".into(),
+            nova: Some(NovaRecord {
+                instance_uuid: "u".into(),
+                name: Some("web-1".into()),
+                project_uuid: None,
+            }),
+        });
+        let json = serde_json::to_string(&s).unwrap();
+        let back: Snapshot = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.domain, s.domain);
+        let old: OldSnapshot = serde_json::from_str(&json).unwrap();
+        assert_eq!(old.vm, "web1");
+        assert_eq!(old.disks.len(), 1);
+    }
+}
