@@ -226,7 +226,7 @@ fn full_then_incremental_two_disks_at_one_instant() {
 }
 
 #[test]
-fn lost_checkpoint_resize_skipped_disks_and_foreign_checkpoints() {
+fn fallbacks_skipped_disks_nova_metadata_and_foreign_checkpoints() {
     let env = Env::init(&[]);
     let nova = r#"<nova:instance xmlns:nova="http://openstack.org/xmlns/libvirt/nova/1.1"><nova:name>web-1</nova:name><nova:owner><nova:project uuid="p-42">demo</nova:project></nova:owner></nova:instance>"#;
     let raw = env.path("raw.img");
@@ -316,10 +316,51 @@ fn lost_checkpoint_resize_skipped_disks_and_foreign_checkpoints() {
 
     assert!(dom.checkpoints().contains(&"other-tool-cp".to_string()));
 
+    // A disk added while the domain runs: every disk is read in full (one
+    // checkpoint covers them all), then incrementals resume.
+    let added = env.path("vdc.qcow2");
+    run_tool(std::process::Command::new("qemu-img").args([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        added.to_str().unwrap(),
+        "16M",
+    ]));
+    virsh_ok(&[
+        "attach-disk",
+        &dom.name,
+        added.to_str().unwrap(),
+        "vdc",
+        "--subdriver",
+        "qcow2",
+        "--targetbus",
+        "virtio",
+    ]);
+    let (v6, err) = backup(&env, &dom, &[]);
+    assert_eq!(mode(&v6, "vdc"), "full");
+    assert!(reason(&v6, "vdc").starts_with("new disk"), "{err}");
+    assert_eq!(mode(&v6, "vda"), "full");
+    assert!(
+        reason(&v6, "vda").starts_with("disk vdc cannot be read incrementally"),
+        "{err}"
+    );
+    assert_restore(&env, &v6, "vda", &dom.model_sha("vda"));
+    let zeros = env.path("zeros.raw");
+    make_image(&zeros, 16 * MIB, &[]);
+    assert_restore(&env, &v6, "vdc", &sha256_file(&zeros));
+    dom.write("vda", 0x54, 7 * MIB, 64 << 10);
+    let (v7, _) = backup(&env, &dom, &[]);
+    assert_eq!(mode(&v7, "vda"), "incremental");
+    assert_eq!(mode(&v7, "vdc"), "incremental");
+    assert_eq!(disk(&v7, "vda")["dirty_bytes"], 64 << 10);
+    assert_eq!(disk(&v7, "vdc")["dirty_bytes"], 0);
+    assert_restore(&env, &v7, "vda", &dom.model_sha("vda"));
+
     // No guest agent: --fsfreeze warns and goes on; --require-fsfreeze
     // refuses and leaves nothing behind.
-    let (v6, err) = backup(&env, &dom, &["--fsfreeze"]);
-    assert_eq!(v6["frozen"], false);
+    let (v8, err) = backup(&env, &dom, &["--fsfreeze"]);
+    assert_eq!(v8["frozen"], false);
     assert!(err.contains("crash-consistent"), "{err}");
     let before = dom.checkpoints();
     let a = args(
