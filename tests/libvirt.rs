@@ -472,7 +472,7 @@ fn stopped_domain_is_read_from_its_images() {
 }
 
 #[test]
-fn unknown_domain_and_disk_fail_cleanly() {
+fn unknown_domain_unknown_disk_and_foreign_job_fail_cleanly() {
     domain::require_libvirtd();
     let env = Env::init(&[]);
     let out = env.run(&["backup", "--domain", "ekko-test-no-such-domain"]);
@@ -481,6 +481,24 @@ fn unknown_domain_and_disk_fail_cleanly() {
     let out = env.run(&["backup", "--domain", &dom.name, "--disk", "vdz"]);
     assert_clean_failure(&out, "no disk \"vdz\"");
     assert!(!dom.has_job());
+
+    // Another tool's backup job is left alone, and said so.
+    let xml = env.path("foreign-backup.xml");
+    write_file(
+        &xml,
+        format!(
+            "<domainbackup mode='pull'><server transport='unix' socket='{}'/></domainbackup>",
+            env.path("foreign.sock").display()
+        )
+        .as_bytes(),
+    );
+    virsh_ok(&["backup-begin", &dom.name, xml.to_str().unwrap()]);
+    let out = env.run(&args(&dom, &env.path("work"), &[]));
+    assert_clean_failure(&out, "already has a backup job");
+    assert!(dom.has_job(), "the foreign job was ended");
+    virsh_ok(&["domjobabort", &dom.name]);
+    assert!(dom.wait_for_no_job(Duration::from_secs(20)));
+    assert!(dom.checkpoints().is_empty());
     let _ = virsh(&["destroy", &dom.name]);
 }
 
