@@ -347,6 +347,14 @@ impl<'r> DomainBackup<'r> {
     /// and decides how to read each disk. Changes nothing of the backup
     /// state in libvirt or in the repository.
     pub fn prepare(repo: &'r Repository, opts: &DomainOptions) -> Result<DomainBackup<'r>, Error> {
+        // libvirt needs absolute paths, and a stale job is recognised by
+        // its socket's directory.
+        let mut opts = opts.clone();
+        opts.workdir = std::path::absolute(&opts.workdir).map_err(|source| Error::Io {
+            path: opts.workdir.clone(),
+            source,
+        })?;
+        let opts = &opts;
         let conn = Connection::open(&opts.connect)?;
         let dom = conn.domain(&opts.domain)?;
         let running = dom.is_active()?;
