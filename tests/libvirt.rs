@@ -378,7 +378,7 @@ fn fallbacks_skipped_disks_nova_metadata_and_foreign_checkpoints() {
 }
 
 #[test]
-fn killed_ekko_leaves_the_domain_running_without_a_job() {
+fn interrupted_or_killed_ekko_leaves_the_domain_running_without_a_job() {
     let env = Env::init(&[]);
     let dom = Domain::start(
         &env,
@@ -389,38 +389,56 @@ fn killed_ekko_leaves_the_domain_running_without_a_job() {
     );
     let (v1, _) = backup(&env, &dom, &[]);
     let cp1 = v1["checkpoint"].as_str().unwrap().to_string();
-    dom.write("vda", 0x61, 2 * MIB, 64 << 10);
 
-    let mut child = spawn_backup(&env, &dom, &["--full", "--rate-limit", "2"]);
-    assert!(dom.wait_for_job(Duration::from_secs(20)), "no job appeared");
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(child.try_wait().unwrap().is_none(), "ekko ended too early");
-    child.kill().unwrap(); // SIGKILL: no cleanup of its own
-    child.wait().unwrap();
-
-    assert!(
-        dom.wait_for_no_job(Duration::from_secs(15)),
-        "the backup job is stuck after ekko was killed"
-    );
-    assert_eq!(dom.state(), "running");
-    // The watchdog removes the private directory last.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !dir_entries(&env.path("work")).is_empty() {
-        assert!(Instant::now() < deadline, "scratch files left behind");
-        std::thread::sleep(Duration::from_millis(50));
+    // SIGTERM and SIGINT: ekko ends the job itself. SIGKILL: its watchdog
+    // does. Each time with a guest write before, which the next backup
+    // must still see.
+    for (i, sig) in [libc::SIGTERM, libc::SIGINT, libc::SIGKILL]
+        .into_iter()
+        .enumerate()
+    {
+        let at = (2 + 2 * u64::try_from(i).unwrap()) * MIB;
+        dom.write("vda", 0x61, at, 64 << 10);
+        let mut child = spawn_backup(&env, &dom, &["--full", "--rate-limit", "2"]);
+        assert!(dom.wait_for_job(Duration::from_secs(20)), "no job appeared");
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(child.try_wait().unwrap().is_none(), "ekko ended too early");
+        let pid = i32::try_from(child.id()).unwrap();
+        // SAFETY: a plain signal to the child we spawned.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success(), "signal {sig}: ekko succeeded");
+        if sig != libc::SIGKILL {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("interrupted"), "signal {sig}: {err}");
+            // ekko waited for the job to end before it exited.
+            assert!(!dom.has_job(), "signal {sig}: a job is left");
+            assert_eq!(dir_entries(&env.path("work")), Vec::<String>::new());
+        }
+        assert!(
+            dom.wait_for_no_job(Duration::from_secs(15)),
+            "signal {sig}: the backup job is stuck"
+        );
+        assert_eq!(dom.state(), "running");
+        // The watchdog removes the private directory last.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !dir_entries(&env.path("work")).is_empty() {
+            assert!(Instant::now() < deadline, "scratch files left behind");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(
+            dom.checkpoints(),
+            std::slice::from_ref(&cp1),
+            "signal {sig}: the interrupted run's checkpoint is gone, the committed one stays"
+        );
     }
-    assert_eq!(
-        dom.checkpoints(),
-        std::slice::from_ref(&cp1),
-        "the killed run's checkpoint is gone, the committed one stays"
-    );
 
     // The next backup works, incrementally from the last committed
-    // checkpoint, and has the write made before the killed run.
+    // checkpoint, and has the writes made before the interrupted runs.
     let (v2, _) = backup(&env, &dom, &[]);
     assert_eq!(mode(&v2, "vda"), "incremental", "{v2}");
     assert_eq!(disk(&v2, "vda")["bitmap"], cp1.as_str());
-    assert_eq!(disk(&v2, "vda")["dirty_bytes"], 64 << 10);
+    assert_eq!(disk(&v2, "vda")["dirty_bytes"], 3 * (64 << 10));
     assert_restore(&env, &v2, "vda", &dom.model_sha("vda"));
     dom.check_models(&env);
 }
