@@ -96,6 +96,8 @@ pub struct Session<'r> {
     started: Instant,
     /// Marks seen at the start and packs relied on: see `crate::gc`.
     guard: Guard,
+    /// The libvirt domain, recorded in the manifest.
+    domain: Option<snapshot::DomainRecord>,
 }
 
 /// Turn byte ranges into sorted, merged runs of block indices.
@@ -131,7 +133,13 @@ impl<'r> Session<'r> {
             disks: Vec::new(),
             started: Instant::now(),
             guard,
+            domain: None,
         })
+    }
+
+    /// Records the libvirt domain the disks come from in the manifest.
+    pub fn set_domain(&mut self, domain: snapshot::DomainRecord) {
+        self.domain = Some(domain);
     }
 
     pub fn repo(&self) -> &Repository {
@@ -433,6 +441,7 @@ impl<'r> Session<'r> {
             host: crate::time::hostname(),
             disks: std::mem::take(&mut self.disks),
             ekko_version: env!("CARGO_PKG_VERSION").to_string(),
+            domain: self.domain.take(),
         };
         self.guard.before_commit(self.repo)?;
         snapshot::save(self.repo.backend().as_ref(), self.repo.keys(), &snap)?;

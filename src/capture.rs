@@ -61,6 +61,9 @@ use crate::repo::Repository;
 use crate::snapshot::{self, Capture, CaptureMode, Disk, Snapshot};
 use crate::source::{NbdSource, Range, Source};
 
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
+
 /// Where fleecing images go unless told otherwise: a disk-backed directory
 /// (they grow by what the guest overwrites during the backup).
 pub const DEFAULT_WORKDIR: &str = "/var/tmp/ekko";
@@ -738,56 +741,27 @@ impl<'r> LiveBackup<'r> {
                 Ok(s) => s,
                 Err(e) => return Err(fail(session, e)),
             };
-            let live = Named {
-                inner: Box::new(nbd),
-                name: format!("node {} of QEMU at {}", d.node, self.opts.qmp.display()),
-            };
-            let source = RateLimited::wrap(Box::new(live), limiter);
-            if source.size() != d.size {
-                return Err(Error::Disk {
-                    disk: d.name.clone(),
-                    source: crate::Error::Source {
-                        source_name: uri,
-                        reason: format!(
-                            "the export has {} bytes but node {} has {}",
-                            source.size(),
-                            d.node,
-                            d.size
-                        ),
-                    },
-                });
-            }
-            let dirty_bytes = if d.incremental {
-                match source.dirty_ranges() {
-                    Ok(r) => r.map(|r| range_bytes(&r, d.size)),
-                    Err(e) => return Err(fail(session, e)),
-                }
-            } else {
-                None
-            };
             let parent_disk = match (&self.parent, d.incremental) {
                 (Some(p), true) => Some(p.disk(&d.name).expect("decided with this parent")),
                 _ => None,
             };
-            let capture = Capture {
-                mode: d.mode(),
-                bitmap: bitmap.map(str::to_string),
-                next_bitmap: Some(self.new_bitmap.clone()),
-                reason: d.reason.clone(),
+            let read = ExportRead {
+                name: &d.name,
+                source: Box::new(nbd),
+                describe: format!("node {} of QEMU at {}", d.node, self.opts.qmp.display()),
+                size: d.size,
+                parent: parent_disk,
+                capture: Capture {
+                    mode: d.mode(),
+                    bitmap: bitmap.map(str::to_string),
+                    next_bitmap: Some(self.new_bitmap.clone()),
+                    reason: d.reason.clone(),
+                },
             };
-            let disk_opts = BackupOptions {
-                progress: progress(d),
-                ..opts.clone()
+            let dirty_bytes = match read_export(backup, read, limiter, opts, progress(d)) {
+                Ok(b) => b,
+                Err(e) => return Err(fail(session, e)),
             };
-            let plan = DiskPlan {
-                name: d.name.clone(),
-                source: source.as_ref(),
-                incremental_parent: parent_disk,
-                capture,
-            };
-            if let Err(e) = backup.backup_disk(plan, &disk_opts) {
-                return Err(fail(session, e));
-            }
             out.push((d.node.clone(), dirty_bytes, d.name.clone()));
         }
         Ok(out)
@@ -828,6 +802,66 @@ impl<'r> LiveBackup<'r> {
             }
         }
     }
+}
+
+/// One disk of a point-in-time view (an NBD export, or a closed image
+/// through qemu-nbd), to be read into a backup session.
+pub(crate) struct ExportRead<'a> {
+    /// The disk's name in the snapshot.
+    pub name: &'a str,
+    pub source: Box<dyn Source>,
+    /// What the manifest names as the source: the export itself is gone
+    /// after the backup.
+    pub describe: String,
+    /// The size the disk must have (from the hypervisor's own inventory).
+    pub size: u64,
+    /// The parent's disk, for an incremental (then `source` has a bitmap).
+    pub parent: Option<&'a Disk>,
+    pub capture: Capture,
+}
+
+/// Reads one disk of a point-in-time view into `backup`, behind the shared
+/// rate limiter. Returns the bytes the bitmap marks dirty, for an
+/// incremental. Shared by the QMP and the libvirt capture.
+pub(crate) fn read_export(
+    backup: &mut Session<'_>,
+    read: ExportRead<'_>,
+    limiter: Option<&Arc<RateLimiter>>,
+    opts: &BackupOptions,
+    progress: Option<Progress>,
+) -> crate::Result<Option<u64>> {
+    let live = Named {
+        inner: read.source,
+        name: read.describe,
+    };
+    let source = RateLimited::wrap(Box::new(live), limiter);
+    if source.size() != read.size {
+        return Err(crate::Error::Source {
+            source_name: source.describe(),
+            reason: format!(
+                "the point-in-time view has {} bytes but the disk has {}",
+                source.size(),
+                read.size
+            ),
+        });
+    }
+    let dirty_bytes = if read.parent.is_some() {
+        source.dirty_ranges()?.map(|r| range_bytes(&r, read.size))
+    } else {
+        None
+    };
+    let disk_opts = BackupOptions {
+        progress,
+        ..opts.clone()
+    };
+    let plan = DiskPlan {
+        name: read.name.to_string(),
+        source: source.as_ref(),
+        incremental_parent: read.parent,
+        capture: read.capture,
+    };
+    backup.backup_disk(plan, &disk_opts)?;
+    Ok(dirty_bytes)
 }
 
 /// A source under a lasting name: the NBD export of a session is gone
@@ -958,6 +992,7 @@ mod tests {
             host: "h".into(),
             disks: disks.iter().map(|d| disk(d)).collect(),
             ekko_version: "test".into(),
+            domain: None,
         }
     }
 

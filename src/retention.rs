@@ -226,6 +226,7 @@ mod tests {
             host: "h".into(),
             disks: vec![],
             ekko_version: "0".into(),
+            domain: None,
         }
     }
 

@@ -63,6 +63,28 @@ impl Disk {
     }
 }
 
+/// The libvirt domain a snapshot was taken from (`ekko backup --domain`).
+/// Absent from manifests of other backups and of older versions.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct DomainRecord {
+    /// The domain's UUID.
+    pub uuid: String,
+    /// The libvirt URI it was reached through.
+    pub connect: String,
+    /// OpenStack Nova's metadata, when the domain is a Nova instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nova: Option<NovaRecord>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct NovaRecord {
+    pub instance_uuid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_uuid: Option<String>,
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct Snapshot {
     pub id: String,
@@ -73,6 +95,9 @@ pub struct Snapshot {
     pub host: String,
     pub disks: Vec<Disk>,
     pub ekko_version: String,
+    /// Set by libvirt domain backups; older manifests lack it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<DomainRecord>,
 }
 
 impl Snapshot {
@@ -190,5 +215,53 @@ pub fn resolve(backend: &dyn Backend, keys: &Keys, spec: &str) -> Result<Snapsho
             spec: spec.into(),
             count: n,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OLD: &str = r#"{"id":"00112233445566778899aabbccddeeff","vm":"web1",
+        "time":"2026-11-25T21:42:18.123456789Z","parent":null,"host":"h",
+        "ekko_version":"0.1.0","disks":[{"name":"vda","size":1048576,
+        "chunk_size":1048576,"map":{"root":"0000000000000000000000000000000000000000000000000000000000000000","depth":1,"fanout":256},
+        "source":"x","capture":{"mode":"full"},"stats":{"bytes_read":0,
+        "bytes_new":0,"bytes_stored":0,"chunks":1,"chunks_new":0,"chunks_zero":1}}]}"#;
+
+    /// The manifest as ekko read it before the `domain` member existed.
+    #[derive(Deserialize)]
+    #[allow(dead_code)]
+    struct OldSnapshot {
+        id: String,
+        vm: String,
+        disks: Vec<Disk>,
+    }
+
+    #[test]
+    fn the_domain_record_is_optional_both_ways() {
+        // A manifest without it reads, and writes back without it.
+        let s: Snapshot = serde_json::from_str(OLD).unwrap();
+        assert_eq!(s.domain, None);
+        let again = serde_json::to_string(&s).unwrap();
+        assert!(!again.contains("domain"), "{again}");
+
+        // With it: round trip, and an older reader ignores it.
+        let mut s = s;
+        s.domain = Some(DomainRecord {
+            uuid: "u".into(),
+            connect: "qemu:///system".into(),
+            nova: Some(NovaRecord {
+                instance_uuid: "u".into(),
+                name: Some("web-1".into()),
+                project_uuid: None,
+            }),
+        });
+        let json = serde_json::to_string(&s).unwrap();
+        let back: Snapshot = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.domain, s.domain);
+        let old: OldSnapshot = serde_json::from_str(&json).unwrap();
+        assert_eq!(old.vm, "web1");
+        assert_eq!(old.disks.len(), 1);
     }
 }

@@ -9,3 +9,4 @@ mod nbd;
 
 mod capture;
 mod gc;
+mod libvirt;

@@ -23,3 +23,4 @@ pub use session::{
     cleanup_stale, cleanup_stale_if, DiskSpec, FleeceSession, SessionConfig, SessionExport,
     StaleCleanup,
 };
+pub use util::{percent_encode, pid_alive};

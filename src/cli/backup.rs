@@ -1,5 +1,6 @@
-//! `ekko backup`: offline images and NBD exports (`--disk NAME=SOURCE`), or
-//! a running QEMU captured live through QMP (`--qmp SOCKET`).
+//! `ekko backup`: offline images and NBD exports (`--disk NAME=SOURCE`), a
+//! running QEMU captured live through QMP (`--qmp SOCKET`), or a libvirt
+//! domain through libvirt's backup API (`--domain NAME`).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -21,16 +22,26 @@ use super::Global;
 
 #[derive(Args)]
 pub struct BackupArgs {
-    /// The VM the disks belong to.
-    #[arg(long)]
-    vm: String,
+    /// The VM the disks belong to (with --domain: the domain's name).
+    #[arg(long, required_unless_present = "domain", conflicts_with = "domain")]
+    vm: Option<String>,
+    /// A libvirt domain: back up its disks through libvirt's pull-mode
+    /// backup API and checkpoints, incrementally after the first time. The
+    /// snapshots are named after the domain.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["qmp", "bitmap"])]
+    domain: Option<String>,
+    /// libvirt URI (with --domain).
+    #[arg(long, value_name = "URI", requires = "domain")]
+    connect: Option<String>,
     /// Offline: NAME=SOURCE, a raw or qcow2 image, or an nbd:// /
     /// nbd+unix:// URI. With --qmp: NAME=NODE, a QEMU device or block node
-    /// name; without --disk every writable disk of QEMU is backed up.
+    /// name; without --disk every writable disk of QEMU is backed up. With
+    /// --domain: a disk target (vda); without --disk every qcow2 disk that
+    /// is not read-only, removable or shareable.
     #[arg(
         long = "disk",
         value_name = "NAME=SOURCE",
-        required_unless_present = "qmp"
+        required_unless_present_any = ["qmp", "domain"]
     )]
     disks: Vec<String>,
     /// Dirty bitmap of the sources (qcow2 persistent bitmap or NBD export
@@ -41,14 +52,20 @@ pub struct BackupArgs {
     /// disks live, at one instant, incrementally through dirty bitmaps.
     #[arg(long, value_name = "SOCKET")]
     qmp: Option<PathBuf>,
-    /// qemu-guest-agent socket: freeze the guest file systems for the
-    /// instant of the snapshot (with --qmp).
-    #[arg(long, value_name = "SOCKET", requires = "qmp")]
-    fsfreeze: Option<PathBuf>,
-    /// Directory for the temporary fleecing images (with --qmp). They grow
-    /// by what the guest overwrites during the backup; QEMU must be able to
-    /// create files there.
-    #[arg(long, value_name = "DIR", requires = "qmp")]
+    /// Freeze the guest file systems for the instant of the snapshot. With
+    /// --qmp: the qemu-guest-agent socket. With --domain: no value, libvirt
+    /// talks to the agent; if no agent answers the backup goes on
+    /// crash-consistent with a warning.
+    #[arg(long, value_name = "SOCKET", num_args = 0..=1)]
+    fsfreeze: Option<Option<PathBuf>>,
+    /// With --domain: fail instead of going on when the guest cannot be
+    /// frozen.
+    #[arg(long, requires = "domain")]
+    require_fsfreeze: bool,
+    /// Directory for the temporary fleecing or scratch images and sockets
+    /// (with --qmp or --domain). They grow by what the guest overwrites
+    /// during the backup; QEMU must be able to create files there.
+    #[arg(long, value_name = "DIR")]
     workdir: Option<PathBuf>,
     /// Read everything, even when an incremental is possible.
     #[arg(long)]
@@ -201,21 +218,56 @@ pub fn run(g: &Global, a: BackupArgs) -> Result<ExitCode> {
     if a.threads == 0 {
         bail!("--threads must be at least 1");
     }
+    if a.workdir.is_some() && a.qmp.is_none() && a.domain.is_none() {
+        bail!("--workdir needs --qmp or --domain");
+    }
+    match (&a.fsfreeze, &a.qmp, &a.domain) {
+        (Some(None), Some(_), _) => {
+            bail!("--fsfreeze with --qmp needs the qemu-guest-agent socket: --fsfreeze SOCKET")
+        }
+        (Some(Some(_)), _, Some(_)) => {
+            bail!("--fsfreeze with --domain takes no value: libvirt talks to the guest agent")
+        }
+        (Some(_), None, None) => bail!("--fsfreeze needs --qmp or --domain"),
+        _ => {}
+    }
+    if let Some(d) = a.domain.clone() {
+        return run_domain(g, &a, d);
+    }
     match a.qmp.clone() {
         Some(qmp) => run_live(g, &a, qmp),
         None => run_offline(g, &a),
     }
 }
 
-/// Live capture of a running QEMU through QMP; see `ekko::capture`.
-fn run_live(g: &Global, a: &BackupArgs, qmp: PathBuf) -> Result<ExitCode> {
+fn vm(a: &BackupArgs) -> &str {
+    a.vm.as_deref().or(a.domain.as_deref()).unwrap_or_default()
+}
+
+/// A libvirt domain through libvirt's backup API; see
+/// `ekko::capture::libvirt`.
+#[cfg(feature = "libvirt")]
+fn run_domain(g: &Global, a: &BackupArgs, domain: String) -> Result<ExitCode> {
+    use ekko::capture::libvirt::{self, DomainBackup, DomainOptions};
     let start = Instant::now();
     let repo = g.open()?;
     let cancel = super::cancel_flag()?;
-    let mut opts = LiveOptions::new(a.vm.clone(), qmp);
-    opts.disks = parse_disks(&a.disks)?;
+    let mut opts = DomainOptions::new(domain.clone());
+    if let Some(c) = &a.connect {
+        opts.connect = c.clone();
+    }
+    for d in &a.disks {
+        if d.is_empty() || d.contains('=') || d.contains('/') {
+            bail!("--disk {d:?}: with --domain, give a disk target such as vda");
+        }
+    }
+    opts.disks = a.disks.clone();
     opts.full = a.full;
-    opts.freeze = a.fsfreeze.clone();
+    opts.fsfreeze = a.fsfreeze.is_some();
+    opts.require_fsfreeze = a.require_fsfreeze;
+    if opts.require_fsfreeze && !opts.fsfreeze {
+        bail!("--require-fsfreeze needs --fsfreeze");
+    }
     if let Some(w) = &a.workdir {
         opts.workdir = w.clone();
     }
@@ -224,7 +276,106 @@ fn run_live(g: &Global, a: &BackupArgs, qmp: PathBuf) -> Result<ExitCode> {
     let _lock = ekko::lock::Lock::shared(
         repo.backend().as_ref(),
         repo.keys(),
-        &format!("live backup of {}", a.vm),
+        &format!("backup of libvirt domain {domain}"),
+    )?;
+    let prepared = DomainBackup::prepare(&repo, &opts).map_err(domain_error)?;
+    if !g.quiet {
+        for (t, r) in prepared.skipped() {
+            eprintln!("ekko: disk {t}: skipped: {r}");
+        }
+        if !prepared.running() {
+            eprintln!("ekko: domain {domain} is not running: reading its image files");
+        }
+        for d in prepared.disks() {
+            if let Some(r) = &d.reason {
+                eprintln!("ekko: disk {}: full read: {r}", d.name);
+            }
+        }
+    }
+    let skipped: Vec<Value> = prepared
+        .skipped()
+        .iter()
+        .map(|(t, r)| json!({ "name": t, "reason": r }))
+        .collect();
+    let bars: Mutex<Vec<indicatif::ProgressBar>> = Mutex::new(Vec::new());
+    let progress = |d: &libvirt::PlannedDisk| -> Option<Progress> {
+        let mut bars = bars.lock().expect("progress bars");
+        if let Some(prev) = bars.last() {
+            prev.finish_and_clear();
+        }
+        let pb = super::progress_bar(g, d.size, &d.name);
+        bars.push(pb.clone());
+        Some(Arc::new(move |n| pb.set_position(n)))
+    };
+    let bopts = BackupOptions {
+        threads: a.threads,
+        cancel: Arc::clone(&cancel),
+        progress: None,
+    };
+    let result = prepared.run(&bopts, &progress);
+    for pb in bars.lock().expect("progress bars").iter() {
+        pb.finish_and_clear();
+    }
+    let report = result.map_err(domain_error)?;
+    if !g.quiet {
+        for w in &report.warnings {
+            eprintln!("ekko: warning: {w}");
+        }
+    }
+    let disks = report
+        .disks
+        .iter()
+        .map(|d| disk_json(&d.disk, None, d.dirty_bytes))
+        .collect();
+    let extra = json!({
+        "domain": report.snapshot.domain,
+        "running": report.running,
+        "checkpoint": report.checkpoint,
+        "deleted_checkpoints": report.deleted_checkpoints,
+        "frozen": report.frozen,
+        "skipped_disks": skipped,
+        "warnings": report.warnings,
+    });
+    print_summary(g, a, &report.snapshot, disks, extra, start)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(not(feature = "libvirt"))]
+fn run_domain(_g: &Global, _a: &BackupArgs, _domain: String) -> Result<ExitCode> {
+    bail!("this ekko was built without libvirt support (cargo feature \"libvirt\"); rebuild it with default features to use --domain")
+}
+
+/// Keeps repository damage recognisable (exit code 3) through anyhow.
+#[cfg(feature = "libvirt")]
+fn domain_error(e: ekko::capture::libvirt::Error) -> anyhow::Error {
+    use ekko::capture::libvirt::Error;
+    match e {
+        Error::Disk { disk, source } if source.is_damage() => {
+            anyhow::Error::new(source).context(format!("disk {disk}"))
+        }
+        Error::Repo(source) => anyhow::Error::new(source),
+        e => anyhow::Error::new(e),
+    }
+}
+
+/// Live capture of a running QEMU through QMP; see `ekko::capture`.
+fn run_live(g: &Global, a: &BackupArgs, qmp: PathBuf) -> Result<ExitCode> {
+    let start = Instant::now();
+    let repo = g.open()?;
+    let cancel = super::cancel_flag()?;
+    let mut opts = LiveOptions::new(vm(a), qmp);
+    opts.disks = parse_disks(&a.disks)?;
+    opts.full = a.full;
+    opts.freeze = a.fsfreeze.clone().flatten();
+    if let Some(w) = &a.workdir {
+        opts.workdir = w.clone();
+    }
+    opts.connections = connections(a.threads);
+    opts.rate_limit = a.rate_limit;
+    let _lock = ekko::lock::Lock::shared(
+        repo.backend().as_ref(),
+        repo.keys(),
+        &format!("live backup of {}", vm(a)),
     )?;
     let live = LiveBackup::prepare(&repo, &opts).map_err(live_error)?;
     if !g.quiet {
@@ -297,12 +448,12 @@ fn run_offline(g: &Global, a: &BackupArgs) -> Result<ExitCode> {
     let _lock = ekko::lock::Lock::shared(
         repo.backend().as_ref(),
         repo.keys(),
-        &format!("backup of {}", a.vm),
+        &format!("backup of {}", vm(a)),
     )?;
     let parent: Option<Snapshot> = match snapshot::resolve(
         repo.backend().as_ref(),
         repo.keys(),
-        &format!("{}@latest", a.vm),
+        &format!("{}@latest", vm(a)),
     ) {
         Ok(s) => Some(s),
         Err(ekko::Error::SnapshotNotFound { .. }) => None,
@@ -383,7 +534,7 @@ fn run_offline(g: &Global, a: &BackupArgs) -> Result<ExitCode> {
     if super::cancelled(&cancel) {
         bail!(ekko::Error::Interrupted);
     }
-    let snap = session.commit(&a.vm, time, parent.as_ref().map(|p| p.id.clone()))?;
+    let snap = session.commit(vm(a), time, parent.as_ref().map(|p| p.id.clone()))?;
     print_summary(g, a, &snap, disk_json_v, json!({}), start)?;
     Ok(ExitCode::SUCCESS)
 }

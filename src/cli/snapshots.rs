@@ -32,7 +32,7 @@ pub fn run(g: &Global, a: SnapshotsArgs) -> Result<ExitCode> {
         let v: Vec<_> = snaps
             .iter()
             .map(|s| {
-                json!({
+                let mut v = json!({
                     "id": s.id, "vm": s.vm, "time": s.time, "parent": s.parent, "host": s.host,
                     "protected": protected.contains(&s.id),
                     "disks": s.disks.iter().map(|d| json!({
@@ -41,7 +41,11 @@ pub fn run(g: &Global, a: SnapshotsArgs) -> Result<ExitCode> {
                         "next_bitmap": d.capture.next_bitmap, "source": d.source,
                         "bytes_new": d.stats.bytes_new,
                     })).collect::<Vec<_>>(),
-                })
+                });
+                if let Some(d) = &s.domain {
+                    v["domain"] = json!(d);
+                }
+                v
             })
             .collect();
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
