@@ -16,6 +16,7 @@
 //! - A snapshot whose time cannot be read is kept (reason `unreadable time`).
 //! - An empty policy is refused: it would remove everything.
 
+use crate::time::{civil_from_days, days_from_civil};
 use std::collections::HashSet;
 
 use serde::Serialize;
@@ -51,35 +52,6 @@ pub struct Decision {
     /// Why it is kept: `last`, `hourly`, `daily`, `weekly`, `monthly`,
     /// `protected`, `unreadable time`. Empty when it is removed.
     pub reasons: Vec<String>,
-}
-
-/// Days since 1970-01-01 → (year, month 1-12, day 1-31), proleptic Gregorian.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    (
-        y,
-        u32::try_from(m).expect("1..=12"),
-        u32::try_from(d).expect("1..=31"),
-    )
-}
-
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let m = i64::from(m);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 /// The period keys of one instant (seconds since the epoch, UTC).

@@ -240,24 +240,13 @@ fn meta(e: &DirEntry<'_, PartDevice>) -> GuestMeta {
     }
 }
 
-/// Days from 1970-01-01 to the given civil date (proleptic Gregorian).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
 fn fat_time(t: fatfs::DateTime) -> SystemTime {
     let d = &t.date;
     // An unset FAT date (all zeros) decodes as 1980-00-00: clamp into range.
-    let days = days_from_civil(
+    let days = ekko::time::days_from_civil(
         i64::from(d.year),
-        i64::from(d.month.clamp(1, 12)),
-        i64::from(d.day.clamp(1, 31)),
+        u32::from(d.month.clamp(1, 12)),
+        u32::from(d.day.clamp(1, 31)),
     );
     let secs = days * 86_400
         + i64::from(t.time.hour) * 3600
@@ -267,18 +256,5 @@ fn fat_time(t: fatfs::DateTime) -> SystemTime {
     match u64::try_from(secs) {
         Ok(s) => UNIX_EPOCH + Duration::from_secs(s) + millis,
         Err(_) => UNIX_EPOCH,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn civil_days() {
-        assert_eq!(days_from_civil(1970, 1, 1), 0);
-        assert_eq!(days_from_civil(1980, 1, 1), 3652);
-        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
-        assert_eq!(days_from_civil(2024, 2, 29), 19_782);
     }
 }
