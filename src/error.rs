@@ -89,6 +89,14 @@ pub enum Error {
     #[error("interrupted")]
     Interrupted,
 
+    #[error("object store {location}: {op} {name}: {reason}")]
+    Remote {
+        location: String,
+        op: &'static str,
+        name: String,
+        reason: String,
+    },
+
     #[error("index cache: {0}")]
     Cache(String),
 }
