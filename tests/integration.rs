@@ -8,3 +8,4 @@ mod fuse;
 mod nbd;
 
 mod capture;
+mod s3;

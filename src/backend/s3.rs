@@ -205,12 +205,25 @@ impl S3Backend {
     /// Connect, and check once that the bucket exists and the credentials
     /// work, so that every command fails early with an actionable message.
     pub fn open(loc: S3Location) -> Result<S3Backend> {
-        let b = Self::connect(loc)?;
+        let b = Self::connect(loc, None)?;
         b.probe()?;
         Ok(b)
     }
 
-    fn connect(loc: S3Location) -> Result<S3Backend> {
+    /// Like `open`, with credentials given here rather than taken from
+    /// `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (for embedding and
+    /// tests).
+    pub fn open_with_keys(
+        loc: S3Location,
+        access_key: &str,
+        secret_key: &str,
+    ) -> Result<S3Backend> {
+        let b = Self::connect(loc, Some((access_key, secret_key)))?;
+        b.probe()?;
+        Ok(b)
+    }
+
+    fn connect(loc: S3Location, keys: Option<(&str, &str)>) -> Result<S3Backend> {
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(&loc.bucket)
             .with_virtual_hosted_style_request(!loc.path_style)
@@ -233,6 +246,9 @@ impl S3Backend {
             );
         if let Some(e) = &loc.endpoint {
             builder = builder.with_endpoint(e);
+        }
+        if let Some((a, s)) = keys {
+            builder = builder.with_access_key_id(a).with_secret_access_key(s);
         }
         builder = builder.with_region(loc.region.as_deref().unwrap_or("us-east-1"));
         let store = builder.build().map_err(|e| Error::Remote {
