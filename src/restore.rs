@@ -20,6 +20,10 @@ pub struct RestoreStats {
     pub bytes_data: u64,
 }
 
+/// Bytes of disk that one restore task handles at once: up to this much is
+/// fetched per request when the chunks sit together in a pack.
+const BATCH_BYTES: u64 = 4 << 20;
+
 pub struct RestoreOptions<'a> {
     pub threads: usize,
     pub overwrite: bool,
@@ -71,31 +75,43 @@ pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Res
     } else {
         Vec::new()
     };
+    // Batches of neighbouring blocks, so that chunks stored side by side
+    // come in one ranged read (see `DiskReader::blocks_uncached`).
+    let batch = if reader.prefers_large_reads() {
+        (BATCH_BYTES / cs).max(1)
+    } else {
+        1
+    };
+    let nbatches = reader.nchunks().div_ceil(batch);
     pool.install(|| {
-        (0..reader.nchunks())
+        (0..nbatches)
             .into_par_iter()
-            .try_for_each(|idx| -> Result<()> {
+            .try_for_each(|b| -> Result<()> {
                 if opts.cancel.load(Ordering::Relaxed) {
                     return Err(Error::Interrupted);
                 }
-                let off = idx * cs;
-                let len = reader.block_len(idx);
-                match reader.block_uncached(idx)? {
-                    Some(block) => {
-                        file.write_all_at(&block, off)
-                            .map_err(|e| Error::io(to, e))?;
-                        data.fetch_add(len, Ordering::Relaxed);
+                let from = b * batch;
+                let blocks = reader.blocks_uncached(from, from + batch)?;
+                for (idx, block) in (from..).zip(blocks) {
+                    let off = idx * cs;
+                    let len = reader.block_len(idx);
+                    match block {
+                        Some(block) => {
+                            file.write_all_at(&block, off)
+                                .map_err(|e| Error::io(to, e))?;
+                            data.fetch_add(len, Ordering::Relaxed);
+                        }
+                        None if is_dev => {
+                            let n = usize::try_from(len).expect("fits");
+                            file.write_all_at(&zeros[..n], off)
+                                .map_err(|e| Error::io(to, e))?;
+                        }
+                        None => {}
                     }
-                    None if is_dev => {
-                        let n = usize::try_from(len).expect("fits");
-                        file.write_all_at(&zeros[..n], off)
-                            .map_err(|e| Error::io(to, e))?;
+                    let d = done.fetch_add(len, Ordering::Relaxed) + len;
+                    if let Some(p) = opts.progress {
+                        p(d);
                     }
-                    None => {}
-                }
-                let d = done.fetch_add(len, Ordering::Relaxed) + len;
-                if let Some(p) = opts.progress {
-                    p(d);
                 }
                 Ok(())
             })

@@ -99,4 +99,10 @@ pub trait Backend: Send + Sync {
     fn write_concurrency(&self) -> usize {
         1
     }
+
+    /// True when one request costs far more than the bytes it moves (an
+    /// object store), so readers should fetch neighbouring chunks together.
+    fn prefers_large_reads(&self) -> bool {
+        false
+    }
 }

@@ -227,6 +227,9 @@ impl S3Backend {
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(&loc.bucket)
             .with_virtual_hosted_style_request(!loc.path_style)
+            // One DELETE per object: Swift's multi-delete wants Content-MD5, and
+            // we never delete in bulk on a hot path.
+            .with_disable_bulk_delete(true)
             .with_retry(RetryConfig {
                 backoff: BackoffConfig {
                     init_backoff: Duration::from_millis(100),
@@ -582,6 +585,10 @@ impl Backend for S3Backend {
 
     fn write_concurrency(&self) -> usize {
         self.inner.uploads
+    }
+
+    fn prefers_large_reads(&self) -> bool {
+        true
     }
 }
 
