@@ -434,11 +434,97 @@ fn s3_proxy_stopped_mid_backup_is_a_clean_error() {
 
     // The store is back (a new proxy on the same storage).
     let back = start_proxy(&format!("back-{:08x}", rand::random::<u32>()));
+    drop(proxy);
     set_endpoint(&mut env, &back.endpoint);
     let snap = env.backup("vm", &[("sda", &img)]);
     env.ok(&["check", "--read-data"]);
     let out = env.restore(&snap, "sda");
     assert_eq!(sha256_file(&out), sha256_file(&img));
+    fs::remove_file(&out).unwrap();
+
+    // The proxy dies during a restore: a clean error too, and the partial
+    // output is not mistaken for a good one (the exit status says so).
+    let to = env.path("partial.img");
+    let child = env
+        .cmd()
+        .args(["restore", &snap, "--to", to.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    back.stop();
+    let out = finish(child);
+    assert_clean_failure(&out, "object store");
+
+    let again = start_proxy(&format!("again-{:08x}", rand::random::<u32>()));
+    set_endpoint(&mut env, &again.endpoint);
+    env.ok(&["check", "--read-data"]);
+    let out = env.restore(&snap, "sda");
+    assert_eq!(sha256_file(&out), sha256_file(&img));
+}
+
+/// Four hosts back up clones of one base image into an empty repository at
+/// the same moment, so all four encode and upload the same base chunks
+/// concurrently (no host can see another's uncommitted packs). Every
+/// snapshot must still verify and restore exactly; the space cost is at
+/// most one base copy per host.
+#[test]
+fn s3_four_concurrent_first_backups_race_on_the_same_chunks() {
+    const BASE: usize = 24 << 20;
+    const DELTA: usize = 2 << 20;
+    let env = s3_env("race");
+    env.ok(&["init"]);
+    let base = env.path("base.img");
+    make_image(&base, 32 * MIB, &[(0, &random_bytes(600, BASE))]);
+    let mut hosts = Vec::new();
+    for i in 0..4u64 {
+        let img = env.path(&format!("clone{i}.img"));
+        fs::copy(&base, &img).unwrap();
+        write_at(&img, (2 + 6 * i) * MIB, &random_bytes(610 + i, DELTA));
+        let mut host = Env::new();
+        host.repo = env.repo.clone();
+        host.vars = env.vars.clone();
+        hosts.push((host, img));
+    }
+    let children: Vec<Child> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, (host, img))| spawn_backup(host, &format!("vm{i}"), img))
+        .collect();
+    let mut ids = Vec::new();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert_success(&out, &["backup (concurrent, empty repository)"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        ids.push(id(&v));
+    }
+    env.ok(&["check", "--read-data"]);
+    for (snap, (host, img)) in ids.iter().zip(&hosts) {
+        // Each host, with its own cache, and a fresh one, restore exactly.
+        for e in [host, &env] {
+            let out = e.restore(snap, "sda");
+            assert_eq!(sha256_file(&out), sha256_file(img), "restore of {snap}");
+            fs::remove_file(out).unwrap();
+        }
+    }
+    let total = stored_pack_bytes(&env);
+    eprintln!(
+        "four concurrent first backups stored {total} bytes (one base {BASE}, four deltas {})",
+        4 * DELTA
+    );
+    assert!(total >= (BASE + 4 * DELTA) as u64, "{total}");
+    assert!(total <= 4 * (BASE + DELTA) as u64 + 4 * MIB, "{total}");
+    // A fifth backup after them dedups against what they committed.
+    let img = env.path("clone4.img");
+    fs::copy(&base, &img).unwrap();
+    write_at(&img, 30 * MIB, &random_bytes(620, DELTA));
+    env.backup("vm4", &[("sda", &img)]);
+    let grew = stored_pack_bytes(&env) - total;
+    assert!(
+        grew <= DELTA as u64 + 2 * MIB,
+        "the fifth clone stored {grew} bytes"
+    );
 }
 
 /// The local index cache is only a cache: cold, deleted, damaged, or stale
