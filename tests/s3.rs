@@ -663,3 +663,135 @@ fn s3_damaged_packs_are_detected_and_never_restored() {
     let out = env.restore(&id, "sda");
     assert_eq!(sha256_file(&out), sha256_file(&img));
 }
+
+/// A store with slow commits, beside the real one: it proves that a backup
+/// keeps several pack uploads in flight when the backend asks for them, and
+/// never more than it asks for (the memory bound).
+mod overlap {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use ekko::backend::{Backend, ObjectInfo, ObjectWriter};
+    use ekko::backup::{BackupOptions, DiskPlan, Session};
+    use ekko::snapshot::{Capture, CaptureMode};
+    use ekko::source::FileSource;
+    use ekko::{InitOptions, LocalBackend, Repository};
+
+    use crate::util::*;
+
+    struct Slow {
+        inner: LocalBackend,
+        uploads: usize,
+        now: Arc<AtomicUsize>,
+        peak: Arc<AtomicUsize>,
+    }
+
+    struct SlowWriter {
+        inner: Box<dyn ObjectWriter>,
+        pack: bool,
+        now: Arc<AtomicUsize>,
+        peak: Arc<AtomicUsize>,
+    }
+
+    impl ObjectWriter for SlowWriter {
+        fn write(&mut self, data: &[u8]) -> ekko::Result<()> {
+            self.inner.write(data)
+        }
+        fn len(&self) -> u64 {
+            self.inner.len()
+        }
+        fn commit(self: Box<Self>) -> ekko::Result<()> {
+            if !self.pack {
+                return self.inner.commit();
+            }
+            let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.peak.fetch_max(n, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(150)); // request latency
+            let r = self.inner.commit();
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            r
+        }
+    }
+
+    impl Backend for Slow {
+        fn create(&self, name: &str) -> ekko::Result<Box<dyn ObjectWriter>> {
+            Ok(Box::new(SlowWriter {
+                inner: self.inner.create(name)?,
+                pack: name.starts_with("packs/"),
+                now: Arc::clone(&self.now),
+                peak: Arc::clone(&self.peak),
+            }))
+        }
+        fn get_range(&self, name: &str, offset: u64, len: usize) -> ekko::Result<Vec<u8>> {
+            self.inner.get_range(name, offset, len)
+        }
+        fn get(&self, name: &str) -> ekko::Result<Vec<u8>> {
+            self.inner.get(name)
+        }
+        fn size(&self, name: &str) -> ekko::Result<u64> {
+            self.inner.size(name)
+        }
+        fn list(&self, prefix: &str) -> ekko::Result<Vec<ObjectInfo>> {
+            self.inner.list(prefix)
+        }
+        fn delete(&self, name: &str) -> ekko::Result<()> {
+            self.inner.delete(name)
+        }
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+        fn write_concurrency(&self) -> usize {
+            self.uploads
+        }
+    }
+
+    fn peak_uploads(uploads: usize) -> (usize, usize) {
+        let env = Env::new();
+        let backend = Arc::new(Slow {
+            inner: LocalBackend::new(&env.repo),
+            uploads,
+            now: Arc::default(),
+            peak: Arc::default(),
+        });
+        let opts = InitOptions {
+            encrypt: false,
+            pack_size: 1 << 20,
+            chunk_size: 64 << 10,
+            ..InitOptions::default()
+        };
+        Repository::init(backend.clone(), &opts, None).unwrap();
+        let repo = Repository::open_with_cache(backend.clone(), || Ok(Vec::new()), false).unwrap();
+        let img = env.path("d.img");
+        make_image(&img, 16 << 20, &[(0, &random_bytes(700, 12 << 20))]);
+        let src = FileSource::open(&img).unwrap();
+        let mut s = Session::new(&repo);
+        s.backup_disk(
+            DiskPlan {
+                name: "sda".into(),
+                source: &src,
+                incremental_parent: None,
+                capture: Capture {
+                    mode: CaptureMode::Full,
+                    bitmap: None,
+                    next_bitmap: None,
+                    reason: None,
+                },
+            },
+            &BackupOptions::default(),
+        )
+        .unwrap();
+        s.commit("vm", ekko::time::now_rfc3339(), None).unwrap();
+        let packs = backend.list("packs/").unwrap().len();
+        (backend.peak.load(Ordering::SeqCst), packs)
+    }
+
+    #[test]
+    fn pack_uploads_overlap_up_to_the_backends_concurrency() {
+        let (peak, packs) = peak_uploads(4);
+        assert!(packs >= 10, "{packs} packs");
+        assert!((2..=4).contains(&peak), "peak of {peak} uploads in flight");
+        let (peak, _) = peak_uploads(1);
+        assert_eq!(peak, 1, "a local folder uploads one pack at a time");
+    }
+}
