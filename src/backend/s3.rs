@@ -29,7 +29,8 @@ use futures::StreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as StorePath;
 use object_store::{
-    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
+    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, PutPayloadMut,
+    RetryConfig,
 };
 
 use super::{Backend, ObjectInfo, ObjectWriter};
@@ -421,12 +422,18 @@ fn env_usize(var: &str) -> Option<usize> {
 
 /// An object being written: bytes are buffered and sent with one PUT at
 /// `commit`. Nothing exists in the store before that.
+///
+/// The buffer is a list of 1 MiB blocks, not one growing `Vec`: a pack
+/// costs its size plus at most one block, never the doubling of a `Vec`,
+/// and a retried PUT resends the same blocks without copying.
 pub struct S3Writer {
     backend: S3Backend,
     name: String,
     path: StorePath,
-    buf: Vec<u8>,
+    buf: PutPayloadMut,
 }
+
+const WRITE_BLOCK: usize = 1 << 20;
 
 impl ObjectWriter for S3Writer {
     fn write(&mut self, data: &[u8]) -> Result<()> {
@@ -435,7 +442,7 @@ impl ObjectWriter for S3Writer {
     }
 
     fn len(&self) -> u64 {
-        u64::try_from(self.buf.len()).expect("usize fits in u64")
+        u64::try_from(self.buf.content_length()).expect("usize fits in u64")
     }
 
     fn commit(self: Box<Self>) -> Result<()> {
@@ -458,7 +465,7 @@ impl Backend for S3Backend {
             backend: self.clone(),
             name: name.to_string(),
             path: self.path(name)?,
-            buf: Vec::new(),
+            buf: PutPayloadMut::new().with_block_size(WRITE_BLOCK),
         }))
     }
 
