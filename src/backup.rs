@@ -279,19 +279,33 @@ impl<'r> Session<'r> {
         let source = plan.source;
         let cancel = &opts.cancel;
 
+        // One uploader for a local folder; several for an object store, to
+        // hide request latency. An object store's writer buffers its pack in
+        // memory, so the count is also bounded by UPLOAD_MEMORY.
+        let per_pack = u64::from(self.repo.config().pack_size).max(1);
+        let by_memory = usize::try_from(UPLOAD_MEMORY / per_pack)
+            .unwrap_or(1)
+            .max(1);
+        let uploads = self.repo.backend().write_concurrency().clamp(1, by_memory);
         let (up_tx, up_rx) = bounded::<PackWriter>(1);
         *self.uploader.lock().expect("uploader lock") = Some(up_tx);
         let result: Result<()> = std::thread::scope(|scope| {
             let this = &*self;
-            let uploader = scope.spawn(move || -> Result<()> {
-                for pack in up_rx {
-                    if let Err(e) = this.store_pack(pack) {
-                        this.uploader.lock().expect("uploader lock").take();
-                        return Err(e);
-                    }
-                }
-                Ok(())
-            });
+            let uploaders: Vec<_> = (0..uploads)
+                .map(|_| {
+                    let up_rx = up_rx.clone();
+                    scope.spawn(move || -> Result<()> {
+                        for pack in up_rx {
+                            if let Err(e) = this.store_pack(pack) {
+                                this.uploader.lock().expect("uploader lock").take();
+                                return Err(e);
+                            }
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            drop(up_rx);
             // Dispatcher: blocks in order, gaps as `Keep`.
             let res_tx_d = res_tx.clone();
             scope.spawn(move || {
@@ -307,7 +321,10 @@ impl<'r> Session<'r> {
             let collected = this.collect(&res_rx, &mut builder, &mut stats, opts, size);
             // Closing the queue ends the uploader once it has stored the rest.
             this.uploader.lock().expect("uploader lock").take();
-            let uploaded = uploader.join().expect("uploader thread panicked");
+            let uploaded = uploaders
+                .into_iter()
+                .map(|u| u.join().expect("uploader thread panicked"))
+                .fold(Ok(()), Result::and);
             collected.and(uploaded)
         });
         result?;
@@ -449,6 +466,9 @@ impl<'r> Session<'r> {
         Ok(snap)
     }
 }
+
+/// Memory for packs being uploaded at once (see `backup_disk`).
+const UPLOAD_MEMORY: u64 = 256 << 20;
 
 /// How far ahead of the workers the dispatcher asks the source to fetch.
 const READ_AHEAD_BYTES: u64 = 32 << 20;

@@ -94,6 +94,13 @@ pub enum Error {
 
     #[error("prune cannot see every reference: {reason}; nothing was deleted. Run `ekko check` and repair the repository first")]
     PruneUnsafe { reason: String },
+    #[error("object store {location}: {op} {name}: {reason}")]
+    Remote {
+        location: String,
+        op: &'static str,
+        name: String,
+        reason: String,
+    },
 
     #[error("index cache: {0}")]
     Cache(String),

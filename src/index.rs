@@ -209,20 +209,31 @@ impl Index {
         let Store::Redb(db) = &self.store else {
             return Ok(());
         };
-        let known: HashSet<String> = {
+        let known: HashMap<String, u64> = {
             let tx = db.begin_read().map_err(cache_err)?;
             match tx.open_table(FILES) {
                 Ok(t) => t
                     .iter()
                     .map_err(cache_err)?
-                    .filter_map(|r| r.ok().map(|(k, _)| k.value().to_string()))
+                    .filter_map(|r| r.ok().map(|(k, v)| (k.value().to_string(), v.value())))
                     .collect(),
-                Err(redb::TableError::TableDoesNotExist(_)) => HashSet::new(),
+                Err(redb::TableError::TableDoesNotExist(_)) => HashMap::new(),
                 Err(e) => return Err(cache_err(e)),
             }
         };
-        let vanished = known.iter().any(|k| !listed.contains_key(k));
-        let new: Vec<&String> = listed.keys().filter(|k| !known.contains(*k)).collect();
+        // A file that is gone, or whose size differs from the one cached
+        // (the cache belongs to another repository with the same id, or a
+        // file was rewritten), makes the cache disagree with the
+        // repository: rebuild it from the index files.
+        let vanished = known
+            .iter()
+            .any(|(k, size)| listed.get(k).is_none_or(|s| s != size));
+        if vanished {
+            tracing::info!(
+                "index cache disagrees with the repository's index files; rebuilding it"
+            );
+        }
+        let new: Vec<&String> = listed.keys().filter(|k| !known.contains_key(*k)).collect();
         if !vanished && new.is_empty() {
             return Ok(());
         }

@@ -32,7 +32,7 @@ pub mod snapshot;
 pub mod source;
 pub mod time;
 
-pub use backend::{Backend, LocalBackend};
+pub use backend::{Backend, LocalBackend, S3Backend};
 pub use error::{Error, Result};
 pub use id::{ChunkId, ObjectId};
 pub use reader::{ChunkCache, DiskReader, Extent, NodeCache};

@@ -16,6 +16,11 @@ use crate::id::ChunkId;
 use crate::repo::Repository;
 use crate::snapshot::{Disk, Snapshot};
 
+/// Chunks of one pack this close together are fetched with one read.
+const COALESCE_GAP: u64 = 256 << 10;
+/// The most one coalesced read fetches.
+const COALESCE_MAX: u64 = 16 << 20;
+
 /// Decoded map nodes, shared by every reader of a repository.
 pub struct NodeCache(quick_cache::sync::Cache<ChunkId, Arc<Vec<ChunkId>>>);
 
@@ -184,6 +189,94 @@ impl DiskReader {
             ));
         }
         Ok(Some(data))
+    }
+
+    /// True when the repository's store answers few large reads much
+    /// faster than many small ones (an object store).
+    pub fn prefers_large_reads(&self) -> bool {
+        self.repo.backend().prefers_large_reads()
+    }
+
+    /// Blocks `from..to` decoded (`None` for holes), without adding them to
+    /// the cache. Chunks that lie close together in one pack are fetched
+    /// with one ranged read: on an object store a request costs far more
+    /// than the bytes, and a restore reads mostly neighbours.
+    pub fn blocks_uncached(&self, from: u64, to: u64) -> Result<Vec<Option<Arc<Vec<u8>>>>> {
+        let to = to.min(self.nchunks());
+        let n = usize::try_from(to.saturating_sub(from))
+            .map_err(|_| Error::Invalid("block range too large".into()))?;
+        let mut out: Vec<Option<Arc<Vec<u8>>>> = vec![None; n];
+        let mut wanted: Vec<(usize, ChunkId, format::Location)> = Vec::new();
+        for (i, idx) in (from..to).enumerate() {
+            let id = self.chunk_id(idx)?;
+            if id.is_zero() {
+                continue;
+            }
+            if let Some(d) = self.chunks.0.get(&id) {
+                out[i] = Some(d);
+                continue;
+            }
+            let loc = self
+                .repo
+                .index()
+                .lookup(&id)?
+                .ok_or(Error::ChunkMissing { id })?;
+            wanted.push((i, id, loc));
+        }
+        wanted.sort_by_key(|(_, _, l)| (l.pack.0, l.offset));
+        let mut start = 0;
+        while start < wanted.len() {
+            let first = &wanted[start].2;
+            let run_start = first.offset;
+            let mut run_end = first.offset.saturating_add(u64::from(first.stored_len));
+            let mut end = start + 1;
+            while let Some((_, _, l)) = wanted.get(end) {
+                let l_end = l.offset.saturating_add(u64::from(l.stored_len));
+                if l.pack != first.pack
+                    || l.offset > run_end.saturating_add(COALESCE_GAP)
+                    || l_end.max(run_end) - run_start > COALESCE_MAX
+                {
+                    break;
+                }
+                run_end = run_end.max(l_end);
+                end += 1;
+            }
+            let run = &wanted[start..end];
+            let fetched = if run.len() > 1 {
+                let pname = crate::pack::pack_name(&first.pack);
+                usize::try_from(run_end - run_start)
+                    .ok()
+                    .and_then(|len| self.repo.backend().get_range(&pname, run_start, len).ok())
+            } else {
+                None
+            };
+            for (i, id, loc) in run {
+                let plain = match &fetched {
+                    Some(buf) => {
+                        let a = usize::try_from(loc.offset - run_start).expect("within run");
+                        let b = a + usize::try_from(loc.stored_len).expect("fits");
+                        self.repo.decode_chunk(id, loc, &buf[a..b])?
+                    }
+                    // One chunk, or the larger read failed: per chunk, so
+                    // that an error names exactly the damaged chunk.
+                    None => self.repo.read_chunk_at(id, loc)?,
+                };
+                out[*i] = Some(Arc::new(plain));
+            }
+            start = end;
+        }
+        for (i, block) in out.iter().enumerate() {
+            let idx = from + u64::try_from(i).expect("fits");
+            if let Some(data) = block {
+                if u64::try_from(data.len()).ok() != Some(self.block_len(idx)) {
+                    return Err(Error::corrupt(
+                        format!("snapshot {} disk {}", self.snapshot_id, self.disk.name),
+                        format!("block {idx} has the wrong length"),
+                    ));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Fill `buf` with the disk's bytes at `offset`. The range must lie

@@ -339,6 +339,12 @@ impl Repository {
         }
     }
 
+    /// Decode a chunk whose sealed bytes were fetched by the caller (for
+    /// example as part of one larger read of its pack).
+    pub fn decode_chunk(&self, id: &ChunkId, loc: &Location, sealed: &[u8]) -> Result<Vec<u8>> {
+        chunk::decode(&self.keys, id, loc, &pack::pack_name(&loc.pack), sealed)
+    }
+
     pub fn read_chunk_at(&self, id: &ChunkId, loc: &Location) -> Result<Vec<u8>> {
         let pname = pack::pack_name(&loc.pack);
         let len = usize::try_from(loc.stored_len).map_err(|_| Error::corrupt(&pname, "length"))?;

@@ -33,7 +33,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::backend::LocalBackend;
 use crate::error::{Error, Result};
 use crate::repo::Repository;
 use crate::snapshot;
@@ -374,7 +373,11 @@ pub fn start(opts: &ServeOptions) -> Result<NbdServer> {
 
 fn start_cancellable(opts: &ServeOptions, cancel: &AtomicBool) -> Result<NbdServer> {
     let plugin = find_plugin(opts.plugin.as_deref())?;
-    let repo_path = absolute(&opts.repo)?;
+    let repo_path = if crate::backend::is_url(opts.repo.as_os_str()) {
+        opts.repo.clone()
+    } else {
+        absolute(&opts.repo)?
+    };
     let passphrase = match &opts.passphrase {
         Some(p) => Some(p.clone()),
         None => crate::secret::from_env(None)?,
@@ -383,7 +386,7 @@ fn start_cancellable(opts: &ServeOptions, cancel: &AtomicBool) -> Result<NbdServ
     // Resolve here, so that a typo fails before nbdkit starts, and so that
     // `VM@latest` names one fixed snapshot for the life of the server.
     let (snap_id, disk) = {
-        let backend = Arc::new(LocalBackend::new(&repo_path));
+        let backend = crate::backend::open(&repo_path)?;
         let pass = passphrase.clone();
         let repo = Repository::open(backend, move || {
             pass.ok_or_else(|| {

@@ -39,7 +39,7 @@ fn live_args(qsd: &Qsd, extra: &[&str]) -> Vec<String> {
 }
 
 /// A live backup that must succeed: its JSON summary and its stderr.
-fn live(env: &Env, qsd: &Qsd, extra: &[&str]) -> (Value, String) {
+pub(crate) fn live(env: &Env, qsd: &Qsd, extra: &[&str]) -> (Value, String) {
     let args = live_args(qsd, extra);
     let out = env.run(&args);
     assert_success(&out, &args);
@@ -94,7 +94,7 @@ impl ChildOutput for Child {
     }
 }
 
-fn disk<'a>(v: &'a Value, name: &str) -> &'a Value {
+pub(crate) fn disk<'a>(v: &'a Value, name: &str) -> &'a Value {
     v["disks"]
         .as_array()
         .unwrap()
@@ -104,14 +104,14 @@ fn disk<'a>(v: &'a Value, name: &str) -> &'a Value {
 }
 
 /// sha256 of each disk, read through the writable exports.
-fn references(qsd: &Qsd, env: &Env, disks: &[&str]) -> Vec<String> {
+pub(crate) fn references(qsd: &Qsd, env: &Env, disks: &[&str]) -> Vec<String> {
     disks
         .iter()
         .map(|d| qsd.reference(d, &env.path(&format!("ref-{d}.raw"))))
         .collect()
 }
 
-fn assert_restores(env: &Env, snap: &str, disks: &[&str], refs: &[String]) {
+pub(crate) fn assert_restores(env: &Env, snap: &str, disks: &[&str], refs: &[String]) {
     for (d, want) in disks.iter().zip(refs) {
         let out = env.restore(snap, d);
         assert_eq!(

@@ -17,7 +17,7 @@ const MIB: u64 = 1 << 20;
 /// Where the ext4 partition starts in the GPT image (sector 2048).
 const PART_OFFSET: u64 = MIB;
 
-fn require_fuse() -> PathBuf {
+pub(crate) fn require_fuse() -> PathBuf {
     for t in ["fusermount3", "sfdisk", "mkfs.ext4", "mount", "umount"] {
         require(t);
     }
@@ -49,14 +49,14 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 }
 
 /// A running `ekko-fuse`; unmounts (whatever state it is in) on drop.
-struct Mounted {
+pub(crate) struct Mounted {
     child: Option<Child>,
     mnt: PathBuf,
     log: PathBuf,
 }
 
 impl Mounted {
-    fn start(env: &Env, mnt: &Path) -> Mounted {
+    pub(crate) fn start(env: &Env, mnt: &Path) -> Mounted {
         let bin = require_fuse();
         fs::create_dir_all(mnt).unwrap();
         let log = env.path(&format!("fuse-{}.log", rand::random::<u32>()));
@@ -67,6 +67,7 @@ impl Mounted {
             .env("EKKO_CACHE_DIR", &env.cache)
             .env_remove("EKKO_PASSWORD_FILE")
             .env("EKKO_LOG", "info")
+            .envs(env.vars.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log).unwrap())
@@ -126,7 +127,7 @@ impl Mounted {
         }
     }
 
-    fn path(&self, rel: &str) -> PathBuf {
+    pub(crate) fn path(&self, rel: &str) -> PathBuf {
         self.mnt.join(rel)
     }
 }

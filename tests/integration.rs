@@ -10,3 +10,4 @@ mod nbd;
 mod capture;
 mod gc;
 mod libvirt;
+mod s3;

@@ -29,9 +29,9 @@ fn require_nbd() {
 }
 
 /// A running `ekko serve-nbd`.
-struct Served {
+pub(crate) struct Served {
     child: Child,
-    uri: String,
+    pub(crate) uri: String,
     socket: Option<PathBuf>,
     log: PathBuf,
 }
@@ -80,7 +80,7 @@ fn serve_with(env: &Env, args: &[&str], tmpdir: Option<&Path>) -> Served {
 }
 
 /// Serve `snap` on a fresh Unix socket.
-fn serve(env: &Env, snap: &str, extra: &[&str]) -> Served {
+pub(crate) fn serve(env: &Env, snap: &str, extra: &[&str]) -> Served {
     let sock = env.path(&format!("nbd-{}.sock", rand::random::<u32>()));
     let mut args = vec![snap, "--socket", sock.to_str().unwrap()];
     args.extend_from_slice(extra);
@@ -125,7 +125,7 @@ impl Served {
 
     /// SIGTERM, as a user's Ctrl-C or a service manager would; then require
     /// a clean exit with nothing left behind.
-    fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         self.assert_running();
         let nbdkit = self.nbdkit_pids();
         assert!(!nbdkit.is_empty(), "no nbdkit child found");
@@ -169,7 +169,7 @@ impl Drop for Served {
     }
 }
 
-fn tool(program: &str, args: &[&str]) -> String {
+pub(crate) fn tool(program: &str, args: &[&str]) -> String {
     let out = run_tool(Command::new(program).args(args));
     String::from_utf8(out.stdout).unwrap()
 }

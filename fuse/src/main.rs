@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 use ekko::backend::Backend;
-use ekko::LocalBackend;
 
 /// Mount an Ekko repository as a read-only file tree:
 /// MOUNTPOINT/<vm>/<time>/<disk>.img, MOUNTPOINT/<vm>/<time>/<disk>/partN/…,
@@ -133,7 +132,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     }
 
     let passphrase = ekko::secret::from_env(cli.password_file.as_deref())?;
-    let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(repo));
+    let backend: Arc<dyn Backend> = ekko::backend::open(repo)
+        .with_context(|| format!("cannot open the repository at {}", repo.display()))?;
     let opts = ekko_fuse::MountOptions {
         threads: cli.threads.max(1),
         cache_bytes: cli.cache_size.saturating_mul(1 << 20),

@@ -29,7 +29,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use ekko::{ChunkCache, DiskReader, Error, LocalBackend, NodeCache, Repository};
+use ekko::{ChunkCache, DiskReader, Error, NodeCache, Repository};
 use nbdkit::{ExtentHandle, ExtentType, Flags, Server, ThreadModel};
 
 /// Decoded-chunk cache shared by all connections, unless `cache=` says
@@ -107,7 +107,8 @@ fn open_export(p: &Params) -> Result<Export, String> {
         .snapshot
         .as_deref()
         .ok_or("missing parameter snapshot=SPEC")?;
-    let backend = Arc::new(LocalBackend::new(repo_path));
+    let backend = ekko::backend::open(repo_path)
+        .map_err(|e| format!("cannot open repository {}: {e}", repo_path.display()))?;
     let password_file = p.password_file.clone();
     let passphrase = move || {
         ekko::secret::from_env(password_file.as_deref())?.ok_or_else(|| {
@@ -168,7 +169,7 @@ impl Server for Connection {
 
     fn config_help() -> Option<&'static str> {
         Some(
-            "repo=<PATH>            (required) Ekko repository directory\n\
+            "repo=<PATH|URL>        (required) Ekko repository directory, or s3://BUCKET/PREFIX\n\
              snapshot=<SPEC>        (required) snapshot id, unique prefix, or VM@latest\n\
              disk=<NAME>            disk of the snapshot (needed if it has several)\n\
              password-file=<FILE>   passphrase file (else EKKO_PASSWORD_FILE / EKKO_PASSWORD)\n\

@@ -6,10 +6,36 @@
 //! relative, `/`-separated paths such as `packs/3f/3f9c….pack`.
 
 mod local;
+mod s3;
 
 pub use local::{LocalBackend, LocalWriter};
+pub use s3::{S3Backend, S3Location, S3Writer};
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::Arc;
 
 use crate::error::Result;
+
+/// True when `location` names an object store (`s3://…`) rather than a
+/// local folder.
+pub fn is_url(location: &OsStr) -> bool {
+    location.to_str().is_some_and(|s| s.starts_with("s3://"))
+}
+
+/// The one place that turns a repository location into a backend:
+/// `s3://BUCKET/PREFIX[?endpoint=…]` opens an [`S3Backend`] (and checks the
+/// bucket and credentials), anything else is a local folder. The CLI, the
+/// FUSE adapter and the NBD plugin all open repositories through it.
+pub fn open(location: impl AsRef<OsStr>) -> Result<Arc<dyn Backend>> {
+    let location = location.as_ref();
+    if is_url(location) {
+        let url = location.to_str().expect("is_url checked UTF-8");
+        Ok(Arc::new(S3Backend::open(S3Location::parse(url)?)?))
+    } else {
+        Ok(Arc::new(LocalBackend::new(Path::new(location))))
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {
@@ -66,4 +92,17 @@ pub trait Backend: Send + Sync {
 
     /// A human-readable location, for messages.
     fn location(&self) -> String;
+
+    /// How many objects a writer should have in flight at once. A local
+    /// disk gains nothing from more than one; an object store needs several
+    /// to hide request latency. Each one costs up to a pack of memory.
+    fn write_concurrency(&self) -> usize {
+        1
+    }
+
+    /// True when one request costs far more than the bytes it moves (an
+    /// object store), so readers should fetch neighbouring chunks together.
+    fn prefers_large_reads(&self) -> bool {
+        false
+    }
 }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use ekko::{LocalBackend, Repository};
+use ekko::Repository;
 
 #[derive(Parser)]
 #[command(
@@ -40,7 +40,7 @@ pub struct Cli {
 
 #[derive(Args, Clone)]
 pub struct Global {
-    /// Repository path.
+    /// Repository: a folder, or s3://BUCKET/PREFIX (see docs/S3.md).
     #[arg(long, env = "EKKO_REPO", global = true)]
     pub repo: Option<PathBuf>,
     /// File holding the passphrase (or set EKKO_PASSWORD).
@@ -121,13 +121,13 @@ pub fn init_logging(verbose: u8, quiet: bool) {
 
 impl Global {
     pub fn repo_path(&self) -> Result<PathBuf> {
-        self.repo
-            .clone()
-            .context("no repository given: pass --repo PATH or set EKKO_REPO")
+        self.repo.clone().context(
+            "no repository given: pass --repo PATH (or s3://BUCKET/PREFIX) or set EKKO_REPO",
+        )
     }
 
     pub fn backend(&self) -> Result<Arc<dyn ekko::Backend>> {
-        Ok(Arc::new(LocalBackend::new(self.repo_path()?)))
+        Ok(ekko::backend::open(self.repo_path()?)?)
     }
 
     /// The passphrase from the environment, a file, or a prompt on a tty.

@@ -19,6 +19,8 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     pub repo: PathBuf,
     pub cache: PathBuf,
+    /// Extra environment for every command (object-store credentials).
+    pub vars: Vec<(String, String)>,
 }
 
 impl Env {
@@ -29,7 +31,12 @@ impl Env {
             .unwrap();
         let repo = dir.path().join("repo");
         let cache = dir.path().join("cache");
-        Env { dir, repo, cache }
+        Env {
+            dir,
+            repo,
+            cache,
+            vars: Vec::new(),
+        }
     }
 
     /// A new, initialised repository (encrypted, default chunk size unless
@@ -52,7 +59,8 @@ impl Env {
             .env("EKKO_PASSWORD", PASSWORD)
             .env("EKKO_CACHE_DIR", &self.cache)
             .env_remove("EKKO_PASSWORD_FILE")
-            .env_remove("EKKO_LOG");
+            .env_remove("EKKO_LOG")
+            .envs(self.vars.iter().map(|(k, v)| (k, v)));
         c
     }
 
