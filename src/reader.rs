@@ -61,13 +61,26 @@ impl quick_cache::Weighter<ChunkId, Arc<Vec<u8>>> for ChunkWeight {
     }
 }
 
+/// Share of the cache for chunks read at least twice. quick_cache's default
+/// (97%) leaves new entries a sliver: once a long sequential read has filled
+/// the cache with chunks read once, each chunk fetched ahead was evicted
+/// before its reader came, and was decoded twice.
+const HOT_SHARE: f64 = 0.5;
+
 impl ChunkCache {
     pub fn new(bytes: u64) -> ChunkCache {
         let items = usize::try_from(bytes / 65536).unwrap_or(1024).max(16);
-        ChunkCache(quick_cache::sync::Cache::with_weighter(
-            items,
-            bytes.max(1 << 20),
+        let options = quick_cache::OptionsBuilder::new()
+            .estimated_items_capacity(items)
+            .weight_capacity(bytes.max(1 << 20))
+            .hot_allocation(HOT_SHARE)
+            .build()
+            .expect("valid cache options");
+        ChunkCache(quick_cache::sync::Cache::with_options(
+            options,
             ChunkWeight,
+            Default::default(),
+            Default::default(),
         ))
     }
 }

@@ -64,7 +64,7 @@ impl Default for MountOptions {
             threads: 8,
             cache_bytes: 256 << 20,
             map_nodes: 8192,
-            read_ahead_chunks: 8,
+            read_ahead_chunks: 16,
             guest_workers: 2,
             kernel_read_ahead_kib: 4 << 10,
         }
@@ -129,14 +129,11 @@ pub fn mount(
     }
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    let raised = fs.kernel_read_ahead_flag();
     let ready = fs.ready_gate();
     let session = fuser::Session::new(fs, mountpoint, &config)?.spawn()?;
-    if is_root
-        && opts.kernel_read_ahead_kib > 0
-        && raise_read_ahead(mountpoint, opts.kernel_read_ahead_kib)
-    {
-        raised.store(true, std::sync::atomic::Ordering::Relaxed);
+    if is_root && opts.kernel_read_ahead_kib > 0 {
+        // For guest files (images use direct I/O and the daemon's read-ahead).
+        raise_read_ahead(mountpoint, opts.kernel_read_ahead_kib);
     }
     ready.open();
     Ok(session)

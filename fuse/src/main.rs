@@ -52,7 +52,7 @@ struct Cli {
     cache_size: u64,
 
     /// Chunks to fetch ahead of a sequential reader (0: off).
-    #[arg(long, value_name = "CHUNKS", default_value_t = 8)]
+    #[arg(long, value_name = "CHUNKS", default_value_t = 16)]
     read_ahead: u64,
 
     /// The kernel's read-ahead for the mount, in KiB (root only; 0: leave
