@@ -98,6 +98,7 @@ on_both_stores!(
     killing_backups_at_random_points_while_prunes_run,
     a_backup_whose_reused_pack_vanished_aborts_without_committing,
     a_marked_pack_that_a_snapshot_came_to_need_is_kept,
+    a_mark_never_comes_due_before_its_grace_period,
 );
 local_only!(
     a_backup_never_deduplicates_against_marked_packs,
@@ -1224,4 +1225,60 @@ fn the_proxy_stopped_mid_prune_is_a_clean_error(store: Store) {
     assert!(r["packs_deleted"].as_u64().unwrap() > 0, "{r}");
     check_read_data(&env);
     assert_eq!(all_restore_exactly(&env, &hashes), 2);
+}
+
+/// Store timestamps may be rounded (Swift's S3 API: up to the next whole
+/// second). A mark written just before a second boundary and a prune whose
+/// lock lands just after it differ by a whole second on the store's clock
+/// though only a fraction of one passed: prune must not take that for a
+/// grace period of 1 s.
+fn a_mark_never_comes_due_before_its_grace_period(store: Store) {
+    let env = new_repo(store, "early");
+    let img = env.path("img");
+    make_image(&img, MIB as u64, &[(0, &random_bytes(41, MIB))]);
+    backup(&env, "a", &img, None);
+    let repo = open_repo(&env);
+    let grace = Duration::from_secs(1);
+    for attempt in 0..3 {
+        // Write the mark just before a second boundary, so that the
+        // prune's lock lands just after it.
+        let target = [900, 930, 960][attempt];
+        let frac = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_millis();
+        std::thread::sleep(Duration::from_millis(u64::from(
+            (1000 + target - frac) % 1000,
+        )));
+        let written = Instant::now();
+        ekko::gc::write_mark(
+            repo.backend().as_ref(),
+            repo.keys(),
+            &ekko::gc::Mark {
+                time: "2026-11-26T00:00:00Z".into(),
+                host: "test".into(),
+                grace_ms: u64::try_from(grace.as_millis()).unwrap(),
+                skew_ms: 0,
+                packs: pack_ids(&env),
+            },
+        )
+        .unwrap();
+        let r = prune(&env, &[]);
+        // The prune's lock came after `written`, and before now.
+        let elapsed = written.elapsed();
+        eprintln!("attempt {attempt}: {:?} after the mark: {r}", elapsed);
+        if elapsed < grace {
+            assert_eq!(
+                r["marks_completed"], 0,
+                "a mark came due {elapsed:?} after it was written, grace {grace:?}: {r}"
+            );
+        }
+        assert_eq!(r["packs_deleted"], 0, "{r}");
+        // Let this mark come due (its packs are referenced: kept).
+        std::thread::sleep(grace + store.resolution() + Duration::from_millis(200));
+        let r = prune(&env, &[]);
+        assert_eq!(r["marks_completed"], 1, "{r}");
+        assert_eq!(r["packs_deleted"], 0, "{r}");
+    }
+    check_read_data(&env);
 }
