@@ -787,6 +787,15 @@ fn mutate(image: &mut [u8], n: u64) {
     }
 }
 
+/// A random instant in the `round`th of `rounds` equal slices of `span`
+/// ms: over the rounds, kills land all along a run, early ones included
+/// (so some surely land before the process is done), whatever the seed.
+fn kill_instant(rng: &mut rand::rngs::StdRng, span: u64, round: u64, rounds: u64) -> Duration {
+    let lo = span * round / rounds;
+    let hi = (span * (round + 1) / rounds).max(lo + 1);
+    Duration::from_millis(rng.gen_range(lo..hi))
+}
+
 fn killing_prune_at_random_points_leaves_a_clean_repository(store: Store) {
     let env = new_repo(store, "killprune");
     let seed: u64 = rand::random();
@@ -831,7 +840,7 @@ fn killing_prune_at_random_points_leaves_a_clean_repository(store: Store) {
     let due = Duration::from_millis(1100) + store.resolution();
     let mut killed = 0;
     let mut finished = 0;
-    for round in 0..10 {
+    for round in 0..10u64 {
         let span = startup + 600;
         let mut child = ekko(&env)
             .args(prune_args)
@@ -839,7 +848,7 @@ fn killing_prune_at_random_points_leaves_a_clean_repository(store: Store) {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.gen_range(0..span)));
+        std::thread::sleep(kill_instant(&mut rng, span, round, 10));
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap(); // SIGKILL, by pid
             killed += 1;
@@ -1050,6 +1059,15 @@ fn killing_backups_at_random_points_while_prunes_run(store: Store) {
     let id = backup(&env, "a", &img, None);
     let span = u64::try_from(t.elapsed().as_millis()).unwrap() + 100;
     hashes.insert(id, sha256_file(&img));
+    // Two more, and old enough that the first round's forget --prune has
+    // garbage to mark and the second's packs to delete, however many of
+    // the backups below the kills cut short.
+    for n in 101..=102 {
+        mutate(&mut image, n);
+        write_file(&img, &image);
+        let id = backup(&env, "a", &img, None);
+        hashes.insert(id, sha256_file(&img));
+    }
     let forget_prune: Vec<String> = [
         "forget",
         "--keep-last",
@@ -1065,6 +1083,7 @@ fn killing_backups_at_random_points_while_prunes_run(store: Store) {
     .map(|s| s.to_string())
     .collect();
     let due = GRACE_DURATION + store.resolution() + Duration::from_millis(200);
+    std::thread::sleep(due);
     let (mut killed, mut committed, mut aborted, mut deleted) = (0, 0, 0, 0u64);
     for round in 1..=6u64 {
         mutate(&mut image, round);
@@ -1085,7 +1104,7 @@ fn killing_backups_at_random_points_while_prunes_run(store: Store) {
         .collect();
         let mut child = spawn(&env, &args);
         let pruner = spawn(&env, &forget_prune);
-        std::thread::sleep(Duration::from_millis(rng.gen_range(0..span)));
+        std::thread::sleep(kill_instant(&mut rng, span, round - 1, 6));
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap(); // SIGKILL, by pid
         }
