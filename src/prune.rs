@@ -144,6 +144,10 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
         Some(l) => l.store_time()?,
         None => SystemTime::now(),
     };
+    // Store timestamps may be rounded (whole seconds on S3): every age
+    // compared with the grace period must exceed it by the rounding, or a
+    // pack could go up to that much before a full grace period has passed.
+    let grace = opts.grace + backend.timestamp_resolution();
     let mut report = PruneReport {
         dry_run: opts.dry_run,
         ..PruneReport::default()
@@ -154,9 +158,13 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     for e in &bad_marks {
         tracing::warn!("ignoring a damaged GC mark (its packs are not deleted): {e}");
     }
-    let (due, pending): (Vec<_>, Vec<_>) = marks
-        .into_iter()
-        .partition(|m| older_than(now, m.modified, m.mark.grace()));
+    let (due, pending): (Vec<_>, Vec<_>) = marks.into_iter().partition(|m| {
+        older_than(
+            now,
+            m.modified,
+            m.mark.grace() + backend.timestamp_resolution(),
+        )
+    });
     let marked: HashSet<ObjectId> = due
         .iter()
         .chain(&pending)
@@ -298,7 +306,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
             continue;
         }
         // Young packs may belong to a backup still running.
-        if !older_than(now, info.modified, opts.grace) {
+        if !older_than(now, info.modified, grace) {
             continue;
         }
         let l = live.get(id).copied().unwrap_or(0);
@@ -443,7 +451,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     }
     let mut pending_times: Vec<SystemTime> = pending
         .iter()
-        .map(|m| m.modified + m.mark.grace())
+        .map(|m| m.modified + m.mark.grace() + backend.timestamp_resolution())
         .collect();
     if !new_marks.is_empty() {
         let mut ids: Vec<String> = new_marks.iter().map(ObjectId::to_hex).collect();
@@ -461,7 +469,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
                 },
             )?;
         }
-        pending_times.push(now + opts.grace);
+        pending_times.push(now + grace);
     }
     report.marks_pending = pending_times.len();
     report.next_deletion = pending_times

@@ -53,7 +53,7 @@ fn swift() -> Swift {
 
 /// A scratch folder whose repository is `s3://BUCKET/t/<tag>-<random>` on
 /// the test Swift, reached through `endpoint`.
-fn s3_env_at(tag: &str, endpoint: &str) -> Env {
+pub(crate) fn s3_env_at(tag: &str, endpoint: &str) -> Env {
     let s = swift();
     let mut e = Env::new();
     e.repo = PathBuf::from(format!(
@@ -65,7 +65,7 @@ fn s3_env_at(tag: &str, endpoint: &str) -> Env {
     e
 }
 
-fn set_endpoint(e: &mut Env, endpoint: &str) {
+pub(crate) fn set_endpoint(e: &mut Env, endpoint: &str) {
     let s = swift();
     e.vars = vec![
         ("AWS_ACCESS_KEY_ID".into(), s.access.clone()),
@@ -75,12 +75,12 @@ fn set_endpoint(e: &mut Env, endpoint: &str) {
     ];
 }
 
-fn s3_env(tag: &str) -> Env {
+pub(crate) fn s3_env(tag: &str) -> Env {
     s3_env_at(tag, &swift().endpoint)
 }
 
 /// The repository's objects, opened in this process.
-fn backend(env: &Env) -> S3Backend {
+pub(crate) fn backend(env: &Env) -> S3Backend {
     let s = swift();
     let mut loc = S3Location::parse(env.repo.to_str().unwrap()).unwrap();
     loc.endpoint = Some(s.endpoint.clone());
@@ -352,13 +352,13 @@ fn s3_killed_backups_then_next_run_succeeds() {
 }
 
 /// A proxy of our own (same storage, another port) that the test may stop.
-struct Proxy {
+pub(crate) struct Proxy {
     pid: i32,
-    endpoint: String,
+    pub(crate) endpoint: String,
     stopped: std::cell::Cell<bool>,
 }
 
-fn start_proxy(name: &str) -> Proxy {
+pub(crate) fn start_proxy(name: &str) -> Proxy {
     let dir = swift()
         .dir
         .unwrap_or_else(|| PathBuf::from(var("EKKO_TEST_SWIFT_DIR")));
@@ -387,7 +387,7 @@ fn start_proxy(name: &str) -> Proxy {
 
 impl Proxy {
     /// Stop it once (never signal a pid that may have been reused since).
-    fn stop(&self) {
+    pub(crate) fn stop(&self) {
         if !self.stopped.replace(true) {
             // SAFETY: kill(2) on the proxy this test started (its pid).
             unsafe { libc::kill(self.pid, libc::SIGKILL) };

@@ -105,4 +105,14 @@ pub trait Backend: Send + Sync {
     fn prefers_large_reads(&self) -> bool {
         false
     }
+
+    /// How coarse the `modified` timestamps of a listing may be: a listed
+    /// time may be up to this much later (rounded up) or earlier (rounded
+    /// down) than when the store took the object. Two timestamps then
+    /// differ from the true interval by less than this. Garbage collection
+    /// adds it to every age it requires, so that a grace period is never
+    /// cut short by rounding. A local filesystem has nanoseconds.
+    fn timestamp_resolution(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }

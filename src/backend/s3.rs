@@ -597,6 +597,12 @@ impl Backend for S3Backend {
     fn prefers_large_reads(&self) -> bool {
         true
     }
+
+    /// S3 listings give `LastModified` in whole seconds (`.000Z`), and
+    /// Swift's `s3api` rounds its timestamps *up* to the next second.
+    fn timestamp_resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
 }
 
 #[cfg(test)]
