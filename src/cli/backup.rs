@@ -297,25 +297,15 @@ fn run_domain(g: &Global, a: &BackupArgs, domain: String) -> Result<ExitCode> {
         .iter()
         .map(|(t, r)| json!({ "name": t, "reason": r }))
         .collect();
-    let bars: Mutex<Vec<indicatif::ProgressBar>> = Mutex::new(Vec::new());
-    let progress = |d: &libvirt::PlannedDisk| -> Option<Progress> {
-        let mut bars = bars.lock().expect("progress bars");
-        if let Some(prev) = bars.last() {
-            prev.finish_and_clear();
-        }
-        let pb = super::progress_bar(g, d.size, &d.name);
-        bars.push(pb.clone());
-        Some(Arc::new(move |n| pb.set_position(n)))
-    };
+    let bars = DiskBars::default();
+    let progress = |d: &libvirt::PlannedDisk| bars.next(g, d.size, &d.name);
     let bopts = BackupOptions {
         threads: a.threads,
         cancel: Arc::clone(&cancel),
         progress: None,
     };
     let result = prepared.run(&bopts, &progress);
-    for pb in bars.lock().expect("progress bars").iter() {
-        pb.finish_and_clear();
-    }
+    bars.finish();
     let report = result.map_err(domain_error)?;
     if !g.quiet {
         for w in &report.warnings {
@@ -385,25 +375,15 @@ fn run_live(g: &Global, a: &BackupArgs, qmp: PathBuf) -> Result<ExitCode> {
             }
         }
     }
-    let bars: Mutex<Vec<indicatif::ProgressBar>> = Mutex::new(Vec::new());
-    let progress = |d: &capture::PlannedDisk| -> Option<Progress> {
-        let mut bars = bars.lock().expect("progress bars");
-        if let Some(prev) = bars.last() {
-            prev.finish_and_clear();
-        }
-        let pb = super::progress_bar(g, d.size, &d.name);
-        bars.push(pb.clone());
-        Some(Arc::new(move |n| pb.set_position(n)))
-    };
+    let bars = DiskBars::default();
+    let progress = |d: &capture::PlannedDisk| bars.next(g, d.size, &d.name);
     let bopts = BackupOptions {
         threads: a.threads,
         cancel: Arc::clone(&cancel),
         progress: None,
     };
     let result = live.run(&bopts, &progress);
-    for pb in bars.lock().expect("progress bars").iter() {
-        pb.finish_and_clear();
-    }
+    bars.finish();
     let report = result.map_err(live_error)?;
     if !g.quiet {
         for w in &report.warnings {
@@ -589,4 +569,27 @@ fn decide(
         );
     }
     (true, None)
+}
+
+/// One progress bar per disk of a capture, shown one after the other.
+#[derive(Default)]
+struct DiskBars(Mutex<Vec<indicatif::ProgressBar>>);
+
+impl DiskBars {
+    /// A bar for the next disk; the previous one is cleared.
+    fn next(&self, g: &super::Global, size: u64, name: &str) -> Option<Progress> {
+        let mut bars = self.0.lock().expect("progress bars");
+        if let Some(prev) = bars.last() {
+            prev.finish_and_clear();
+        }
+        let pb = super::progress_bar(g, size, name);
+        bars.push(pb.clone());
+        Some(Arc::new(move |n| pb.set_position(n)))
+    }
+
+    fn finish(&self) {
+        for pb in self.0.lock().expect("progress bars").iter() {
+            pb.finish_and_clear();
+        }
+    }
 }
