@@ -26,16 +26,7 @@ impl LocalBackend {
     }
 
     fn path(&self, name: &str) -> Result<PathBuf> {
-        // Names come from our own code or from listings, but a damaged index
-        // must never make us touch files outside the repository.
-        if name.is_empty()
-            || name.starts_with('/')
-            || name
-                .split('/')
-                .any(|p| p.is_empty() || p == "." || p == "..")
-        {
-            return Err(Error::Invalid(format!("bad object name {name:?}")));
-        }
+        super::check_name(name)?;
         Ok(self.root.join(name))
     }
 }

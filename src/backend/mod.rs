@@ -46,6 +46,23 @@ pub struct ObjectInfo {
     pub modified: std::time::SystemTime,
 }
 
+/// Refuse a name that is not a plain relative path (empty, absolute, or
+/// with empty, `.` or `..` parts). Names come from our own code or from
+/// listings, but a damaged index must never reach outside the repository.
+pub fn check_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.starts_with('/')
+        || name
+            .split('/')
+            .any(|p| p.is_empty() || p == "." || p == "..")
+    {
+        return Err(crate::error::Error::Invalid(format!(
+            "bad object name {name:?}"
+        )));
+    }
+    Ok(())
+}
+
 /// An object being written. Nothing is visible under its name until
 /// `commit` returns; dropping it uncommitted leaves no trace.
 pub trait ObjectWriter: Send {

@@ -333,14 +333,7 @@ impl S3Backend {
     }
 
     fn path(&self, name: &str) -> Result<StorePath> {
-        if name.is_empty()
-            || name.starts_with('/')
-            || name
-                .split('/')
-                .any(|p| p.is_empty() || p == "." || p == "..")
-        {
-            return Err(Error::Invalid(format!("bad object name {name:?}")));
-        }
+        super::check_name(name)?;
         let full = if self.inner.loc.prefix.is_empty() {
             name.to_string()
         } else {
