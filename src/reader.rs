@@ -12,14 +12,12 @@ use std::sync::Arc;
 use crate::blockmap::{self, NodeSource};
 use crate::error::{Error, Result};
 use crate::format;
-use crate::id::ChunkId;
+use crate::id::{ChunkId, ObjectId};
 use crate::repo::Repository;
 use crate::snapshot::{Disk, Snapshot};
 
 /// Chunks of one pack this close together are fetched with one read.
 const COALESCE_GAP: u64 = 256 << 10;
-/// The most one coalesced read fetches.
-const COALESCE_MAX: u64 = 16 << 20;
 
 /// Decoded map nodes, shared by every reader of a repository.
 pub struct NodeCache(quick_cache::sync::Cache<ChunkId, Arc<Vec<ChunkId>>>);
@@ -83,6 +81,29 @@ impl ChunkCache {
             Default::default(),
         ))
     }
+}
+
+/// Neighbouring chunks of one pack, fetched with one ranged read, and the
+/// blocks of the disk they fill. See `DiskReader::plan`.
+pub struct PackRun {
+    pack: ObjectId,
+    /// Byte range of the pack: from the first chunk to the end of the last.
+    start: u64,
+    end: u64,
+    blocks: Vec<(u64, ChunkId, format::Location)>,
+}
+
+impl PackRun {
+    /// Bytes fetched by one read of this run.
+    pub fn fetch_len(&self) -> u64 {
+        self.end - self.start
+    }
+}
+
+/// Blocks of a range of a disk: data in pack runs, and holes.
+pub struct ReadPlan {
+    pub runs: Vec<PackRun>,
+    pub holes: Vec<u64>,
 }
 
 /// A contiguous run of a disk that is either data or a hole.
@@ -210,23 +231,19 @@ impl DiskReader {
         self.repo.backend().prefers_large_reads()
     }
 
-    /// Blocks `from..to` decoded (`None` for holes), without adding them to
-    /// the cache. Chunks that lie close together in one pack are fetched
-    /// with one ranged read: on an object store a request costs far more
-    /// than the bytes, and a restore reads mostly neighbours.
-    pub fn blocks_uncached(&self, from: u64, to: u64) -> Result<Vec<Option<Arc<Vec<u8>>>>> {
+    /// Plan the reads of blocks `from..to`: holes, and data blocks grouped
+    /// into runs of neighbouring chunks of one pack, each fetched with one
+    /// ranged read of at most `max_run` bytes. On an object store a request
+    /// costs far more than its bytes, and a restore reads mostly neighbours.
+    /// The chunk cache is bypassed (a one-pass reader would only churn it).
+    pub fn plan(&self, from: u64, to: u64, max_run: u64) -> Result<ReadPlan> {
         let to = to.min(self.nchunks());
-        let n = usize::try_from(to.saturating_sub(from))
-            .map_err(|_| Error::Invalid("block range too large".into()))?;
-        let mut out: Vec<Option<Arc<Vec<u8>>>> = vec![None; n];
-        let mut wanted: Vec<(usize, ChunkId, format::Location)> = Vec::new();
-        for (i, idx) in (from..to).enumerate() {
+        let mut holes = Vec::new();
+        let mut wanted: Vec<(u64, ChunkId, format::Location)> = Vec::new();
+        for idx in from..to {
             let id = self.chunk_id(idx)?;
             if id.is_zero() {
-                continue;
-            }
-            if let Some(d) = self.chunks.0.get(&id) {
-                out[i] = Some(d);
+                holes.push(idx);
                 continue;
             }
             let loc = self
@@ -234,62 +251,73 @@ impl DiskReader {
                 .index()
                 .lookup(&id)?
                 .ok_or(Error::ChunkMissing { id })?;
-            wanted.push((i, id, loc));
+            wanted.push((idx, id, loc));
         }
         wanted.sort_by_key(|(_, _, l)| (l.pack.0, l.offset));
-        let mut start = 0;
-        while start < wanted.len() {
-            let first = &wanted[start].2;
-            let run_start = first.offset;
-            let mut run_end = first.offset.saturating_add(u64::from(first.stored_len));
-            let mut end = start + 1;
-            while let Some((_, _, l)) = wanted.get(end) {
-                let l_end = l.offset.saturating_add(u64::from(l.stored_len));
-                if l.pack != first.pack
-                    || l.offset > run_end.saturating_add(COALESCE_GAP)
-                    || l_end.max(run_end) - run_start > COALESCE_MAX
+        let mut runs: Vec<PackRun> = Vec::new();
+        for (idx, id, loc) in wanted {
+            let l_end = loc.offset.saturating_add(u64::from(loc.stored_len));
+            if let Some(run) = runs.last_mut() {
+                if run.pack == loc.pack
+                    && loc.offset <= run.end.saturating_add(COALESCE_GAP)
+                    && l_end.max(run.end) - run.start <= max_run
                 {
-                    break;
+                    run.end = run.end.max(l_end);
+                    run.blocks.push((idx, id, loc));
+                    continue;
                 }
-                run_end = run_end.max(l_end);
-                end += 1;
             }
-            let run = &wanted[start..end];
-            let fetched = if run.len() > 1 {
-                let pname = crate::pack::pack_name(&first.pack);
-                usize::try_from(run_end - run_start)
-                    .ok()
-                    .and_then(|len| self.repo.backend().get_range(&pname, run_start, len).ok())
-            } else {
-                None
+            runs.push(PackRun {
+                pack: loc.pack,
+                start: loc.offset,
+                end: l_end,
+                blocks: vec![(idx, id, loc)],
+            });
+        }
+        Ok(ReadPlan { runs, holes })
+    }
+
+    /// The stored bytes of `run` in one ranged read, or `None` when the run
+    /// is a single chunk or the read failed: `decode_run` then reads chunk
+    /// by chunk, so that an error names exactly the damaged chunk.
+    pub fn fetch_run(&self, run: &PackRun) -> Option<Vec<u8>> {
+        if run.blocks.len() < 2 {
+            return None;
+        }
+        let len = usize::try_from(run.end - run.start).ok()?;
+        self.repo
+            .backend()
+            .get_range(&crate::pack::pack_name(&run.pack), run.start, len)
+            .ok()
+    }
+
+    /// Decode the blocks of `run` from `fetched` (see `fetch_run`), handing
+    /// each to `each` with its block index.
+    pub fn decode_run(
+        &self,
+        run: &PackRun,
+        fetched: Option<&[u8]>,
+        mut each: impl FnMut(u64, Vec<u8>) -> Result<()>,
+    ) -> Result<()> {
+        for (idx, id, loc) in &run.blocks {
+            let sealed = fetched.and_then(|buf| {
+                let a = usize::try_from(loc.offset - run.start).ok()?;
+                let b = a.checked_add(usize::try_from(loc.stored_len).ok()?)?;
+                buf.get(a..b)
+            });
+            let plain = match sealed {
+                Some(sealed) => self.repo.decode_chunk(id, loc, sealed)?,
+                None => self.repo.read_chunk_at(id, loc)?,
             };
-            for (i, id, loc) in run {
-                let plain = match &fetched {
-                    Some(buf) => {
-                        let a = usize::try_from(loc.offset - run_start).expect("within run");
-                        let b = a + usize::try_from(loc.stored_len).expect("fits");
-                        self.repo.decode_chunk(id, loc, &buf[a..b])?
-                    }
-                    // One chunk, or the larger read failed: per chunk, so
-                    // that an error names exactly the damaged chunk.
-                    None => self.repo.read_chunk_at(id, loc)?,
-                };
-                out[*i] = Some(Arc::new(plain));
+            if u64::try_from(plain.len()).ok() != Some(self.block_len(*idx)) {
+                return Err(Error::corrupt(
+                    format!("snapshot {} disk {}", self.snapshot_id, self.disk.name),
+                    format!("block {idx} has the wrong length"),
+                ));
             }
-            start = end;
+            each(*idx, plain)?;
         }
-        for (i, block) in out.iter().enumerate() {
-            let idx = from + u64::try_from(i).expect("fits");
-            if let Some(data) = block {
-                if u64::try_from(data.len()).ok() != Some(self.block_len(idx)) {
-                    return Err(Error::corrupt(
-                        format!("snapshot {} disk {}", self.snapshot_id, self.disk.name),
-                        format!("block {idx} has the wrong length"),
-                    ));
-                }
-            }
-        }
-        Ok(out)
+        Ok(())
     }
 
     /// Fill `buf` with the disk's bytes at `offset`. The range must lie

@@ -71,6 +71,43 @@ fn restore_equals_source_for_many_kinds_of_image() {
     env.ok(&["check", "--read-data"]);
 }
 
+/// Restore onto a real block device (a loop device) that holds garbage:
+/// holes must be written as zeros there, not skipped.
+#[test]
+fn restore_onto_a_block_device_overwrites_holes_with_zeros() {
+    require("losetup");
+    let env = Env::init(&["--chunk-size", "64K"]);
+    let size = 12 * MIB;
+    let img = env.path("src.img");
+    make_image(
+        &img,
+        size,
+        &[
+            (100_000, &random_bytes(30, 700_000)),
+            (6 * MIB, &text_bytes(31, MIB as usize)),
+            (size - 4096, &random_bytes(32, 4096)),
+        ],
+    );
+    let id = env.backup("dev", &[("sda", &img)]);
+    let backing = env.path("device.raw");
+    fs::write(&backing, vec![0xA5u8; usize::try_from(size).unwrap()]).unwrap();
+    let out = run_tool(
+        Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&backing),
+    );
+    let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let _detach = Detach(dev.clone());
+    env.ok(&["restore", &id, "--disk", "sda", "--to", &dev]);
+    assert_eq!(sha256_file(std::path::Path::new(&dev)), sha256_file(&img));
+}
+
 #[test]
 fn qcow2_through_real_qemu_nbd() {
     require("qemu-img");

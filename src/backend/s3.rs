@@ -481,7 +481,7 @@ impl Backend for S3Backend {
         let range: Range<u64> = offset..end;
         let r = self.block_on(async { self.inner.store.get_range(&path, range).await });
         match r {
-            Ok(b) if b.len() == len => Ok(b.to_vec()),
+            Ok(b) if b.len() == len => Ok(Vec::from(b)),
             Ok(b) => Err(Error::corrupt(
                 name,
                 format!(
