@@ -277,13 +277,10 @@ impl DiskReader {
         Ok(ReadPlan { runs, holes })
     }
 
-    /// The stored bytes of `run` in one ranged read, or `None` when the run
-    /// is a single chunk or the read failed: `decode_run` then reads chunk
-    /// by chunk, so that an error names exactly the damaged chunk.
+    /// The stored bytes of `run` in one ranged read, or `None` when the read
+    /// failed: `decode_run` then reads chunk by chunk, so that an error
+    /// names exactly the damaged chunk.
     pub fn fetch_run(&self, run: &PackRun) -> Option<Vec<u8>> {
-        if run.blocks.len() < 2 {
-            return None;
-        }
         let len = usize::try_from(run.end - run.start).ok()?;
         self.repo
             .backend()

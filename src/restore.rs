@@ -34,6 +34,24 @@ struct Pipeline {
     max_run: u64,
 }
 
+/// Bytes written between two requests to start writeback (see
+/// `start_writeback`).
+const WRITEBACK_EVERY: u64 = 64 << 20;
+
+/// Ask the kernel to start writing the file's dirty pages now, without
+/// waiting for them. Otherwise they pile up in the page cache (gigabytes on
+/// a large host) and the final `fsync` writes them all while nothing else
+/// runs: 0.36 s of a 1.75 s restore of 1.35 GB here.
+fn start_writeback(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range on a valid descriptor with a whole-file range
+    // only schedules I/O; its failure (e.g. on a filesystem without it)
+    // costs nothing but the early start, and `sync_all` still runs.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
 /// Blocks planned at once: a window of the disk, sorted into pack runs.
 const WINDOW_BYTES: u64 = 256 << 20;
 
@@ -126,9 +144,16 @@ pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Res
             p(d);
         }
     };
+    let written = AtomicU64::new(0);
     let write = |idx: u64, buf: &[u8]| -> Result<()> {
         file.write_all_at(buf, idx * cs)
-            .map_err(|e| Error::io(to, e))
+            .map_err(|e| Error::io(to, e))?;
+        let n = u64::try_from(buf.len()).expect("fits");
+        let before = written.fetch_add(n, Ordering::Relaxed);
+        if before / WRITEBACK_EVERY != (before + n) / WRITEBACK_EVERY {
+            start_writeback(&file);
+        }
+        Ok(())
     };
     let (fail, stopped, advance, write, data) = (&fail, &stopped, &advance, &write, &data);
     std::thread::scope(|scope| {

@@ -525,6 +525,39 @@ fn s3_four_concurrent_first_backups_race_on_the_same_chunks() {
         grew <= DELTA as u64 + 2 * MIB,
         "the fifth clone stored {grew} bytes"
     );
+    // The extra copies of the base are garbage: two prunes a grace period
+    // apart (mark, then delete) bring the store back to about one base and
+    // five deltas, and every snapshot still restores exactly.
+    let prune = ["prune", "--grace", "2s", "--clock-skew", "0s"];
+    env.ok(&prune);
+    std::thread::sleep(Duration::from_secs(4));
+    env.ok(&prune);
+    let after = stored_pack_bytes(&env);
+    eprintln!(
+        "after prune: {after} bytes (one base {BASE}, five deltas {})",
+        5 * DELTA
+    );
+    assert!(
+        after <= (BASE + 5 * DELTA) as u64 + 4 * MIB,
+        "prune left {after} bytes of packs"
+    );
+    env.ok(&["check", "--read-data"]);
+    let fifth = env.ok(&["snapshots", "--vm", "vm4", "--json"]);
+    let fifth: serde_json::Value = serde_json::from_str(&fifth).unwrap();
+    let fifth = fifth[0]["id"].as_str().unwrap().to_string();
+    for (snap, img) in ids
+        .iter()
+        .zip(hosts.iter().map(|(_, img)| img))
+        .chain([(&fifth, &img)])
+    {
+        let out = env.restore(snap, "sda");
+        assert_eq!(
+            sha256_file(&out),
+            sha256_file(img),
+            "restore of {snap} after prune"
+        );
+        fs::remove_file(out).unwrap();
+    }
 }
 
 /// The local index cache is only a cache: cold, deleted, damaged, or stale
