@@ -3,8 +3,13 @@
 //! Adding objects never needs a lock: names are random and nothing is
 //! modified. Operations that delete (prune, index rebuild) take an exclusive
 //! lock, and backups take a shared one so that a deleter can see them. A lock
-//! is an object `locks/<id>` naming its holder; it is removed on release. A
-//! lock whose process is gone on this host is stale and ignored.
+//! is an object `locks/<id>` naming its holder; it is removed on release.
+//!
+//! A holder rewrites its lock every `REFRESH_EVERY`, so the store's
+//! timestamp of a live lock is never older than that. A lock is **stale**
+//! when its process is gone on this host, or when the store has not seen it
+//! rewritten for `STALE_AFTER` (its holder died, on any host). Stale locks
+//! are ignored, and `ekko unlock` removes them.
 //!
 //! Prune and forget take a *GC* lock: it excludes other GC locks and the
 //! exclusive lock, but not backups, which run alongside prune safely
@@ -12,6 +17,11 @@
 //! courtesy between deleters; safety never rests on a listing being
 //! current).
 
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
@@ -49,19 +59,66 @@ pub struct LockInfo {
     pub purpose: String,
 }
 
-pub struct Lock<'a> {
-    backend: &'a dyn Backend,
+/// How often a holder rewrites its lock.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(5 * 60);
+/// A lock the store has not seen rewritten for this long is stale: six
+/// missed refreshes, far more than any clock skew or listing delay.
+pub const STALE_AFTER: Duration = Duration::from_secs(30 * 60);
+
+/// The refresh interval: `REFRESH_EVERY`, or `EKKO_LOCK_REFRESH_SECS` (for
+/// tests, which cannot wait minutes).
+fn refresh_every() -> Duration {
+    std::env::var("EKKO_LOCK_REFRESH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(REFRESH_EVERY, Duration::from_secs)
+}
+
+/// A held lock: rewritten every `REFRESH_EVERY` by a thread of its own,
+/// removed on drop.
+pub struct Lock {
+    backend: Arc<dyn Backend>,
     name: String,
+    refresher: Option<(Sender<()>, JoinHandle<()>)>,
 }
 
-fn alive(info: &LockInfo) -> bool {
-    if info.host != crate::time::hostname() {
-        return true; // cannot tell: assume it is
+/// A lock found in the repository.
+pub struct Found {
+    pub name: String,
+    pub info: LockInfo,
+    /// The store's timestamp of its last write.
+    pub modified: SystemTime,
+}
+
+impl Found {
+    /// Why this lock is stale at the store's time `now`, or `None` if its
+    /// holder may still be running.
+    pub fn stale(&self, now: SystemTime) -> Option<String> {
+        if self.info.host == crate::time::hostname()
+            && !std::path::Path::new(&format!("/proc/{}", self.info.pid)).exists()
+        {
+            return Some(format!("process {} is gone on this host", self.info.pid));
+        }
+        let age = now.duration_since(self.modified).unwrap_or_default();
+        (age > STALE_AFTER).then(|| {
+            format!(
+                "not refreshed for {} min (a live holder refreshes every {} min)",
+                age.as_secs() / 60,
+                REFRESH_EVERY.as_secs() / 60
+            )
+        })
     }
-    std::path::Path::new(&format!("/proc/{}", info.pid)).exists()
+
+    pub fn holder(&self) -> String {
+        format!(
+            "{} (pid {} on {}, since {})",
+            self.info.purpose, self.info.pid, self.info.host, self.info.time
+        )
+    }
 }
 
-fn read_locks(backend: &dyn Backend, keys: &Keys) -> Result<Vec<(String, LockInfo)>> {
+/// Every lock in the repository. Locks that vanish while listed are skipped.
+pub fn list(backend: &dyn Backend, keys: &Keys) -> Result<Vec<Found>> {
     let mut out = Vec::new();
     for o in backend.list("locks/")? {
         let Ok(data) = backend.get(&o.name) else {
@@ -70,13 +127,27 @@ fn read_locks(backend: &dyn Backend, keys: &Keys) -> Result<Vec<(String, LockInf
         let body = format::open_file(keys, MAGIC_LOCK, "lock", &o.name, &data)?;
         let info: LockInfo =
             serde_json::from_slice(&body).map_err(|e| Error::corrupt(&o.name, e.to_string()))?;
-        out.push((o.name, info));
+        out.push(Found {
+            name: o.name,
+            info,
+            modified: o.modified,
+        });
     }
     Ok(out)
 }
 
-impl<'a> Lock<'a> {
-    fn write(backend: &'a dyn Backend, keys: &Keys, kind: Kind, purpose: &str) -> Result<Lock<'a>> {
+/// The store's clock now, as well as a client can tell from a listing that
+/// includes an object it just wrote: the newest timestamp in it.
+fn store_now(locks: &[Found]) -> SystemTime {
+    locks
+        .iter()
+        .map(|l| l.modified)
+        .max()
+        .unwrap_or_else(SystemTime::now)
+}
+
+impl Lock {
+    fn write(backend: &Arc<dyn Backend>, keys: &Keys, kind: Kind, purpose: &str) -> Result<Lock> {
         let info = LockInfo {
             exclusive: kind == Kind::Exclusive,
             gc: kind == Kind::Gc,
@@ -87,44 +158,72 @@ impl<'a> Lock<'a> {
         };
         let name = format!("locks/{}", ObjectId::random());
         let body = serde_json::to_vec(&info).expect("serializable");
-        backend.put(&name, &format::seal_file(keys, MAGIC_LOCK, &name, &body))?;
-        Ok(Lock { backend, name })
-    }
-
-    fn conflict(backend: &dyn Backend, keys: &Keys, me: Option<&str>, want: Kind) -> Result<()> {
-        for (name, info) in read_locks(backend, keys)? {
-            if Some(name.as_str()) == me || !alive(&info) {
-                continue;
+        let sealed = format::seal_file(keys, MAGIC_LOCK, &name, &body);
+        backend.put(&name, &sealed)?;
+        let (stop, stopped) = bounded::<()>(0);
+        let every = refresh_every();
+        let refresher = {
+            let (backend, name) = (Arc::clone(backend), name.clone());
+            std::thread::Builder::new()
+                .name("ekko-lock".into())
+                .spawn(move || loop {
+                    match stopped.recv_timeout(every) {
+                        Err(RecvTimeoutError::Timeout) => {
+                            if let Err(e) = backend.put(&name, &sealed) {
+                                tracing::warn!("could not refresh lock {name}: {e}");
+                            }
+                        }
+                        _ => return,
+                    }
+                })
+        };
+        let refresher = match refresher {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = backend.delete(&name);
+                return Err(Error::Invalid(format!("lock refresher thread: {e}")));
             }
-            if want.conflicts_with(&info) {
-                return Err(Error::Locked {
-                    holder: format!(
-                        "{} (pid {} on {}, since {})",
-                        info.purpose, info.pid, info.host, info.time
-                    ),
-                    name,
-                });
-            }
-        }
-        Ok(())
+        };
+        Ok(Lock {
+            backend: Arc::clone(backend),
+            name,
+            refresher: Some((stop, refresher)),
+        })
     }
 
     /// A shared lock: fails only if a deleting operation holds the repository.
-    pub fn shared(backend: &'a dyn Backend, keys: &Keys, purpose: &str) -> Result<Lock<'a>> {
+    pub fn shared(backend: &Arc<dyn Backend>, keys: &Keys, purpose: &str) -> Result<Lock> {
         Self::take(backend, keys, Kind::Shared, purpose)
     }
 
     /// A GC lock: one deleter at a time; backups go on.
-    pub fn gc(backend: &'a dyn Backend, keys: &Keys, purpose: &str) -> Result<Lock<'a>> {
+    pub fn gc(backend: &Arc<dyn Backend>, keys: &Keys, purpose: &str) -> Result<Lock> {
         Self::take(backend, keys, Kind::Gc, purpose)
     }
 
-    fn take(backend: &'a dyn Backend, keys: &Keys, kind: Kind, purpose: &str) -> Result<Lock<'a>> {
-        Self::conflict(backend, keys, None, kind)?;
+    /// An exclusive lock.
+    pub fn exclusive(backend: &Arc<dyn Backend>, keys: &Keys, purpose: &str) -> Result<Lock> {
+        Self::take(backend, keys, Kind::Exclusive, purpose)
+    }
+
+    /// Write the lock, then look for conflicting live locks; on conflict,
+    /// remove it again (on drop), so that of two racing lockers at least
+    /// one backs off. Stale locks are judged by the store's clock, read
+    /// from the timestamp it gave the new lock.
+    fn take(backend: &Arc<dyn Backend>, keys: &Keys, kind: Kind, purpose: &str) -> Result<Lock> {
         let l = Self::write(backend, keys, kind, purpose)?;
-        if let Err(e) = Self::conflict(backend, keys, Some(&l.name), kind) {
-            drop(l);
-            return Err(e);
+        let locks = list(backend.as_ref(), keys)?;
+        let now = store_now(&locks);
+        for other in &locks {
+            if other.name == l.name || other.stale(now).is_some() {
+                continue;
+            }
+            if kind.conflicts_with(&other.info) {
+                return Err(Error::Locked {
+                    holder: other.holder(),
+                    name: other.name.clone(),
+                });
+            }
         }
         Ok(l)
     }
@@ -134,7 +233,7 @@ impl<'a> Lock<'a> {
     }
 
     /// The store's clock now, or a little before: the timestamp the store
-    /// gave this lock object when it was written.
+    /// gave this lock object when it was last written.
     pub fn store_time(&self) -> Result<std::time::SystemTime> {
         self.backend
             .list("locks/")?
@@ -145,16 +244,70 @@ impl<'a> Lock<'a> {
                 name: self.name.clone(),
             })
     }
-
-    /// An exclusive lock: checked before and after writing it, so that of two
-    /// racing lockers at least one backs off.
-    pub fn exclusive(backend: &'a dyn Backend, keys: &Keys, purpose: &str) -> Result<Lock<'a>> {
-        Self::take(backend, keys, Kind::Exclusive, purpose)
-    }
 }
 
-impl Drop for Lock<'_> {
+/// What `unlock` did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct UnlockReport {
+    /// Removed locks.
+    pub removed: Vec<UnlockedLock>,
+    /// Locks left because their holders may still be running.
+    pub live: Vec<UnlockedLock>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct UnlockedLock {
+    pub name: String,
+    pub holder: String,
+    /// Why it was removed (empty for a live lock).
+    pub reason: String,
+}
+
+/// Remove stale locks, or with `all` every lock (the caller asserts that no
+/// ekko process uses the repository).
+pub fn unlock(backend: &Arc<dyn Backend>, keys: &Keys, all: bool) -> Result<UnlockReport> {
+    // A lock of our own (shared: it conflicts with nothing that unlock
+    // removes) gives the store's clock by the timestamp the store gives it.
+    let me = Lock::write(backend, keys, Kind::Shared, "unlock")?;
+    let locks = list(backend.as_ref(), keys)?;
+    let now = store_now(&locks);
+    let mut report = UnlockReport::default();
+    for l in locks {
+        if l.name == me.name {
+            continue;
+        }
+        let reason = match l.stale(now) {
+            Some(why) => why,
+            None if all => "--remove-all".to_string(),
+            None => {
+                report.live.push(UnlockedLock {
+                    holder: l.holder(),
+                    name: l.name,
+                    reason: String::new(),
+                });
+                continue;
+            }
+        };
+        match backend.delete(&l.name) {
+            Ok(()) | Err(Error::NotFound { .. }) => report.removed.push(UnlockedLock {
+                holder: l.holder(),
+                name: l.name,
+                reason,
+            }),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(report)
+}
+
+impl Drop for Lock {
     fn drop(&mut self) {
+        // Stop the refresher first, so that it cannot write the lock again
+        // after it is removed.
+        if let Some((stop, thread)) = self.refresher.take() {
+            drop(stop);
+            let _ = thread.join();
+        }
         if let Err(e) = self.backend.delete(&self.name) {
             tracing::warn!("could not remove lock {}: {e}", self.name);
         }

@@ -137,7 +137,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     let lock = if opts.dry_run {
         None
     } else {
-        Some(Lock::gc(backend, keys, "prune")?)
+        Some(Lock::gc(repo.backend(), keys, "prune")?)
     };
     // The store's clock: every age below is measured on it.
     let now = match &lock {

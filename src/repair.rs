@@ -28,7 +28,7 @@ const ENTRIES_PER_FILE: usize = 65_536;
 pub fn rebuild_index(repo: &Repository) -> Result<RebuildReport> {
     let backend = repo.backend().as_ref();
     let keys = repo.keys();
-    let _lock = Lock::exclusive(backend, keys, "index rebuild")?;
+    let _lock = Lock::exclusive(repo.backend(), keys, "index rebuild")?;
     let old: Vec<String> = backend
         .list("index/")?
         .into_iter()

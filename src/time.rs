@@ -21,7 +21,13 @@ pub fn unix_seconds(t: SystemTime) -> u64 {
         .as_secs()
 }
 
+/// This host's name as recorded in snapshots, locks and marks:
+/// `EKKO_HOST` if set (containers often share a hostname), else the
+/// system's.
 pub fn hostname() -> String {
+    if let Some(h) = std::env::var("EKKO_HOST").ok().filter(|h| !h.is_empty()) {
+        return h;
+    }
     hostname::get()
         .ok()
         .and_then(|h| h.into_string().ok())

@@ -596,3 +596,128 @@ fn full_disk_fails_cleanly_and_loses_nothing() {
         }
     }
 }
+
+/// A slow backup (rate-limited) that holds its shared lock, started with
+/// `vars` added to its environment, once its lock object exists.
+fn slow_backup(
+    env: &Env,
+    img: &std::path::Path,
+    vars: &[(&str, &str)],
+) -> (std::process::Child, std::path::PathBuf) {
+    let before: Vec<_> = lock_files(env);
+    let child = env
+        .cmd()
+        .args(["backup", "--vm", "slow", "--rate-limit", "1", "--disk"])
+        .arg(format!("sda={}", img.display()))
+        .envs(vars.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(l) = lock_files(env).into_iter().find(|l| !before.contains(l)) {
+            return (child, l);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backup never took its lock"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn lock_files(env: &Env) -> Vec<std::path::PathBuf> {
+    match fs::read_dir(env.repo.join("locks")) {
+        Ok(d) => d.map(|e| e.unwrap().path()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+fn age_file(path: &std::path::Path, ago: &str) {
+    run_tool(Command::new("touch").args(["-m", "-d", ago]).arg(path));
+}
+
+/// Locks of dead holders: on this host they are stale at once; elsewhere
+/// once the store has not seen them refreshed for 30 minutes. Live holders
+/// refresh theirs. `ekko unlock` removes only stale locks unless told
+/// `--remove-all`.
+#[test]
+fn stale_locks_are_ignored_and_unlock_removes_them() {
+    let env = Env::init(&[]);
+    let img = env.path("disk.img");
+    make_image(&img, 64 * MIB, &[(0, &random_bytes(40, 64 * MIB as usize))]);
+
+    // A backup on "another host" dies holding its lock: index rebuild (an
+    // exclusive lock) cannot tell that it is dead, and refuses.
+    let (mut child, lock) = slow_backup(&env, &img, &[("EKKO_HOST", "compute-17")]);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = env.run(&["index", "rebuild"]);
+    let err = assert_clean_failure(&out, "locked");
+    assert!(
+        err.contains("compute-17") && err.contains("ekko unlock"),
+        "{err}"
+    );
+    // unlock keeps a lock that may be live.
+    let r: serde_json::Value = serde_json::from_str(&env.ok(&["unlock", "--json"])).unwrap();
+    assert_eq!(r["removed"].as_array().unwrap().len(), 0, "{r}");
+    assert_eq!(r["live"].as_array().unwrap().len(), 1, "{r}");
+    assert!(lock.exists());
+    // Not refreshed for two hours: stale. Rebuild goes ahead; unlock removes it.
+    age_file(&lock, "2 hours ago");
+    env.ok(&["index", "rebuild"]);
+    let r: serde_json::Value = serde_json::from_str(&env.ok(&["unlock", "--json"])).unwrap();
+    assert_eq!(r["removed"].as_array().unwrap().len(), 1, "{r}");
+    assert!(
+        r["removed"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not refreshed"),
+        "{r}"
+    );
+    assert!(!lock.exists());
+
+    // A live holder refreshes its lock, so an old timestamp does not last.
+    let (mut child, lock) = slow_backup(
+        &env,
+        &img,
+        &[("EKKO_HOST", "compute-18"), ("EKKO_LOCK_REFRESH_SECS", "1")],
+    );
+    age_file(&lock, "2 hours ago");
+    std::thread::sleep(Duration::from_millis(2500));
+    let age = fs::metadata(&lock)
+        .unwrap()
+        .modified()
+        .unwrap()
+        .elapsed()
+        .unwrap_or_default();
+    assert!(
+        age < Duration::from_secs(60),
+        "lock not refreshed: {age:?} old"
+    );
+    assert_clean_failure(&env.run(&["index", "rebuild"]), "locked");
+    // --remove-all removes even a live lock.
+    let r: serde_json::Value =
+        serde_json::from_str(&env.ok(&["unlock", "--remove-all", "--json"])).unwrap();
+    assert_eq!(r["removed"].as_array().unwrap().len(), 1, "{r}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // On this host, a lock whose process is gone is stale at once.
+    let (mut child, lock) = slow_backup(&env, &img, &[]);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    env.ok(&["index", "rebuild"]);
+    let r: serde_json::Value = serde_json::from_str(&env.ok(&["unlock", "--json"])).unwrap();
+    assert_eq!(r["removed"].as_array().unwrap().len(), 1, "{r}");
+    assert!(
+        r["removed"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("gone on this host"),
+        "{r}"
+    );
+    assert!(!lock.exists());
+    env.ok(&["check"]);
+}

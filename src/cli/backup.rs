@@ -274,7 +274,7 @@ fn run_domain(g: &Global, a: &BackupArgs, domain: String) -> Result<ExitCode> {
     opts.connections = connections(a.threads);
     opts.rate_limit = a.rate_limit;
     let _lock = ekko::lock::Lock::shared(
-        repo.backend().as_ref(),
+        repo.backend(),
         repo.keys(),
         &format!("backup of libvirt domain {domain}"),
     )?;
@@ -363,7 +363,7 @@ fn run_live(g: &Global, a: &BackupArgs, qmp: PathBuf) -> Result<ExitCode> {
     opts.connections = connections(a.threads);
     opts.rate_limit = a.rate_limit;
     let _lock = ekko::lock::Lock::shared(
-        repo.backend().as_ref(),
+        repo.backend(),
         repo.keys(),
         &format!("live backup of {}", vm(a)),
     )?;
@@ -425,11 +425,8 @@ fn run_offline(g: &Global, a: &BackupArgs) -> Result<ExitCode> {
     let cancel = super::cancel_flag()?;
     let specs = parse_disks(&a.disks)?;
     let limiter = limiter(a, &cancel)?;
-    let _lock = ekko::lock::Lock::shared(
-        repo.backend().as_ref(),
-        repo.keys(),
-        &format!("backup of {}", vm(a)),
-    )?;
+    let _lock =
+        ekko::lock::Lock::shared(repo.backend(), repo.keys(), &format!("backup of {}", vm(a)))?;
     let parent: Option<Snapshot> = match snapshot::resolve(
         repo.backend().as_ref(),
         repo.keys(),

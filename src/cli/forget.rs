@@ -66,7 +66,7 @@ pub fn run(g: &Global, a: ForgetArgs) -> Result<ExitCode> {
     let _lock = if a.dry_run {
         None
     } else {
-        Some(ekko::lock::Lock::gc(backend, keys, "forget")?)
+        Some(ekko::lock::Lock::gc(repo.backend(), keys, "forget")?)
     };
     let (snaps, bad) = ekko::snapshot::load_all(backend, keys)?;
     for e in &bad {

@@ -14,6 +14,7 @@ mod prune;
 mod restore;
 mod serve_nbd;
 mod snapshots;
+mod unlock;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -82,6 +83,8 @@ pub enum Command {
     Protect(protect::ProtectArgs),
     /// Delete data no snapshot references, safely beside running backups.
     Prune(prune::PruneArgs),
+    /// Remove stale locks (holders gone), or every lock with --remove-all.
+    Unlock(unlock::UnlockArgs),
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -99,6 +102,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Forget(a) => forget::run(g, a),
         Command::Protect(a) => protect::run(g, a),
         Command::Prune(a) => prune::run(g, a),
+        Command::Unlock(a) => unlock::run(g, a),
     }
 }
 
