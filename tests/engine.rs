@@ -599,13 +599,15 @@ fn full_disk_fails_cleanly_and_loses_nothing() {
 
 /// A slow backup (rate-limited) that holds its shared lock, started with
 /// `vars` added to its environment, once its lock object exists.
+/// The caller kills and waits for the child.
+#[allow(clippy::zombie_processes)]
 fn slow_backup(
     env: &Env,
     img: &std::path::Path,
     vars: &[(&str, &str)],
 ) -> (std::process::Child, std::path::PathBuf) {
     let before: Vec<_> = lock_files(env);
-    let child = env
+    let mut child = env
         .cmd()
         .args(["backup", "--vm", "slow", "--rate-limit", "1", "--disk"])
         .arg(format!("sda={}", img.display()))
@@ -619,10 +621,11 @@ fn slow_backup(
         if let Some(l) = lock_files(env).into_iter().find(|l| !before.contains(l)) {
             return (child, l);
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the backup never took its lock"
-        );
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the backup never took its lock");
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
