@@ -14,7 +14,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
@@ -98,6 +98,26 @@ pub struct Session<'r> {
     guard: Guard,
     /// The libvirt domain, recorded in the manifest.
     domain: Option<snapshot::DomainRecord>,
+    /// When this session last shared its progress (see `maybe_share`), and
+    /// how often it does.
+    shared_at: Mutex<Instant>,
+    share_every: Option<Duration>,
+}
+
+/// How often a running backup publishes the index of the packs it has
+/// stored so far, and takes in what other running backups published.
+pub const SHARE_EVERY: Duration = Duration::from_secs(60);
+
+/// `SHARE_EVERY`, or `EKKO_SHARE_MS` (0 turns sharing off).
+fn share_every() -> Option<Duration> {
+    match std::env::var("EKKO_SHARE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        Some(0) => None,
+        Some(ms) => Some(Duration::from_millis(ms)),
+        None => Some(SHARE_EVERY),
+    }
 }
 
 /// Turn byte ranges into sorted, merged runs of block indices.
@@ -134,7 +154,37 @@ impl<'r> Session<'r> {
             started: Instant::now(),
             guard,
             domain: None,
+            shared_at: Mutex::new(Instant::now()),
+            share_every: share_every(),
         })
+    }
+
+    /// Share progress with backups running at the same time on other hosts,
+    /// at most every `share_every`: publish an index file for the packs
+    /// stored so far, then take in the index files others published. A
+    /// clone of a VM that another host is backing up then deduplicates
+    /// against the chunks that host has already stored, instead of storing
+    /// them again. Safe under the GC protocol: early index entries name
+    /// stored packs, like those of a crashed session (docs/GC.md).
+    fn maybe_share(&self) -> Result<()> {
+        let Some(every) = self.share_every else {
+            return Ok(());
+        };
+        {
+            let mut at = self.shared_at.lock().expect("share lock");
+            if at.elapsed() < every {
+                return Ok(());
+            }
+            *at = Instant::now();
+        }
+        self.repo
+            .index()
+            .flush(self.repo.backend().as_ref(), self.repo.keys())?;
+        if let Err(e) = self.repo.refresh_index() {
+            // Only a missed chance to deduplicate: the backup goes on.
+            tracing::warn!("could not take in other backups' index files: {e}");
+        }
+        Ok(())
     }
 
     /// Records the libvirt domain the disks come from in the manifest.
@@ -432,6 +482,7 @@ impl<'r> Session<'r> {
             if let Some(p) = &opts.progress {
                 p(done);
             }
+            let r = r.and_then(|()| self.maybe_share());
             if let Err(e) = r {
                 opts.cancel.store(true, Ordering::Relaxed);
                 first_err = Some(e);

@@ -724,3 +724,76 @@ fn stale_locks_are_ignored_and_unlock_removes_them() {
     assert!(!lock.exists());
     env.ok(&["check"]);
 }
+
+/// Two hosts back up clones of one base image at overlapping times. The
+/// second starts while the first is midway and runs behind it: with
+/// progress sharing (published index files, taken in as the backup runs)
+/// it stores little more than its own delta; with sharing off it stores
+/// the whole base again. Both snapshots verify and restore exactly.
+#[test]
+fn a_backup_running_behind_another_dedups_against_what_it_already_stored() {
+    overlapping_backups_share_progress(|| Env::init(&["--pack-size", "1M"]));
+}
+
+/// The scenario above on the repository `new_repo` makes (a folder, or a
+/// bucket in `tests/s3.rs`).
+pub(crate) fn overlapping_backups_share_progress(new_repo: impl Fn() -> Env) {
+    const BASE: usize = 48 << 20;
+    for share_ms in ["200", "0"] {
+        let env = new_repo();
+        let base = random_bytes(50, BASE);
+        let imgs: Vec<_> = (0..2u64)
+            .map(|i| {
+                let img = env.path(&format!("clone{i}.img"));
+                make_image(&img, 64 * MIB, &[(0, &base)]);
+                write_at(
+                    &img,
+                    (40 + 4 * i) * MIB,
+                    &random_bytes(51 + i, MIB as usize),
+                );
+                img
+            })
+            .collect();
+        let spawn = |i: usize| {
+            env.cmd()
+                .args(["backup", "--json", "--rate-limit", "16", "--vm"])
+                .arg(format!("vm{i}"))
+                .arg("--disk")
+                .arg(format!("sda={}", imgs[i].display()))
+                .env("EKKO_SHARE_MS", share_ms)
+                .env("EKKO_HOST", format!("host{i}"))
+                .env("EKKO_CACHE_DIR", env.path(&format!("cache{i}")))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let first = spawn(0);
+        std::thread::sleep(Duration::from_millis(1500));
+        let second = spawn(1);
+        let mut new = Vec::new();
+        for child in [first, second] {
+            let out = child.wait_with_output().unwrap();
+            assert_success(&out, &["backup (overlapping)"]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            new.push(v["bytes_new"].as_u64().unwrap());
+        }
+        eprintln!("share every {share_ms} ms: new bytes {new:?}");
+        if share_ms == "0" {
+            // The control: without sharing, the second stores the base again.
+            assert!(new[1] >= BASE as u64, "{new:?}");
+        } else {
+            assert!(new[0] >= BASE as u64, "{new:?}");
+            assert!(
+                new[1] <= MIB + BASE as u64 / 4,
+                "the second backup stored {} bytes for a 1 MiB delta",
+                new[1]
+            );
+        }
+        env.ok(&["check", "--read-data"]);
+        for (i, img) in imgs.iter().enumerate() {
+            let out = env.restore(&format!("vm{i}@latest"), "sda");
+            assert_eq!(sha256_file(&out), sha256_file(img));
+        }
+    }
+}

@@ -560,6 +560,17 @@ fn s3_four_concurrent_first_backups_race_on_the_same_chunks() {
     }
 }
 
+/// Two overlapping backups of clones through Swift: the one running behind
+/// deduplicates against what the other has stored and published so far.
+#[test]
+fn s3_overlapping_backups_share_progress() {
+    crate::engine::overlapping_backups_share_progress(|| {
+        let env = s3_env("share");
+        env.ok(&["init", "--pack-size", "1M"]);
+        env
+    });
+}
+
 /// The local index cache is only a cache: cold, deleted, damaged, or stale
 /// because another host added and replaced index files.
 #[test]
