@@ -637,6 +637,14 @@ fn lock_files(env: &Env) -> Vec<std::path::PathBuf> {
     }
 }
 
+/// `ekko unlock` removes exactly one lock, for a reason that says `why`.
+fn unlock_removes_one(env: &Env, why: &str) {
+    let r: serde_json::Value = serde_json::from_str(&env.ok(&["unlock", "--json"])).unwrap();
+    assert_eq!(r["removed"].as_array().unwrap().len(), 1, "{r}");
+    let reason = r["removed"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains(why), "{r}");
+}
+
 fn age_file(path: &std::path::Path, ago: &str) {
     run_tool(Command::new("touch").args(["-m", "-d", ago]).arg(path));
 }
@@ -670,15 +678,7 @@ fn stale_locks_are_ignored_and_unlock_removes_them() {
     // Not refreshed for two hours: stale. Rebuild goes ahead; unlock removes it.
     age_file(&lock, "2 hours ago");
     env.ok(&["index", "rebuild"]);
-    let r: serde_json::Value = serde_json::from_str(&env.ok(&["unlock", "--json"])).unwrap();
-    assert_eq!(r["removed"].as_array().unwrap().len(), 1, "{r}");
-    assert!(
-        r["removed"][0]["reason"]
-            .as_str()
-            .unwrap()
-            .contains("not refreshed"),
-        "{r}"
-    );
+    unlock_removes_one(&env, "not refreshed");
     assert!(!lock.exists());
 
     // A live holder refreshes its lock, so an old timestamp does not last.
@@ -712,15 +712,7 @@ fn stale_locks_are_ignored_and_unlock_removes_them() {
     child.kill().unwrap();
     child.wait().unwrap();
     env.ok(&["index", "rebuild"]);
-    let r: serde_json::Value = serde_json::from_str(&env.ok(&["unlock", "--json"])).unwrap();
-    assert_eq!(r["removed"].as_array().unwrap().len(), 1, "{r}");
-    assert!(
-        r["removed"][0]["reason"]
-            .as_str()
-            .unwrap()
-            .contains("gone on this host"),
-        "{r}"
-    );
+    unlock_removes_one(&env, "gone on this host");
     assert!(!lock.exists());
     env.ok(&["check"]);
 }
