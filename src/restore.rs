@@ -52,6 +52,41 @@ fn start_writeback(file: &File) {
     }
 }
 
+/// Consecutive block indices as `(first, end)` ranges.
+fn hole_runs(holes: &[u64]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &idx in holes {
+        match runs.last_mut() {
+            Some(r) if r.1 == idx => r.1 += 1,
+            _ => runs.push((idx, idx + 1)),
+        }
+    }
+    runs
+}
+
+/// Make `len` bytes of a block device at `off` read as zeros: one
+/// `fallocate(ZERO_RANGE)` (the device zeroes it, often without moving the
+/// bytes), or, where the device refuses, plain writes of `zeros`.
+fn zero_device(dev: &File, off: u64, len: u64, zeros: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    if let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) {
+        // SAFETY: fallocate on a valid descriptor; it touches only the
+        // device's contents in the given range.
+        let r = unsafe { libc::fallocate(dev.as_raw_fd(), libc::FALLOC_FL_ZERO_RANGE, o, l) };
+        if r == 0 {
+            return Ok(());
+        }
+    }
+    let mut done = 0u64;
+    while done < len {
+        let n = usize::try_from((len - done).min(u64::try_from(zeros.len()).unwrap_or(u64::MAX)))
+            .unwrap_or(zeros.len());
+        dev.write_all_at(&zeros[..n], off + done)?;
+        done += u64::try_from(n).unwrap_or(0);
+    }
+    Ok(())
+}
+
 /// Blocks planned at once: a window of the disk, sorted into pack runs.
 const WINDOW_BYTES: u64 = 256 << 20;
 
@@ -155,7 +190,8 @@ pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Res
         }
         Ok(())
     };
-    let (fail, stopped, advance, write, data) = (&fail, &stopped, &advance, &write, &data);
+    let (fail, stopped, advance, write, data, file_ref) =
+        (&fail, &stopped, &advance, &write, &data, &file);
     std::thread::scope(|scope| {
         let (run_tx, run_rx) = bounded::<PackRun>(pipe.fetchers);
         let (got_tx, got_rx) = bounded::<(PackRun, Option<Vec<u8>>)>(1);
@@ -167,12 +203,11 @@ pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Res
                     Ok(p) => p,
                     Err(e) => return fail(e),
                 };
-                for idx in plan.holes {
-                    let len = reader.block_len(idx);
+                for (first, end) in hole_runs(&plan.holes) {
+                    let len: u64 = (first..end).map(|i| reader.block_len(i)).sum();
                     if is_dev {
-                        let n = usize::try_from(len).expect("below chunk size");
-                        if let Err(e) = write(idx, &zeros[..n]) {
-                            return fail(e);
+                        if let Err(e) = zero_device(file_ref, first * cs, len, &zeros) {
+                            return fail(Error::io(to, e));
                         }
                     }
                     advance(len);
