@@ -142,7 +142,16 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     // The store's clock: every age below is measured on it.
     let now = match &lock {
         Some(l) => l.store_time()?,
-        None => SystemTime::now(),
+        // A dry run writes nothing, so it cannot stamp an object to read
+        // the store's clock. It takes the newest timestamp it can list (a
+        // real run's own lock would be newer still), or this host's clock
+        // if that is later: a store that rounds timestamps up runs ahead.
+        None => ["snapshots/", "gc/", "locks/"]
+            .iter()
+            .filter_map(|p| backend.list(p).ok())
+            .flatten()
+            .map(|o| o.modified)
+            .fold(SystemTime::now(), SystemTime::max),
     };
     // Store timestamps may be rounded (whole seconds on S3): every age
     // compared with the grace period must exceed it by the rounding, or a

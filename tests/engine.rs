@@ -630,9 +630,14 @@ fn slow_backup(
     }
 }
 
+/// The lock objects of a folder repository (not the temporary files they
+/// are written through, which a killed writer may never rename).
 fn lock_files(env: &Env) -> Vec<std::path::PathBuf> {
     match fs::read_dir(env.repo.join("locks")) {
-        Ok(d) => d.map(|e| e.unwrap().path()).collect(),
+        Ok(d) => d
+            .map(|e| e.unwrap().path())
+            .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+            .collect(),
         Err(_) => Vec::new(),
     }
 }
