@@ -167,18 +167,27 @@ impl LiveOptions {
     }
 }
 
-/// A disk to capture and the decision taken for it.
+/// Whether a disk is read incrementally, and if not, why.
 #[derive(Debug, Clone)]
-pub struct PlannedDisk {
-    pub name: String,
-    pub node: String,
-    pub size: u64,
+pub struct Decision {
     incremental: bool,
     /// Why the disk is read in full (`None` for an incremental).
     pub reason: Option<String>,
 }
 
-impl PlannedDisk {
+impl Decision {
+    /// Incremental, until a reason to read in full is found.
+    pub fn incremental() -> Decision {
+        Decision {
+            incremental: true,
+            reason: None,
+        }
+    }
+
+    pub fn is_incremental(&self) -> bool {
+        self.incremental
+    }
+
     pub fn mode(&self) -> CaptureMode {
         if self.incremental {
             CaptureMode::Incremental
@@ -187,12 +196,22 @@ impl PlannedDisk {
         }
     }
 
-    fn full(&mut self, reason: String) {
+    /// Read in full for `reason`; the first reason given is kept.
+    pub fn full(&mut self, reason: String) {
         if self.incremental {
             self.incremental = false;
             self.reason = Some(reason);
         }
     }
+}
+
+/// A disk to capture and the decision taken for it.
+#[derive(Debug, Clone)]
+pub struct PlannedDisk {
+    pub name: String,
+    pub node: String,
+    pub size: u64,
+    pub decision: Decision,
 }
 
 /// The outcome for one disk.
@@ -415,21 +434,21 @@ fn decide(
             name: name.clone(),
             node: info.node_name.clone(),
             size: info.size,
-            incremental: true,
-            reason: None,
+            decision: Decision::incremental(),
         })
         .collect();
     let parent = match parent {
         _ if full => {
             planned
                 .iter_mut()
-                .for_each(|d| d.full("--full was given".into()));
+                .for_each(|d| d.decision.full("--full was given".into()));
             return (None, planned);
         }
         None => {
-            planned
-                .iter_mut()
-                .for_each(|d| d.full(format!("first backup of VM {vm} in this repository")));
+            planned.iter_mut().for_each(|d| {
+                d.decision
+                    .full(format!("first backup of VM {vm} in this repository"))
+            });
             return (None, planned);
         }
         Some(p) => p,
@@ -439,7 +458,7 @@ fn decide(
     let mut prev: Option<String> = None;
     for d in &mut planned {
         let Ok(pd) = parent.disk(&d.name) else {
-            d.full(format!(
+            d.decision.full(format!(
                 "new disk: snapshot {} of VM {vm} has no disk {}",
                 parent.short_id(),
                 d.name
@@ -447,18 +466,18 @@ fn decide(
             continue;
         };
         match pd.capture.next_bitmap.as_deref() {
-            None => d.full(format!(
+            None => d.decision.full(format!(
                 "no generation: snapshot {} recorded no bitmap generation for this disk",
                 parent.short_id()
             )),
-            Some(b) if !b.starts_with(&prefix) => d.full(format!(
+            Some(b) if !b.starts_with(&prefix) => d.decision.full(format!(
                 "other generation: snapshot {} recorded bitmap {b}, which is not one of this repository's ({prefix}*)",
                 parent.short_id()
             )),
             Some(b) => match &prev {
                 None => prev = Some(b.to_string()),
                 Some(p) if p == b => {}
-                Some(p) => d.full(format!(
+                Some(p) => d.decision.full(format!(
                     "other generation: snapshot {} recorded {b} for this disk but {p} for another",
                     parent.short_id()
                 )),
@@ -482,7 +501,7 @@ fn decide(
     {
         let culprit = planned[i].name.clone();
         for (d, own) in planned.iter_mut().zip(&problems) {
-            d.full(own.clone().unwrap_or_else(|| {
+            d.decision.full(own.clone().unwrap_or_else(|| {
                 format!("disk {culprit} cannot be read incrementally ({p}), and all disks of a VM are captured with one bitmap generation")
             }));
         }
@@ -490,20 +509,21 @@ fn decide(
     }
 
     for d in &mut planned {
-        if !d.incremental {
+        if !d.decision.is_incremental() {
             continue;
         }
         let pd = parent.disk(&d.name).expect("checked above");
         if pd.size != d.size {
-            d.full(format!("size changed: {} → {} bytes", pd.size, d.size));
+            d.decision
+                .full(format!("size changed: {} → {} bytes", pd.size, d.size));
         } else if pd.chunk_size != repo.config().chunk_size {
-            d.full(format!(
+            d.decision.full(format!(
                 "chunk size changed: {} → {} bytes",
                 pd.chunk_size,
                 repo.config().chunk_size
             ));
         } else if let Err(e) = check_parent_map(repo, pd) {
-            d.full(format!(
+            d.decision.full(format!(
                 "parent damaged: the block map of disk {} in snapshot {} cannot be read ({e}); run `ekko check`",
                 d.name,
                 parent.short_id()
@@ -555,7 +575,7 @@ impl<'r> LiveBackup<'r> {
         };
         let (prev_bitmap, planned) = decide(repo, &opts.vm, parent.as_ref(), &disks, opts.full);
         for d in &planned {
-            tracing::info!(disk = %d.name, node = %d.node, mode = ?d.mode(), reason = ?d.reason, "capture planned");
+            tracing::info!(disk = %d.name, node = %d.node, mode = ?d.decision.mode(), reason = ?d.decision.reason, "capture planned");
         }
         Ok(LiveBackup {
             repo,
@@ -640,7 +660,9 @@ impl<'r> LiveBackup<'r> {
             {
                 let why = format!("bitmap unusable on disk {disk}: {reason}");
                 tracing::warn!("{why}; reading every disk in full");
-                self.disks.iter_mut().for_each(|d| d.full(why.clone()));
+                self.disks
+                    .iter_mut()
+                    .for_each(|d| d.decision.full(why.clone()));
                 self.prev_bitmap = None;
                 let qmp = Qmp::connect_with_timeout(&self.opts.qmp, self.opts.qmp_timeout)
                     .map_err(|e| self.qemu_err(e))?;
@@ -732,7 +754,7 @@ impl<'r> LiveBackup<'r> {
             let uri = session
                 .export_uri(&d.name)
                 .expect("every disk of the session is exported");
-            let bitmap = if d.incremental {
+            let bitmap = if d.decision.is_incremental() {
                 self.prev_bitmap.as_deref()
             } else {
                 None
@@ -741,7 +763,7 @@ impl<'r> LiveBackup<'r> {
                 Ok(s) => s,
                 Err(e) => return Err(fail(session, e)),
             };
-            let parent_disk = match (&self.parent, d.incremental) {
+            let parent_disk = match (&self.parent, d.decision.is_incremental()) {
                 (Some(p), true) => Some(p.disk(&d.name).expect("decided with this parent")),
                 _ => None,
             };
@@ -752,10 +774,10 @@ impl<'r> LiveBackup<'r> {
                 size: d.size,
                 parent: parent_disk,
                 capture: Capture {
-                    mode: d.mode(),
+                    mode: d.decision.mode(),
                     bitmap: bitmap.map(str::to_string),
                     next_bitmap: Some(self.new_bitmap.clone()),
-                    reason: d.reason.clone(),
+                    reason: d.decision.reason.clone(),
                 },
             };
             let dirty_bytes = match read_export(backup, read, limiter, opts, progress(d)) {
@@ -997,7 +1019,10 @@ mod tests {
     }
 
     fn reasons(planned: &[PlannedDisk]) -> Vec<Option<&str>> {
-        planned.iter().map(|d| d.reason.as_deref()).collect()
+        planned
+            .iter()
+            .map(|d| d.decision.reason.as_deref())
+            .collect()
     }
 
     #[test]
@@ -1013,7 +1038,9 @@ mod tests {
 
         let (prev, planned) = decide(&repo, "vm", Some(&p), &good, false);
         assert_eq!(prev.as_deref(), Some(x.as_str()));
-        assert!(planned.iter().all(|d| d.mode() == CaptureMode::Incremental));
+        assert!(planned
+            .iter()
+            .all(|d| d.decision.mode() == CaptureMode::Incremental));
 
         let (prev, planned) = decide(&repo, "vm", Some(&p), &good, true);
         assert_eq!(prev, None);
@@ -1022,6 +1049,7 @@ mod tests {
         let (prev, planned) = decide(&repo, "vm", None, &good, false);
         assert_eq!(prev, None);
         assert!(planned[0]
+            .decision
             .reason
             .as_deref()
             .unwrap()
@@ -1033,11 +1061,13 @@ mod tests {
         let (prev, planned) = decide(&repo, "vm", Some(&p), &missing, false);
         assert_eq!(prev, None);
         assert!(planned[1]
+            .decision
             .reason
             .as_deref()
             .unwrap()
             .starts_with("bitmap missing"));
         assert!(planned[0]
+            .decision
             .reason
             .as_deref()
             .unwrap()
@@ -1057,7 +1087,12 @@ mod tests {
             let (prev, planned) = decide(&repo, "vm", Some(&p), &bad, false);
             assert_eq!(prev, None, "{want}");
             assert!(
-                planned[0].reason.as_deref().unwrap().starts_with(want),
+                planned[0]
+                    .decision
+                    .reason
+                    .as_deref()
+                    .unwrap()
+                    .starts_with(want),
                 "{planned:?}"
             );
         }
@@ -1067,6 +1102,7 @@ mod tests {
         other[0].1.bitmaps = vec![bitmap(&format!("{}00000002", bitmap_prefix(&repo)))];
         let (_, planned) = decide(&repo, "vm", Some(&p), &other, false);
         assert!(planned[0]
+            .decision
             .reason
             .as_deref()
             .unwrap()
@@ -1082,6 +1118,7 @@ mod tests {
         let (prev, planned) = decide(&repo, "vm", Some(&pf), &fine, false);
         assert_eq!(prev, None);
         assert!(planned[0]
+            .decision
             .reason
             .as_deref()
             .unwrap()
@@ -1103,13 +1140,15 @@ mod tests {
         ];
         let (prev, planned) = decide(&repo, "vm", Some(&p), &disks, false);
         assert_eq!(prev.as_deref(), Some(x.as_str()));
-        assert_eq!(planned[0].mode(), CaptureMode::Incremental);
+        assert_eq!(planned[0].decision.mode(), CaptureMode::Incremental);
         assert!(planned[1]
+            .decision
             .reason
             .as_deref()
             .unwrap()
             .starts_with("size changed"));
         assert!(planned[2]
+            .decision
             .reason
             .as_deref()
             .unwrap()

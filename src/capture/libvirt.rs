@@ -56,11 +56,11 @@ use std::sync::Arc;
 use ekko_libvirt::{xml, Connection, Domain, DomainInfo};
 use serde_json::Value;
 
-use super::{check_parent_map, read_export, ExportRead};
+use super::{check_parent_map, read_export, Decision, ExportRead};
 use crate::backup::{BackupOptions, Progress, Session};
 use crate::ratelimit::RateLimiter;
 use crate::repo::Repository;
-use crate::snapshot::{self, Capture, CaptureMode, Disk, DomainRecord, NovaRecord, Snapshot};
+use crate::snapshot::{self, Capture, Disk, DomainRecord, NovaRecord, Snapshot};
 use crate::source::NbdSource;
 
 mod cleanup;
@@ -181,25 +181,7 @@ pub struct PlannedDisk {
     /// The image file.
     pub path: Option<String>,
     pub size: u64,
-    incremental: bool,
-    pub reason: Option<String>,
-}
-
-impl PlannedDisk {
-    pub fn mode(&self) -> CaptureMode {
-        if self.incremental {
-            CaptureMode::Incremental
-        } else {
-            CaptureMode::Full
-        }
-    }
-
-    fn full(&mut self, reason: String) {
-        if self.incremental {
-            self.incremental = false;
-            self.reason = Some(reason);
-        }
-    }
+    pub decision: Decision,
 }
 
 /// The outcome for one disk.
@@ -382,14 +364,14 @@ impl<'r> DomainBackup<'r> {
                 None => offline_next = Some(cp),
                 Some(p) => {
                     for d in &mut disks {
-                        d.full(p.clone());
+                        d.decision.full(p.clone());
                     }
                     base = None;
                 }
             }
         }
         for d in &disks {
-            tracing::info!(disk = %d.name, mode = ?d.mode(), reason = ?d.reason, "capture planned");
+            tracing::info!(disk = %d.name, mode = ?d.decision.mode(), reason = ?d.decision.reason, "capture planned");
         }
         Ok(DomainBackup {
             repo,
@@ -469,7 +451,7 @@ impl<'r> DomainBackup<'r> {
                 return Err(Error::Interrupted);
             }
             let path = d.path.clone().expect("checked in prepare");
-            let bitmap = if d.incremental {
+            let bitmap = if d.decision.is_incremental() {
                 self.base.as_deref()
             } else {
                 None
@@ -487,10 +469,10 @@ impl<'r> DomainBackup<'r> {
                 size: d.size,
                 parent: self.parent_disk(d),
                 capture: Capture {
-                    mode: d.mode(),
+                    mode: d.decision.mode(),
                     bitmap: bitmap.map(str::to_string),
                     next_bitmap: self.offline_next.clone(),
-                    reason: d.reason.clone(),
+                    reason: d.decision.reason.clone(),
                 },
             };
             let b = read_export(&mut backup, read, limiter, opts, progress(d)).map_err(|e| {
@@ -520,7 +502,7 @@ impl<'r> DomainBackup<'r> {
     }
 
     fn parent_disk(&self, d: &PlannedDisk) -> Option<&Disk> {
-        match (&self.parent, d.incremental) {
+        match (&self.parent, d.decision.is_incremental()) {
             (Some(p), true) => Some(p.disk(&d.name).expect("decided with this parent")),
             _ => None,
         }
@@ -658,7 +640,7 @@ impl<'r> DomainBackup<'r> {
         }
         if let Some(why) = fallback {
             for d in &mut self.disks {
-                d.full(why.clone());
+                d.decision.full(why.clone());
             }
             self.base = None;
         }
@@ -701,7 +683,7 @@ impl<'r> DomainBackup<'r> {
                 ekko_qmp::percent_encode(&socket_s)
             );
             let context = format!("backup-{}", d.name);
-            let bitmap = d.incremental.then_some(context.as_str());
+            let bitmap = d.decision.is_incremental().then_some(context.as_str());
             let src =
                 NbdSource::connect_uri(&uri, bitmap, self.opts.connections).map_err(disk_err)?;
             let read = ExportRead {
@@ -716,14 +698,14 @@ impl<'r> DomainBackup<'r> {
                 size: d.size,
                 parent: self.parent_disk(d),
                 capture: Capture {
-                    mode: d.mode(),
-                    bitmap: if d.incremental {
+                    mode: d.decision.mode(),
+                    bitmap: if d.decision.is_incremental() {
                         self.base.clone()
                     } else {
                         None
                     },
                     next_bitmap: Some(checkpoint.clone()),
-                    reason: d.reason.clone(),
+                    reason: d.decision.reason.clone(),
                 },
             };
             let b = read_export(&mut backup, read, limiter, opts, progress(d)).map_err(disk_err)?;
@@ -803,8 +785,7 @@ fn select_disks(
         name: d.target.clone(),
         path: d.source.clone(),
         size: 0,
-        incremental: true,
-        reason: None,
+        decision: Decision::incremental(),
     };
     if opts.disks.is_empty() {
         for d in &info.disks {
@@ -875,7 +856,7 @@ fn decide(
 ) -> Result<(Option<String>, Option<String>), Error> {
     let all_full = |disks: &mut [PlannedDisk], why: &str| {
         for d in disks.iter_mut() {
-            d.full(why.to_string());
+            d.decision.full(why.to_string());
         }
     };
     let vm = &opts.domain;
@@ -970,9 +951,9 @@ fn decide(
     if let Some((culprit, why)) = problem {
         for d in disks.iter_mut() {
             if d.name == culprit {
-                d.full(why.clone());
+                d.decision.full(why.clone());
             } else {
-                d.full(format!("disk {culprit} cannot be read incrementally ({why}), and all disks of a domain are captured with one checkpoint"));
+                d.decision.full(format!("disk {culprit} cannot be read incrementally ({why}), and all disks of a domain are captured with one checkpoint"));
             }
         }
         return Ok((None, None));

@@ -287,7 +287,7 @@ fn run_domain(g: &Global, a: &BackupArgs, domain: String) -> Result<ExitCode> {
             eprintln!("ekko: domain {domain} is not running: reading its image files");
         }
         for d in prepared.disks() {
-            if let Some(r) = &d.reason {
+            if let Some(r) = &d.decision.reason {
                 eprintln!("ekko: disk {}: full read: {r}", d.name);
             }
         }
@@ -370,7 +370,7 @@ fn run_live(g: &Global, a: &BackupArgs, qmp: PathBuf) -> Result<ExitCode> {
     let live = LiveBackup::prepare(&repo, &opts).map_err(live_error)?;
     if !g.quiet {
         for d in live.disks() {
-            if let Some(r) = &d.reason {
+            if let Some(r) = &d.decision.reason {
                 eprintln!("ekko: disk {}: full read: {r}", d.name);
             }
         }
