@@ -192,37 +192,27 @@ impl DiskReader {
 
     /// Block `idx` decoded, or `None` for a hole.
     pub fn block(&self, idx: u64) -> Result<Option<Arc<Vec<u8>>>> {
-        self.fetch(idx, true)
-    }
-
-    /// Block `idx` without adding it to the cache (for one-pass readers such
-    /// as restore, which would only churn it); a cached copy is still used.
-    pub fn block_uncached(&self, idx: u64) -> Result<Option<Arc<Vec<u8>>>> {
-        self.fetch(idx, false)
-    }
-
-    fn fetch(&self, idx: u64, cache: bool) -> Result<Option<Arc<Vec<u8>>>> {
         let id = self.chunk_id(idx)?;
         if id.is_zero() {
             return Ok(None);
         }
-        let data = if cache {
-            self.chunks
-                .0
-                .get_or_insert_with(&id, || self.repo.read_chunk(&id).map(Arc::new))?
-        } else {
-            match self.chunks.0.get(&id) {
-                Some(d) => d,
-                None => Arc::new(self.repo.read_chunk(&id)?),
-            }
-        };
+        let data = self
+            .chunks
+            .0
+            .get_or_insert_with(&id, || self.repo.read_chunk(&id).map(Arc::new))?;
+        self.check_len(idx, &data)?;
+        Ok(Some(data))
+    }
+
+    /// A decoded block must be exactly as long as the disk says.
+    fn check_len(&self, idx: u64, data: &[u8]) -> Result<()> {
         if u64::try_from(data.len()).ok() != Some(self.block_len(idx)) {
             return Err(Error::corrupt(
                 format!("snapshot {} disk {}", self.snapshot_id, self.disk.name),
                 format!("block {idx} has the wrong length"),
             ));
         }
-        Ok(Some(data))
+        Ok(())
     }
 
     /// True when the repository's store answers few large reads much
@@ -306,12 +296,7 @@ impl DiskReader {
                 Some(sealed) => self.repo.decode_chunk(id, loc, sealed)?,
                 None => self.repo.read_chunk_at(id, loc)?,
             };
-            if u64::try_from(plain.len()).ok() != Some(self.block_len(*idx)) {
-                return Err(Error::corrupt(
-                    format!("snapshot {} disk {}", self.snapshot_id, self.disk.name),
-                    format!("block {idx} has the wrong length"),
-                ));
-            }
+            self.check_len(*idx, &plain)?;
             each(*idx, plain)?;
         }
         Ok(())

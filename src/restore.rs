@@ -77,12 +77,13 @@ fn zero_device(dev: &File, off: u64, len: u64, zeros: &[u8]) -> std::io::Result<
             return Ok(());
         }
     }
-    let mut done = 0u64;
-    while done < len {
-        let n = usize::try_from((len - done).min(u64::try_from(zeros.len()).unwrap_or(u64::MAX)))
-            .unwrap_or(zeros.len());
-        dev.write_all_at(&zeros[..n], off + done)?;
-        done += u64::try_from(n).unwrap_or(0);
+    let mut at = off;
+    while at < off + len {
+        let n = zeros
+            .len()
+            .min(usize::try_from(off + len - at).unwrap_or(usize::MAX));
+        dev.write_all_at(&zeros[..n], at)?;
+        at += u64::try_from(n).expect("fits");
     }
     Ok(())
 }
