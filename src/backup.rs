@@ -323,7 +323,7 @@ impl<'r> Session<'r> {
         };
 
         let threads = opts.threads.max(1);
-        let (job_tx, job_rx) = bounded::<(u64, u64)>(threads * 2);
+        let (job_tx, job_rx) = bounded::<Vec<(u64, u64)>>(threads);
         let (res_tx, res_rx) = bounded::<Msg>(threads * 2);
         let bytes_read = AtomicU64::new(0);
         let source = plan.source;
@@ -398,38 +398,48 @@ impl<'r> Session<'r> {
         Ok(disk)
     }
 
+    /// Read, hash and compress a batch of blocks, seal the new ones
+    /// together (faster than one by one, see `siv`), and hand every outcome
+    /// on.
     fn worker(
         &self,
         source: &dyn Source,
-        jobs: &Receiver<(u64, u64)>,
+        jobs: &Receiver<Vec<(u64, u64)>>,
         out: &Sender<Msg>,
         bytes_read: &AtomicU64,
     ) {
         let mut buf = Vec::new();
         let mut comp = chunk::Compressor::new(self.repo.config().compression_level);
-        for (idx, len) in jobs {
-            let outcome = (|| {
-                let n = usize::try_from(len).expect("chunk fits in memory");
-                buf.resize(n, 0);
-                source.read_at(&mut buf, idx * u64::from(self.repo.config().chunk_size))?;
-                bytes_read.fetch_add(len, Ordering::Relaxed);
-                if chunk::is_zero(&buf) {
-                    return Ok(Outcome::Zero);
+        let cs = u64::from(self.repo.config().chunk_size);
+        for batch in jobs {
+            // `None`: a new chunk, the next one in `fresh`.
+            let mut outcomes: Vec<Result<Option<Outcome>>> = Vec::with_capacity(batch.len());
+            let mut fresh = Vec::new();
+            for &(idx, len) in &batch {
+                outcomes.push((|| {
+                    let n = usize::try_from(len).expect("chunk fits in memory");
+                    buf.resize(n, 0);
+                    source.read_at(&mut buf, idx * cs)?;
+                    bytes_read.fetch_add(len, Ordering::Relaxed);
+                    if chunk::is_zero(&buf) {
+                        return Ok(Some(Outcome::Zero));
+                    }
+                    let id = self.repo.keys().chunk_id(&buf);
+                    if !self.claim(&id)? {
+                        return Ok(Some(Outcome::Known(id)));
+                    }
+                    fresh.push(chunk::prepare(id, ChunkKind::Data, &buf, &mut comp));
+                    Ok(None)
+                })());
+            }
+            let mut sealed = chunk::seal_many(self.repo.keys(), fresh).into_iter();
+            for ((idx, len), outcome) in batch.into_iter().zip(outcomes) {
+                let outcome = outcome.map(|o| {
+                    o.unwrap_or_else(|| Outcome::New(sealed.next().expect("one per new chunk")))
+                });
+                if out.send(Msg::Block { idx, len, outcome }).is_err() {
+                    return;
                 }
-                let id = self.repo.keys().chunk_id(&buf);
-                if !self.claim(&id)? {
-                    return Ok(Outcome::Known(id));
-                }
-                Ok(Outcome::New(chunk::encode_with(
-                    self.repo.keys(),
-                    id,
-                    ChunkKind::Data,
-                    &buf,
-                    &mut comp,
-                )))
-            })();
-            if out.send(Msg::Block { idx, len, outcome }).is_err() {
-                return;
             }
         }
     }
@@ -524,6 +534,9 @@ const UPLOAD_MEMORY: u64 = 256 << 20;
 /// How far ahead of the workers the dispatcher asks the source to fetch.
 const READ_AHEAD_BYTES: u64 = 32 << 20;
 
+/// Blocks per worker job: the new chunks among them are sealed together.
+const SEAL_BATCH: usize = 8;
+
 #[allow(clippy::too_many_arguments)]
 fn dispatch(
     source: &dyn Source,
@@ -531,10 +544,11 @@ fn dispatch(
     nchunks: u64,
     size: u64,
     cs: u64,
-    jobs: &Sender<(u64, u64)>,
+    jobs: &Sender<Vec<(u64, u64)>>,
     out: &Sender<Msg>,
     cancel: &AtomicBool,
 ) {
+    let mut batch = Vec::with_capacity(SEAL_BATCH);
     let ahead = (READ_AHEAD_BYTES / cs).max(2);
     // Blocks in reading order, so that hints can run ahead of the workers.
     let order = || runs.iter().flat_map(|&(from, to)| from..to);
@@ -562,11 +576,22 @@ fn dispatch(
             if let Some(h) = hints.next() {
                 source.will_need(h * cs, cs.min(size - h * cs));
             }
-            if jobs.send((idx, len)).is_err() {
+            batch.push((idx, len));
+            if batch.len() == SEAL_BATCH
+                && jobs
+                    .send(std::mem::replace(
+                        &mut batch,
+                        Vec::with_capacity(SEAL_BATCH),
+                    ))
+                    .is_err()
+            {
                 return;
             }
         }
         next = to;
+    }
+    if !batch.is_empty() && jobs.send(batch).is_err() {
+        return;
     }
     if next < nchunks {
         let _ = out.send(Msg::Keep {

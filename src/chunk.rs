@@ -4,7 +4,7 @@
 //! chunk kind and id as associated data, so a blob cannot be passed off as
 //! another chunk.
 
-use crate::crypto::Keys;
+use crate::crypto::{Keys, TAG_LEN};
 use crate::error::{Error, Result};
 use crate::format::{ChunkKind, Location};
 use crate::id::ChunkId;
@@ -22,25 +22,33 @@ fn ad(kind: ChunkKind, id: &ChunkId) -> [&[u8]; 3] {
     [b"ekko chunk", kind.tag(), &id.0]
 }
 
-/// A reusable zstd context: creating one per chunk costs time and memory.
-pub struct Compressor(Option<zstd::bulk::Compressor<'static>>);
+/// A reusable zstd context and output buffer: creating them per chunk
+/// costs time and memory.
+pub struct Compressor {
+    ctx: Option<zstd::bulk::Compressor<'static>>,
+    scratch: Vec<u8>,
+}
 
 impl Compressor {
     /// `level` 0 disables compression.
     pub fn new(level: i32) -> Compressor {
-        Compressor(if level == 0 {
-            None
-        } else {
-            zstd::bulk::Compressor::new(level).ok()
-        })
+        Compressor {
+            ctx: if level == 0 {
+                None
+            } else {
+                zstd::bulk::Compressor::new(level).ok()
+            },
+            scratch: Vec::new(),
+        }
     }
 
-    fn compress(&mut self, plain: &[u8]) -> Option<Vec<u8>> {
-        let c = self.0.as_mut()?;
+    fn compress(&mut self, plain: &[u8]) -> Option<&[u8]> {
+        let c = self.ctx.as_mut()?;
         // Output no larger than the input: incompressible data is stored raw.
-        let mut out = Vec::with_capacity(plain.len());
-        match c.compress_to_buffer(plain, &mut out) {
-            Ok(n) if n < plain.len() => Some(out),
+        self.scratch.clear();
+        self.scratch.reserve(plain.len());
+        match c.compress_to_buffer(plain, &mut self.scratch) {
+            Ok(n) if n < plain.len() => Some(&self.scratch),
             _ => None,
         }
     }
@@ -48,30 +56,60 @@ impl Compressor {
 
 /// Compress and seal. `level` 0 disables compression.
 pub fn encode(keys: &Keys, id: ChunkId, kind: ChunkKind, plain: &[u8], level: i32) -> EncodedChunk {
-    encode_with(keys, id, kind, plain, &mut Compressor::new(level))
+    let p = prepare(id, kind, plain, &mut Compressor::new(level));
+    seal_many(keys, vec![p]).pop().expect("one chunk")
 }
 
-/// Compress with a reusable context, then seal.
-pub fn encode_with(
-    keys: &Keys,
+/// A chunk compressed (when that saves space) and ready to seal in place.
+pub struct Prepared {
     id: ChunkId,
     kind: ChunkKind,
-    plain: &[u8],
-    comp: &mut Compressor,
-) -> EncodedChunk {
+    raw_len: u32,
+    compressed: bool,
+    /// `TAG_LEN` spare bytes, then the payload.
+    buf: Vec<u8>,
+}
+
+/// Compress `plain`, the plaintext of chunk `id`, into an exactly sized
+/// buffer with room for the tag.
+pub fn prepare(id: ChunkId, kind: ChunkKind, plain: &[u8], comp: &mut Compressor) -> Prepared {
     let raw_len = u32::try_from(plain.len()).expect("chunks are at most 4 MiB");
-    let compressed = comp.compress(plain);
-    let (payload, compressed_flag) = match &compressed {
-        Some(c) => (c.as_slice(), true),
+    let (payload, compressed) = match comp.compress(plain) {
+        Some(c) => (c, true),
         None => (plain, false),
     };
-    EncodedChunk {
+    let mut buf = Vec::with_capacity(TAG_LEN + payload.len());
+    buf.extend_from_slice(&[0; TAG_LEN]);
+    buf.extend_from_slice(payload);
+    Prepared {
         id,
         kind,
         raw_len,
-        compressed: compressed_flag,
-        sealed: keys.seal(&ad(kind, &id), payload),
+        compressed,
+        buf,
     }
+}
+
+/// Seal prepared chunks, several at once: that is faster than one by one.
+pub fn seal_many(keys: &Keys, mut chunks: Vec<Prepared>) -> Vec<EncodedChunk> {
+    let names: Vec<(ChunkKind, ChunkId)> = chunks.iter().map(|c| (c.kind, c.id)).collect();
+    let ads: Vec<[&[u8]; 3]> = names.iter().map(|(kind, id)| ad(*kind, id)).collect();
+    let mut items: Vec<_> = ads
+        .iter()
+        .zip(&mut chunks)
+        .map(|(a, c)| (a.as_slice(), c.buf.as_mut_slice()))
+        .collect();
+    keys.seal_in_place(&mut items);
+    chunks
+        .into_iter()
+        .map(|c| EncodedChunk {
+            id: c.id,
+            kind: c.kind,
+            raw_len: c.raw_len,
+            compressed: c.compressed,
+            sealed: c.buf,
+        })
+        .collect()
 }
 
 /// Open and decompress a blob read from `pack`.
@@ -82,26 +120,60 @@ pub fn decode(
     pack: &str,
     sealed: &[u8],
 ) -> Result<Vec<u8>> {
-    let damaged = |reason: &str| Error::ChunkDamaged {
-        id: *id,
-        pack: pack.to_string(),
-        reason: reason.to_string(),
-    };
-    let payload = keys
-        .open(&ad(loc.kind, id), sealed)
-        .ok_or_else(|| damaged("authentication failed"))?;
-    let raw_len = usize::try_from(loc.raw_len).map_err(|_| damaged("length"))?;
-    let plain = if loc.compressed {
-        let mut d = zstd::bulk::Decompressor::new().map_err(|_| damaged("zstd init"))?;
-        d.decompress(&payload, raw_len)
-            .map_err(|_| damaged("decompression failed"))?
-    } else {
-        payload
-    };
-    if plain.len() != raw_len {
-        return Err(damaged("wrong length after decoding"));
-    }
-    Ok(plain)
+    let mut buf = sealed.to_vec();
+    let plain = decode_many(keys, pack, vec![(id, loc, buf.as_mut_slice())])
+        .next()
+        .expect("one chunk");
+    plain
+}
+
+/// Open blobs of one pack in place, several at once, then decompress each
+/// as the iterator reaches it (so that only one plaintext is held at a
+/// time). Each succeeds or fails on its own.
+pub fn decode_many<'a>(
+    keys: &Keys,
+    pack: &'a str,
+    mut blobs: Vec<(&'a ChunkId, &'a Location, &'a mut [u8])>,
+) -> impl Iterator<Item = Result<Vec<u8>>> + 'a {
+    let ads: Vec<[&[u8]; 3]> = blobs.iter().map(|(id, loc, _)| ad(loc.kind, id)).collect();
+    let mut items: Vec<_> = ads
+        .iter()
+        .zip(&mut blobs)
+        .map(|(a, (_, _, sealed))| (a.as_slice(), &mut **sealed))
+        .collect();
+    let opened = keys.open_in_place(&mut items);
+    drop(items);
+    let mut dctx: Option<zstd::bulk::Decompressor<'static>> = None;
+    opened
+        .into_iter()
+        .zip(blobs)
+        .map(move |(ok, (id, loc, buf))| {
+            let damaged = |reason: &str| Error::ChunkDamaged {
+                id: *id,
+                pack: pack.to_string(),
+                reason: reason.to_string(),
+            };
+            if !ok {
+                return Err(damaged("authentication failed"));
+            }
+            let payload = &buf[TAG_LEN..];
+            let raw_len = usize::try_from(loc.raw_len).map_err(|_| damaged("length"))?;
+            let plain = if loc.compressed {
+                let d = match &mut dctx {
+                    Some(d) => d,
+                    None => dctx
+                        .insert(zstd::bulk::Decompressor::new().map_err(|_| damaged("zstd init"))?),
+                };
+                d.decompress(payload, raw_len)
+                    .map_err(|_| damaged("decompression failed"))?
+            } else {
+                payload.to_vec()
+            };
+            if plain.len() != raw_len {
+                return Err(damaged("wrong length after decoding"));
+            }
+            Ok(plain)
+        })
 }
 
 /// True if every byte is zero. Zero chunks are never stored.

@@ -28,6 +28,7 @@ pub mod restore;
 pub mod retention;
 pub mod secret;
 pub mod serve_nbd;
+pub mod siv;
 pub mod snapshot;
 pub mod source;
 pub mod time;

@@ -85,6 +85,9 @@ impl ChunkCache {
 
 /// Neighbouring chunks of one pack, fetched with one ranged read, and the
 /// blocks of the disk they fill. See `DiskReader::plan`.
+/// Blocks of a run opened together by `decode_run`.
+const DECODE_BATCH: usize = 8;
+
 pub struct PackRun {
     pack: ObjectId,
     /// Byte range of the pack: from the first chunk to the end of the last.
@@ -279,25 +282,68 @@ impl DiskReader {
     }
 
     /// Decode the blocks of `run` from `fetched` (see `fetch_run`), handing
-    /// each to `each` with its block index.
+    /// each to `each` with its block index. Chunks are opened in place,
+    /// several at a time, which is faster than one by one (see `siv`).
     pub fn decode_run(
         &self,
         run: &PackRun,
-        fetched: Option<&[u8]>,
+        mut fetched: Option<&mut [u8]>,
         mut each: impl FnMut(u64, Vec<u8>) -> Result<()>,
     ) -> Result<()> {
-        for (idx, id, loc) in &run.blocks {
-            let sealed = fetched.and_then(|buf| {
-                let a = usize::try_from(loc.offset - run.start).ok()?;
-                let b = a.checked_add(usize::try_from(loc.stored_len).ok()?)?;
-                buf.get(a..b)
-            });
-            let plain = match sealed {
-                Some(sealed) => self.repo.decode_chunk(id, loc, sealed)?,
-                None => self.repo.read_chunk_at(id, loc)?,
-            };
-            self.check_len(*idx, &plain)?;
-            each(*idx, plain)?;
+        let pname = crate::pack::pack_name(&run.pack);
+        // Blocks that hold the same chunk are neighbours (the run is sorted
+        // by offset): decode each chunk once, for all its blocks.
+        let mut chunks: Vec<&[(u64, ChunkId, format::Location)]> = Vec::new();
+        let mut from = 0;
+        for (i, (_, _, loc)) in run.blocks.iter().enumerate().skip(1) {
+            if loc.offset != run.blocks[i - 1].2.offset {
+                chunks.push(&run.blocks[from..i]);
+                from = i;
+            }
+        }
+        chunks.extend((from < run.blocks.len()).then(|| &run.blocks[from..]));
+
+        let mut rest = fetched.as_deref_mut().unwrap_or_default();
+        let mut pos = run.start;
+        for group in chunks.chunks(DECODE_BATCH) {
+            // Cut each chunk's sealed bytes from the fetched run; `None` if
+            // the run was not fetched or does not hold them.
+            let mut sealed: Vec<Option<&mut [u8]>> = Vec::with_capacity(group.len());
+            for blocks in group {
+                let loc = &blocks[0].2;
+                sealed.push((|| {
+                    let skip = usize::try_from(loc.offset.checked_sub(pos)?).ok()?;
+                    let len = usize::try_from(loc.stored_len).ok()?;
+                    let (_, tail) = std::mem::take(&mut rest).split_at_mut_checked(skip)?;
+                    let (blob, tail) = tail.split_at_mut_checked(len)?;
+                    rest = tail;
+                    pos = loc.offset.checked_add(u64::from(loc.stored_len))?;
+                    Some(blob)
+                })());
+            }
+            let have: Vec<bool> = sealed.iter().map(Option::is_some).collect();
+            let blobs: Vec<_> = group
+                .iter()
+                .zip(sealed)
+                .filter_map(|(blocks, s)| Some((&blocks[0].1, &blocks[0].2, s?)))
+                .collect();
+            let mut opened = crate::chunk::decode_many(self.repo.keys(), &pname, blobs);
+            for (blocks, have) in group.iter().zip(have) {
+                let (_, id, loc) = &blocks[0];
+                let plain = if have {
+                    opened.next().expect("one per fetched blob")?
+                } else {
+                    // Not fetched: read it alone, so that an error names it.
+                    self.repo.read_chunk_at(id, loc)?
+                };
+                let (last, others) = blocks.split_last().expect("at least one block");
+                for (idx, _, _) in others {
+                    self.check_len(*idx, &plain)?;
+                    each(*idx, plain.clone())?;
+                }
+                self.check_len(last.0, &plain)?;
+                each(last.0, plain)?;
+            }
         }
         Ok(())
     }

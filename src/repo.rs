@@ -339,16 +339,10 @@ impl Repository {
         }
     }
 
-    /// Decode a chunk whose sealed bytes were fetched by the caller (for
-    /// example as part of one larger read of its pack).
-    pub fn decode_chunk(&self, id: &ChunkId, loc: &Location, sealed: &[u8]) -> Result<Vec<u8>> {
-        chunk::decode(&self.keys, id, loc, &pack::pack_name(&loc.pack), sealed)
-    }
-
     pub fn read_chunk_at(&self, id: &ChunkId, loc: &Location) -> Result<Vec<u8>> {
         let pname = pack::pack_name(&loc.pack);
         let len = usize::try_from(loc.stored_len).map_err(|_| Error::corrupt(&pname, "length"))?;
-        let sealed = match self.backend.get_range(&pname, loc.offset, len) {
+        let mut sealed = match self.backend.get_range(&pname, loc.offset, len) {
             Ok(s) => s,
             Err(Error::NotFound { .. }) => {
                 return Err(Error::ChunkDamaged {
@@ -366,6 +360,9 @@ impl Repository {
             }
             Err(e) => return Err(e),
         };
-        chunk::decode(&self.keys, id, loc, &pname, &sealed)
+        let plain = chunk::decode_many(&self.keys, &pname, vec![(id, loc, sealed.as_mut_slice())])
+            .next()
+            .expect("one chunk");
+        plain
     }
 }

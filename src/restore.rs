@@ -239,11 +239,11 @@ pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Res
         for _ in 0..decoders {
             let got_rx = got_rx.clone();
             scope.spawn(move || {
-                for (run, fetched) in got_rx {
+                for (run, mut fetched) in got_rx {
                     if stopped() {
                         return;
                     }
-                    let r = reader.decode_run(&run, fetched.as_deref(), |idx, plain| {
+                    let r = reader.decode_run(&run, fetched.as_deref_mut(), |idx, plain| {
                         write(idx, &plain)?;
                         let len = reader.block_len(idx);
                         data.fetch_add(len, Ordering::Relaxed);
