@@ -287,7 +287,7 @@ impl DiskReader {
     pub fn decode_run(
         &self,
         run: &PackRun,
-        mut fetched: Option<&mut [u8]>,
+        fetched: Option<&mut [u8]>,
         mut each: impl FnMut(u64, Vec<u8>) -> Result<()>,
     ) -> Result<()> {
         let pname = crate::pack::pack_name(&run.pack);
@@ -303,7 +303,7 @@ impl DiskReader {
         }
         chunks.extend((from < run.blocks.len()).then(|| &run.blocks[from..]));
 
-        let mut rest = fetched.as_deref_mut().unwrap_or_default();
+        let mut rest = fetched.unwrap_or_default();
         let mut pos = run.start;
         for group in chunks.chunks(DECODE_BATCH) {
             // Cut each chunk's sealed bytes from the fetched run; `None` if
