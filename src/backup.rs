@@ -398,9 +398,11 @@ impl<'r> Session<'r> {
         Ok(disk)
     }
 
-    /// Read, hash and compress a batch of blocks, seal the new ones
-    /// together (faster than one by one, see `siv`), and hand every outcome
-    /// on.
+    /// Read, hash and compress blocks, seal the new chunks of a job
+    /// together (faster than one by one, see `siv`), and hand every
+    /// outcome on. A slow source (a rate limit, a remote disk) must not hold
+    /// finished chunks back, so the worker also seals what it has once the
+    /// oldest has waited `SEAL_WAIT`.
     fn worker(
         &self,
         source: &dyn Source,
@@ -411,12 +413,30 @@ impl<'r> Session<'r> {
         let mut buf = Vec::new();
         let mut comp = chunk::Compressor::new(self.repo.config().compression_level);
         let cs = u64::from(self.repo.config().chunk_size);
+        // Outcomes not yet sent; `None` stands for the next chunk in `fresh`.
+        let mut held: Vec<(u64, u64, Result<Option<Outcome>>)> = Vec::new();
+        let mut fresh = Vec::new();
+        let mut since = Instant::now();
+        let flush = |held: &mut Vec<(u64, u64, Result<Option<Outcome>>)>,
+                     fresh: &mut Vec<chunk::Prepared>|
+         -> bool {
+            let mut sealed = chunk::seal_many(self.repo.keys(), std::mem::take(fresh)).into_iter();
+            for (idx, len, outcome) in held.drain(..) {
+                let outcome = outcome.map(|o| {
+                    o.unwrap_or_else(|| Outcome::New(sealed.next().expect("one per new chunk")))
+                });
+                if out.send(Msg::Block { idx, len, outcome }).is_err() {
+                    return false;
+                }
+            }
+            true
+        };
         for batch in jobs {
-            // `None`: a new chunk, the next one in `fresh`.
-            let mut outcomes: Vec<Result<Option<Outcome>>> = Vec::with_capacity(batch.len());
-            let mut fresh = Vec::new();
-            for &(idx, len) in &batch {
-                outcomes.push((|| {
+            for (idx, len) in batch {
+                if held.is_empty() {
+                    since = Instant::now();
+                }
+                let outcome = (|| {
                     let n = usize::try_from(len).expect("chunk fits in memory");
                     buf.resize(n, 0);
                     source.read_at(&mut buf, idx * cs)?;
@@ -430,16 +450,14 @@ impl<'r> Session<'r> {
                     }
                     fresh.push(chunk::prepare(id, ChunkKind::Data, &buf, &mut comp));
                     Ok(None)
-                })());
-            }
-            let mut sealed = chunk::seal_many(self.repo.keys(), fresh).into_iter();
-            for ((idx, len), outcome) in batch.into_iter().zip(outcomes) {
-                let outcome = outcome.map(|o| {
-                    o.unwrap_or_else(|| Outcome::New(sealed.next().expect("one per new chunk")))
-                });
-                if out.send(Msg::Block { idx, len, outcome }).is_err() {
+                })();
+                held.push((idx, len, outcome));
+                if since.elapsed() >= SEAL_WAIT && !flush(&mut held, &mut fresh) {
                     return;
                 }
+            }
+            if !flush(&mut held, &mut fresh) {
+                return;
             }
         }
     }
@@ -536,6 +554,9 @@ const READ_AHEAD_BYTES: u64 = 32 << 20;
 
 /// Blocks per worker job: the new chunks among them are sealed together.
 const SEAL_BATCH: usize = 8;
+
+/// The longest a finished chunk waits for the rest of its job to be read.
+const SEAL_WAIT: Duration = Duration::from_millis(50);
 
 #[allow(clippy::too_many_arguments)]
 fn dispatch(

@@ -144,11 +144,13 @@ pub fn check(repo: &Repository, read_data: bool, threads: usize) -> Result<Check
                         return;
                     }
                 };
-                for e in entries.values() {
-                    read.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if let Err(reason) = verify_blob(repo, &pname, &data, e) {
-                        found.lock().expect("lock").push((e.id, reason));
-                    }
+                let mut data = data;
+                let mut sorted: Vec<&BlobEntry> = entries.values().collect();
+                sorted.sort_by_key(|e| e.offset);
+                read.fetch_add(sorted.len(), std::sync::atomic::Ordering::Relaxed);
+                let bad = verify_blobs(repo, &pname, &mut data, &sorted);
+                if !bad.is_empty() {
+                    found.lock().expect("lock").extend(bad);
                 }
             })
         });
@@ -219,32 +221,66 @@ pub fn check(repo: &Repository, read_data: bool, threads: usize) -> Result<Check
     Ok(report)
 }
 
-fn verify_blob(
+/// Open, decompress and re-hash the blobs of one pack (`entries` sorted by
+/// offset), several at once and in place in `pack`. Returns the damaged
+/// ones, each with why.
+fn verify_blobs(
     repo: &Repository,
     pname: &str,
-    pack: &[u8],
-    e: &BlobEntry,
-) -> std::result::Result<(), String> {
-    let start = usize::try_from(e.offset).map_err(|_| "offset".to_string())?;
-    let len = usize::try_from(e.stored_len).map_err(|_| "length".to_string())?;
-    let sealed = start
-        .checked_add(len)
-        .and_then(|end| pack.get(start..end))
-        .ok_or_else(|| format!("lies past the end of pack {pname}"))?;
-    let loc = Location {
-        pack: ObjectId([0; 16]),
-        offset: e.offset,
-        stored_len: e.stored_len,
-        raw_len: e.raw_len,
-        kind: e.kind,
-        compressed: e.compressed,
-    };
-    let plain =
-        chunk::decode(repo.keys(), &e.id, &loc, pname, sealed).map_err(|err| err.to_string())?;
-    if repo.keys().chunk_id(&plain) != e.id {
-        return Err(format!("content does not match its id (pack {pname})"));
+    pack: &mut [u8],
+    entries: &[&BlobEntry],
+) -> Vec<(ChunkId, String)> {
+    let mut bad = Vec::new();
+    let locs: Vec<Location> = entries
+        .iter()
+        .map(|e| Location {
+            pack: ObjectId([0; 16]),
+            offset: e.offset,
+            stored_len: e.stored_len,
+            raw_len: e.raw_len,
+            kind: e.kind,
+            compressed: e.compressed,
+        })
+        .collect();
+    let mut rest: &mut [u8] = pack;
+    let mut pos = 0u64;
+    for group in entries.iter().zip(&locs).collect::<Vec<_>>().chunks(8) {
+        // Cut each blob from the pack. One that overlaps the one before (a
+        // damaged trailer) or lies past the end is reported, not opened.
+        let mut blobs = Vec::with_capacity(group.len());
+        for (e, loc) in group {
+            let cut = (|| {
+                let skip = usize::try_from(e.offset.checked_sub(pos)?).ok()?;
+                let len = usize::try_from(e.stored_len).ok()?;
+                let (_, tail) = std::mem::take(&mut rest).split_at_mut_checked(skip)?;
+                let (blob, tail) = tail.split_at_mut_checked(len)?;
+                rest = tail;
+                pos = e.offset.checked_add(u64::from(e.stored_len))?;
+                Some(blob)
+            })();
+            match cut {
+                Some(blob) => blobs.push((&e.id, *loc, blob)),
+                None => bad.push((
+                    e.id,
+                    format!("lies past the end of pack {pname}, or overlaps another chunk"),
+                )),
+            }
+        }
+        let ids: Vec<ChunkId> = blobs.iter().map(|(id, _, _)| **id).collect();
+        for (id, r) in ids
+            .into_iter()
+            .zip(chunk::decode_many(repo.keys(), pname, blobs))
+        {
+            match r {
+                Err(err) => bad.push((id, err.to_string())),
+                Ok(plain) if repo.keys().chunk_id(&plain) != id => {
+                    bad.push((id, format!("content does not match its id (pack {pname})")))
+                }
+                Ok(_) => {}
+            }
+        }
     }
-    Ok(())
+    bad
 }
 
 struct Walker<'a> {
