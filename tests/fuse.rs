@@ -496,6 +496,81 @@ fn fuse_guest_files_equal_the_originals() {
     drop(lm);
 }
 
+/// Inodes in the mounted tree now, as `statfs` reports them (f_files).
+fn inode_count(path: &Path) -> u64 {
+    let out = Command::new("stat")
+        .args(["-f", "-c", "%c"])
+        .arg(path)
+        .output()
+        .expect("running stat");
+    assert!(out.status.success(), "stat -f {}", path.display());
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// Walking a guest filesystem of thousands of files grows the daemon's
+/// inode table; when the kernel trims its own cache (here: drop_caches),
+/// the forgotten inodes leave the table too, and every file still reads
+/// exactly as before.
+#[test]
+fn fuse_forgotten_inodes_leave_the_table() {
+    require_fuse();
+    let env = Env::init(&[]);
+    let files = guest_tree(&env, "guest", 1 << 20);
+    let many = files.dir.join("many");
+    fs::create_dir_all(&many).unwrap();
+    const N: usize = 3000;
+    for i in 0..N {
+        write_file(
+            &many.join(format!("f{i:05}")),
+            format!("file {i}\n").as_bytes(),
+        );
+    }
+    let disk = env.path("sdb.raw");
+    mkfs(&files.dir, &disk, "32M");
+    env.backup("vm", &[("sdb", &disk)]);
+
+    let m = Mounted::start(&env, &env.path("mnt"));
+    let root = m.path("vm/latest/sdb/whole");
+    let walk = || {
+        let mut names = listing(&root.join("many"));
+        names.sort();
+        assert_eq!(names.len(), N);
+        for name in &names {
+            // A lookup of every file, and a read of some.
+            let p = root.join("many").join(name);
+            let meta = fs::metadata(&p).unwrap();
+            assert!(meta.is_file(), "{name}");
+            if name.ends_with('7') {
+                let i: usize = name[1..].parse().unwrap();
+                assert_eq!(read_all(&p), format!("file {i}\n").as_bytes());
+            }
+        }
+    };
+    walk();
+    let walked = inode_count(&m.path(""));
+    assert!(
+        walked > N as u64,
+        "{walked} inodes after looking up {N} files"
+    );
+    // The kernel forgets unused dentries and inodes, and tells the daemon.
+    fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    wait_until(
+        "the daemon to drop forgotten inodes",
+        Duration::from_secs(20),
+        || inode_count(&m.path("")) < walked / 4,
+    );
+    // Everything reads as before, under new inode numbers where needed.
+    walk();
+    assert_eq!(
+        sha256_file(&root.join("big.bin")),
+        sha256_file(&files.dir.join("big.bin"))
+    );
+    assert_eq!(
+        read_all(&root.join("etc/deeper/still/nested.txt")),
+        read_all(&files.dir.join("etc/deeper/still/nested.txt"))
+    );
+}
+
 /// A FAT32 EFI system partition and a bare FAT16 disk (made by mkfs.vfat and
 /// filled by mtools, not by the code under test) read like the originals:
 /// long names, nested folders, sizes, mtimes, case-insensitive lookups.

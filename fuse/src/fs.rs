@@ -793,14 +793,24 @@ impl Filesystem for EkkoFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.ready.wait(std::time::Duration::from_secs(2));
-        let r = self
-            .node(parent)
-            .and_then(|p| self.lookup_node(&p, name))
-            .and_then(|n| self.attr(&n));
+        let r = self.node(parent).and_then(|p| loop {
+            let n = self.lookup_node(&p, name)?;
+            let attr = self.attr(&n)?;
+            // Counted only once the reply is certain; a node forgotten in
+            // between is looked up again.
+            if self.tree.pin(&n) {
+                break Ok(attr);
+            }
+        });
         match r {
             Ok((attr, ttl)) => reply.entry(&ttl, &attr, Generation(0)),
             Err(e) => reply.error(e),
         }
+    }
+
+    // fuser's default `batch_forget` calls this for each inode.
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.tree.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {

@@ -1,11 +1,19 @@
 //! The inode table: what each inode number stands for.
 //!
 //! Inodes are created lazily, the first time a name is looked up or listed,
-//! and never reused, so a number means the same thing for the life of the
-//! mount. The same (parent, name) always yields the same inode. Nothing in
-//! here does I/O.
+//! and numbers are never reused, so a number means one thing for the life
+//! of the mount. While the kernel remembers an inode, the same (parent,
+//! name) yields it again.
+//!
+//! The table follows the kernel's own cache: each lookup the kernel is told
+//! of is counted, and when the kernel forgets an inode (FUSE `forget`, sent
+//! as it trims its dentry cache under memory pressure) the node goes, with
+//! the nodes a listing of it made that nothing looked up. So walking a
+//! guest filesystem of millions of files does not grow the daemon without
+//! bound. Nothing in here does I/O.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::SystemTime;
 
@@ -64,11 +72,17 @@ pub struct Node {
     pub ino: u64,
     pub parent: u64,
     pub kind: Kind,
+    name: Vec<u8>,
+    /// Lookups the kernel was told of and has not forgotten.
+    lookups: AtomicU64,
 }
 
 pub struct Tree {
-    nodes: RwLock<Vec<Arc<Node>>>,
-    children: Mutex<HashMap<(u64, Vec<u8>), u64>>,
+    nodes: RwLock<HashMap<u64, Arc<Node>>>,
+    /// parent → name → inode. Also the lock that orders `child`, `pin`
+    /// and `forget`.
+    children: Mutex<HashMap<u64, HashMap<Vec<u8>, u64>>>,
+    next: AtomicU64,
 }
 
 impl Default for Tree {
@@ -83,19 +97,21 @@ impl Tree {
             ino: ROOT,
             parent: ROOT,
             kind: Kind::Root,
+            name: Vec::new(),
+            lookups: AtomicU64::new(0),
         });
         Tree {
-            nodes: RwLock::new(vec![root]),
+            nodes: RwLock::new(HashMap::from([(ROOT, root)])),
             children: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(ROOT + 1),
         }
     }
 
     pub fn get(&self, ino: u64) -> Option<Arc<Node>> {
-        let idx = usize::try_from(ino.checked_sub(1)?).ok()?;
-        self.nodes.read().expect("tree lock").get(idx).cloned()
+        self.nodes.read().expect("tree lock").get(&ino).cloned()
     }
 
-    /// Inodes handed out so far.
+    /// Inodes in the table now.
     pub fn inode_count(&self) -> u64 {
         u64::try_from(self.nodes.read().expect("tree lock").len()).unwrap_or(u64::MAX)
     }
@@ -110,24 +126,81 @@ impl Tree {
         make: impl FnOnce() -> Kind,
     ) -> Arc<Node> {
         let mut children = self.children.lock().expect("children lock");
-        let key = (parent, name.to_vec());
-        if let Some(ino) = children.get(&key) {
-            if let Some(n) = self.get(*ino) {
-                if same(&n.kind) {
-                    return n;
-                }
+        let kids = children.entry(parent).or_default();
+        if let Some(n) = kids.get(name).and_then(|ino| self.get(*ino)) {
+            if same(&n.kind) {
+                return n;
             }
         }
-        let mut nodes = self.nodes.write().expect("tree lock");
-        let ino = u64::try_from(nodes.len()).expect("fits") + 1;
+        let ino = self.next.fetch_add(1, Ordering::Relaxed);
         let node = Arc::new(Node {
             ino,
             parent,
             kind: make(),
+            name: name.to_vec(),
+            lookups: AtomicU64::new(0),
         });
-        nodes.push(Arc::clone(&node));
-        children.insert(key, ino);
+        // A replaced node (a name that now means something else) stays
+        // until the kernel forgets it.
+        kids.insert(name.to_vec(), ino);
+        self.nodes
+            .write()
+            .expect("tree lock")
+            .insert(ino, Arc::clone(&node));
         node
+    }
+
+    /// Count one lookup of `node` that is about to be replied to the
+    /// kernel. `false` if the node left the table meanwhile (forgotten
+    /// between being found and now): the caller looks it up again.
+    pub fn pin(&self, node: &Node) -> bool {
+        let _order = self.children.lock().expect("children lock");
+        if self.get(node.ino).is_none() {
+            return false;
+        }
+        node.lookups.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// The kernel forgot `n` lookups of `ino`. At zero the node leaves the
+    /// table, with the children that only a listing made.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == ROOT {
+            return;
+        }
+        let mut children = self.children.lock().expect("children lock");
+        let Some(node) = self.get(ino) else {
+            return;
+        };
+        let left = node.lookups.load(Ordering::Relaxed).saturating_sub(n);
+        node.lookups.store(left, Ordering::Relaxed);
+        if left > 0 {
+            return;
+        }
+        let mut nodes = self.nodes.write().expect("tree lock");
+        nodes.remove(&ino);
+        if let Some(kids) = children.get_mut(&node.parent) {
+            if kids.get(&node.name) == Some(&ino) {
+                kids.remove(&node.name);
+            }
+            if kids.is_empty() {
+                children.remove(&node.parent);
+            }
+        }
+        if let Some(mut kids) = children.remove(&ino) {
+            kids.retain(|_, k| {
+                let looked_up = nodes
+                    .get(k)
+                    .is_some_and(|c| c.lookups.load(Ordering::Relaxed) > 0);
+                if !looked_up {
+                    nodes.remove(k);
+                }
+                looked_up
+            });
+            if !kids.is_empty() {
+                children.insert(ino, kids);
+            }
+        }
     }
 }
 
