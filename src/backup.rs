@@ -402,7 +402,9 @@ impl<'r> Session<'r> {
     /// together (faster than one by one, see `siv`), and hand every
     /// outcome on. A slow source (a rate limit, a remote disk) must not hold
     /// finished chunks back, so the worker also seals what it has once the
-    /// oldest has waited `SEAL_WAIT`.
+    /// oldest has waited `SEAL_WAIT`; and it never holds more than
+    /// `SEAL_BYTES` of them, so memory stays bounded per worker whatever the
+    /// chunk size.
     fn worker(
         &self,
         source: &dyn Source,
@@ -452,7 +454,10 @@ impl<'r> Session<'r> {
                     Ok(None)
                 })();
                 held.push((idx, len, outcome));
-                if since.elapsed() >= SEAL_WAIT && !flush(&mut held, &mut fresh) {
+                let holding: usize = fresh.iter().map(chunk::Prepared::stored_len).sum();
+                if (since.elapsed() >= SEAL_WAIT || holding >= SEAL_BYTES)
+                    && !flush(&mut held, &mut fresh)
+                {
                     return;
                 }
             }
@@ -557,6 +562,9 @@ const SEAL_BATCH: usize = 8;
 
 /// The longest a finished chunk waits for the rest of its job to be read.
 const SEAL_WAIT: Duration = Duration::from_millis(50);
+
+/// The most a worker holds of compressed chunks waiting to be sealed.
+const SEAL_BYTES: usize = 4 << 20;
 
 #[allow(clippy::too_many_arguments)]
 fn dispatch(

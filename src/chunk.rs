@@ -70,6 +70,13 @@ pub struct Prepared {
     buf: Vec<u8>,
 }
 
+impl Prepared {
+    /// Bytes it holds (and will store).
+    pub fn stored_len(&self) -> usize {
+        self.buf.len()
+    }
+}
+
 /// Compress `plain`, the plaintext of chunk `id`, into an exactly sized
 /// buffer with room for the tag.
 pub fn prepare(id: ChunkId, kind: ChunkKind, plain: &[u8], comp: &mut Compressor) -> Prepared {
