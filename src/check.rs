@@ -242,22 +242,13 @@ fn verify_blobs(
             compressed: e.compressed,
         })
         .collect();
-    let mut rest: &mut [u8] = pack;
-    let mut pos = 0u64;
+    let mut cutter = chunk::Cutter::new(pack, 0);
     for group in entries.iter().zip(&locs).collect::<Vec<_>>().chunks(8) {
         // Cut each blob from the pack. One that overlaps the one before (a
         // damaged trailer) or lies past the end is reported, not opened.
         let mut blobs = Vec::with_capacity(group.len());
         for (e, loc) in group {
-            let cut = (|| {
-                let skip = usize::try_from(e.offset.checked_sub(pos)?).ok()?;
-                let len = usize::try_from(e.stored_len).ok()?;
-                let (_, tail) = std::mem::take(&mut rest).split_at_mut_checked(skip)?;
-                let (blob, tail) = tail.split_at_mut_checked(len)?;
-                rest = tail;
-                pos = e.offset.checked_add(u64::from(e.stored_len))?;
-                Some(blob)
-            })();
+            let cut = cutter.cut(e.offset, e.stored_len);
             match cut {
                 Some(blob) => blobs.push((&e.id, *loc, blob)),
                 None => bad.push((

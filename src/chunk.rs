@@ -183,6 +183,41 @@ pub fn decode_many<'a>(
         })
 }
 
+/// Cuts the blobs of a fetched range of a pack out of its buffer, in order
+/// of offset, each as its own mutable slice (opening decrypts in place).
+pub struct Cutter<'a> {
+    rest: &'a mut [u8],
+    /// The pack offset where `rest` starts.
+    pos: u64,
+}
+
+impl<'a> Cutter<'a> {
+    /// `buf` holds the pack's bytes from offset `start`.
+    pub fn new(buf: &'a mut [u8], start: u64) -> Cutter<'a> {
+        Cutter {
+            rest: buf,
+            pos: start,
+        }
+    }
+
+    /// The blob at `loc`, or `None` if it starts before the end of the
+    /// previous one (overlapping or repeated) or runs past the buffer.
+    /// Only a successful cut moves the cutter on.
+    pub fn cut(&mut self, offset: u64, stored_len: u32) -> Option<&'a mut [u8]> {
+        let skip = usize::try_from(offset.checked_sub(self.pos)?).ok()?;
+        let len = usize::try_from(stored_len).ok()?;
+        let end = offset.checked_add(u64::from(stored_len))?;
+        if self.rest.len() < skip.checked_add(len)? {
+            return None;
+        }
+        let (_, tail) = std::mem::take(&mut self.rest).split_at_mut(skip);
+        let (blob, tail) = tail.split_at_mut(len);
+        self.rest = tail;
+        self.pos = end;
+        Some(blob)
+    }
+}
+
 /// True if every byte is zero. Zero chunks are never stored.
 pub fn is_zero(data: &[u8]) -> bool {
     let mut blocks = data.chunks_exact(64);
@@ -203,6 +238,22 @@ pub fn is_zero(data: &[u8]) -> bool {
 mod tests {
     use super::*;
     use crate::id::ObjectId;
+
+    #[test]
+    fn cutter_cuts_in_order_and_survives_a_bad_entry() {
+        let mut buf: Vec<u8> = (0..100).collect();
+        let mut c = Cutter::new(&mut buf, 1000);
+        assert_eq!(c.cut(1010, 5).unwrap(), &[10, 11, 12, 13, 14]);
+        assert!(c.cut(1012, 4).is_none(), "overlaps the one before");
+        assert!(c.cut(1090, 20).is_none(), "runs past the end");
+        assert!(c.cut(999, 1).is_none(), "before the start");
+        let b = c.cut(1015, 2).unwrap();
+        b[0] = 99;
+        assert_eq!(b, &[99, 16]);
+        assert_eq!(c.cut(1095, 5).unwrap(), &[95, 96, 97, 98, 99]);
+        assert!(c.cut(1100, 1).is_none());
+        assert_eq!(c.cut(1100, 0).unwrap(), &[] as &[u8]);
+    }
 
     #[test]
     fn zero_detection() {

@@ -303,24 +303,14 @@ impl DiskReader {
         }
         chunks.extend((from < run.blocks.len()).then(|| &run.blocks[from..]));
 
-        let mut rest = fetched.unwrap_or_default();
-        let mut pos = run.start;
+        let mut cutter = crate::chunk::Cutter::new(fetched.unwrap_or_default(), run.start);
         for group in chunks.chunks(DECODE_BATCH) {
             // Cut each chunk's sealed bytes from the fetched run; `None` if
             // the run was not fetched or does not hold them.
-            let mut sealed: Vec<Option<&mut [u8]>> = Vec::with_capacity(group.len());
-            for blocks in group {
-                let loc = &blocks[0].2;
-                sealed.push((|| {
-                    let skip = usize::try_from(loc.offset.checked_sub(pos)?).ok()?;
-                    let len = usize::try_from(loc.stored_len).ok()?;
-                    let (_, tail) = std::mem::take(&mut rest).split_at_mut_checked(skip)?;
-                    let (blob, tail) = tail.split_at_mut_checked(len)?;
-                    rest = tail;
-                    pos = loc.offset.checked_add(u64::from(loc.stored_len))?;
-                    Some(blob)
-                })());
-            }
+            let sealed: Vec<Option<&mut [u8]>> = group
+                .iter()
+                .map(|blocks| cutter.cut(blocks[0].2.offset, blocks[0].2.stored_len))
+                .collect();
             let have: Vec<bool> = sealed.iter().map(Option::is_some).collect();
             let blobs: Vec<_> = group
                 .iter()
