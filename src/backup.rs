@@ -557,9 +557,6 @@ const UPLOAD_MEMORY: u64 = 256 << 20;
 /// How far ahead of the workers the dispatcher asks the source to fetch.
 const READ_AHEAD_BYTES: u64 = 32 << 20;
 
-/// Blocks per worker job: the new chunks among them are sealed together.
-const SEAL_BATCH: usize = 8;
-
 /// The longest a finished chunk waits for the rest of its job to be read.
 const SEAL_WAIT: Duration = Duration::from_millis(50);
 
@@ -577,7 +574,7 @@ fn dispatch(
     out: &Sender<Msg>,
     cancel: &AtomicBool,
 ) {
-    let mut batch = Vec::with_capacity(SEAL_BATCH);
+    let mut batch = Vec::with_capacity(chunk::BATCH);
     let ahead = (READ_AHEAD_BYTES / cs).max(2);
     // Blocks in reading order, so that hints can run ahead of the workers.
     let order = || runs.iter().flat_map(|&(from, to)| from..to);
@@ -606,11 +603,11 @@ fn dispatch(
                 source.will_need(h * cs, cs.min(size - h * cs));
             }
             batch.push((idx, len));
-            if batch.len() == SEAL_BATCH
+            if batch.len() == chunk::BATCH
                 && jobs
                     .send(std::mem::replace(
                         &mut batch,
-                        Vec::with_capacity(SEAL_BATCH),
+                        Vec::with_capacity(chunk::BATCH),
                     ))
                     .is_err()
             {

@@ -243,14 +243,13 @@ fn verify_blobs(
         })
         .collect();
     let mut cutter = chunk::Cutter::new(pack, 0);
-    for group in entries.iter().zip(&locs).collect::<Vec<_>>().chunks(8) {
+    for (group, group_locs) in entries.chunks(chunk::BATCH).zip(locs.chunks(chunk::BATCH)) {
         // Cut each blob from the pack. One that overlaps the one before (a
         // damaged trailer) or lies past the end is reported, not opened.
         let mut blobs = Vec::with_capacity(group.len());
-        for (e, loc) in group {
-            let cut = cutter.cut(e.offset, e.stored_len);
-            match cut {
-                Some(blob) => blobs.push((&e.id, *loc, blob)),
+        for (e, loc) in group.iter().zip(group_locs) {
+            match cutter.cut(e.offset, e.stored_len) {
+                Some(blob) => blobs.push((&e.id, loc, blob)),
                 None => bad.push((
                     e.id,
                     format!("lies past the end of pack {pname}, or overlaps another chunk"),

@@ -9,6 +9,9 @@ use crate::error::{Error, Result};
 use crate::format::{ChunkKind, Location};
 use crate::id::ChunkId;
 
+/// Chunks sealed or opened together: as many as AES-SIV runs side by side.
+pub const BATCH: usize = crate::siv::LANES;
+
 /// A chunk ready to be appended to a pack.
 pub struct EncodedChunk {
     pub id: ChunkId,

@@ -85,9 +85,6 @@ impl ChunkCache {
 
 /// Neighbouring chunks of one pack, fetched with one ranged read, and the
 /// blocks of the disk they fill. See `DiskReader::plan`.
-/// Blocks of a run opened together by `decode_run`.
-const DECODE_BATCH: usize = 8;
-
 pub struct PackRun {
     pack: ObjectId,
     /// Byte range of the pack: from the first chunk to the end of the last.
@@ -293,18 +290,12 @@ impl DiskReader {
         let pname = crate::pack::pack_name(&run.pack);
         // Blocks that hold the same chunk are neighbours (the run is sorted
         // by offset): decode each chunk once, for all its blocks.
-        let mut chunks: Vec<&[(u64, ChunkId, format::Location)]> = Vec::new();
-        let mut from = 0;
-        for (i, (_, _, loc)) in run.blocks.iter().enumerate().skip(1) {
-            if loc.offset != run.blocks[i - 1].2.offset {
-                chunks.push(&run.blocks[from..i]);
-                from = i;
-            }
-        }
-        chunks.extend((from < run.blocks.len()).then(|| &run.blocks[from..]));
-
+        let chunks: Vec<_> = run
+            .blocks
+            .chunk_by(|a, b| a.2.offset == b.2.offset)
+            .collect();
         let mut cutter = crate::chunk::Cutter::new(fetched.unwrap_or_default(), run.start);
-        for group in chunks.chunks(DECODE_BATCH) {
+        for group in chunks.chunks(crate::chunk::BATCH) {
             // Cut each chunk's sealed bytes from the fetched run; `None` if
             // the run was not fetched or does not hold them.
             let sealed: Vec<Option<&mut [u8]>> = group

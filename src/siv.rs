@@ -20,8 +20,8 @@ use aes::cipher::{
 /// A 16-byte block.
 type B16 = [u8; 16];
 
-/// How many CMAC chains run side by side.
-const LANES: usize = 8;
+/// How many CMAC chains run side by side: callers batch this many messages.
+pub const LANES: usize = 8;
 
 /// The length of the synthetic IV that prefixes every sealed message.
 pub const TAG_LEN: usize = 16;
@@ -161,25 +161,13 @@ impl BlockCipherEncClosure for CmacPass<'_, '_> {
                 .unwrap_or(0);
             for k in 0..steps {
                 let at = k * 16;
-                if active == LANES {
-                    // A fixed count, unrolled, so that the compiler can
-                    // interleave the lanes' AES rounds.
-                    for s in 0..LANES {
-                        let m: B16 = slots[s].1[at..at + 16].try_into().expect("16 bytes");
-                        x[s] = xor(x[s].0, m).into();
-                    }
-                    for xs in &mut x {
-                        be.encrypt_block_inplace(xs);
-                    }
-                } else {
-                    for (xs, (_, rest)) in x[..active].iter_mut().zip(&slots[..active]) {
-                        let m: B16 = rest[at..at + 16].try_into().expect("16 bytes");
-                        *xs = xor(xs.0, m).into();
-                    }
-                    // Independent blocks: the CPU overlaps these AES calls.
-                    for xs in &mut x[..active] {
-                        be.encrypt_block_inplace(xs);
-                    }
+                for (xs, (_, rest)) in x[..active].iter_mut().zip(&slots[..active]) {
+                    let m: B16 = rest[at..at + 16].try_into().expect("16 bytes");
+                    *xs = xor(xs.0, m).into();
+                }
+                // Independent blocks: the CPU overlaps these AES calls.
+                for xs in &mut x[..active] {
+                    be.encrypt_block_inplace(xs);
                 }
             }
             let mut s = 0;
