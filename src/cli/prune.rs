@@ -22,7 +22,7 @@ pub struct GcArgs {
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub clock_skew: Duration,
     /// Repack a pack when at least this percentage of it is garbage.
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
+    #[arg(long, default_value_t = ekko::prune::DEFAULT_REPACK_THRESHOLD, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub repack_threshold: u8,
     /// Crash tests: pause after every change to the repository.
     #[arg(long, hide = true, value_parser = humantime::parse_duration)]

@@ -35,6 +35,12 @@ use crate::pack::{self, PackWriter};
 use crate::repo::Repository;
 use crate::snapshot;
 
+mod placement;
+
+/// Repack a pack once this percentage of it is garbage, so that garbage
+/// stays below it across the repository (borg compact's default too).
+pub const DEFAULT_REPACK_THRESHOLD: u8 = 10;
+
 #[derive(Debug, Clone)]
 pub struct PruneOptions {
     /// How long a pack stays marked before it may be deleted; also the
@@ -60,7 +66,7 @@ impl Default for PruneOptions {
         PruneOptions {
             grace: gc::DEFAULT_GRACE,
             skew: gc::DEFAULT_SKEW,
-            repack_threshold: 50,
+            repack_threshold: DEFAULT_REPACK_THRESHOLD,
             dry_run: false,
             step_delay: None,
             assume_forgotten: HashSet::new(),
@@ -291,25 +297,38 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     report.marks_completed = due.len();
 
     // 3. Choose one location per chunk: an existing pack not being deleted,
-    //    preferring unmarked packs, then packs that cover the most live
-    //    bytes (so that duplicate copies end up whole packs of garbage).
-    let rank = cover_rank(&referenced, &locs, |p| {
-        packs.contains_key(p) && !deleting.contains(p) && !marked.contains(p)
-    });
-    let choose = |v: &Vec<Location>, extra_marked: &HashSet<ObjectId>| -> Option<Location> {
-        v.iter()
+    //    preferring unmarked packs, then the copy `placement` picks (so that
+    //    duplicate copies end up whole packs of garbage).
+    let candidates: HashMap<ObjectId, placement::Candidate> = packs
+        .iter()
+        .filter(|(p, _)| !deleting.contains(*p) && !marked.contains(*p))
+        .map(|(p, info)| {
+            let fixed = !older_than(now, info.modified, grace);
+            (
+                *p,
+                placement::Candidate {
+                    size: info.size,
+                    fixed,
+                },
+            )
+        })
+        .collect();
+    let placed = placement::place(&referenced, &locs, &candidates, opts.repack_threshold);
+    let choose = |id: &ChunkId, extra_marked: &HashSet<ObjectId>| -> Option<Location> {
+        locs[id]
+            .iter()
             .filter(|l| packs.contains_key(&l.pack) && !deleting.contains(&l.pack))
             .max_by_key(|l| {
                 let unmarked = !marked.contains(&l.pack) && !extra_marked.contains(&l.pack);
-                let r = rank.get(&l.pack).copied().unwrap_or(0);
-                (unmarked, r, packs[&l.pack].modified, l.pack.0)
+                let here = placed.get(id) == Some(&l.pack);
+                (unmarked, here, packs[&l.pack].modified, l.pack.0)
             })
             .copied()
     };
     let none = HashSet::new();
     let mut live: HashMap<ObjectId, u64> = HashMap::new();
     for id in &referenced {
-        if let Some(l) = choose(&locs[id], &none) {
+        if let Some(l) = choose(id, &none) {
             *live.entry(l.pack).or_default() += u64::from(l.stored_len);
         }
     }
@@ -326,10 +345,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
         let l = live.get(id).copied().unwrap_or(0);
         if l == 0 {
             new_marks.push(*id);
-        } else if info.size > 0
-            && (info.size.saturating_sub(l)).saturating_mul(100)
-                >= info.size.saturating_mul(u64::from(opts.repack_threshold))
-        {
+        } else if placement::repacks(info.size, l, opts.repack_threshold) {
             to_repack.push(*id);
         }
     }
@@ -347,11 +363,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
                 .into_iter()
                 .flatten()
                 .filter(|c| referenced.contains(*c))
-                .filter_map(|c| {
-                    choose(&locs[c], &none)
-                        .filter(|l| l.pack == *p)
-                        .map(|l| (*c, l))
-                })
+                .filter_map(|c| choose(c, &none).filter(|l| l.pack == *p).map(|l| (*c, l)))
                 .collect();
             if opts.dry_run {
                 report.packs_repacked += 1;
@@ -422,7 +434,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
         for (id, v) in &locs {
             if let Some(l) = chosen_override.get(id) {
                 entries.push((*id, *l));
-            } else if let Some(l) = choose(v, &newly_marked) {
+            } else if let Some(l) = choose(id, &newly_marked) {
                 entries.push((*id, l));
             } else if let Some(l) = v.iter().find(|l| !deleting.contains(&l.pack)) {
                 // Its pack is missing: damage that `check` must still see.
@@ -493,99 +505,4 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     report.seconds = started.elapsed().as_secs_f64();
     drop(lock);
     Ok(report)
-}
-
-/// A preference among the packs that `usable` accepts, higher first: a
-/// greedy cover of the referenced chunks. The pack holding the most
-/// referenced bytes comes first; each next one is the pack holding the most
-/// bytes that no earlier pack holds. Choosing every chunk's copy from its
-/// best-ranked pack keeps live data in as few packs as possible, so the
-/// extra copies that concurrent first backups store (each host its own)
-/// become whole packs of garbage instead of half-live packs.
-fn cover_rank(
-    referenced: &HashSet<ChunkId>,
-    locs: &HashMap<ChunkId, Vec<Location>>,
-    usable: impl Fn(&ObjectId) -> bool,
-) -> HashMap<ObjectId, u64> {
-    let mut holds: HashMap<ObjectId, Vec<(ChunkId, u64)>> = HashMap::new();
-    for id in referenced {
-        for l in locs.get(id).into_iter().flatten() {
-            if usable(&l.pack) {
-                holds
-                    .entry(l.pack)
-                    .or_default()
-                    .push((*id, u64::from(l.stored_len)));
-            }
-        }
-    }
-    // Lazy max-heap of (bytes not yet covered, pack): an entry whose
-    // weight went stale is pushed again with the current one.
-    let mut heap: std::collections::BinaryHeap<(u64, [u8; 16])> = holds
-        .iter()
-        .map(|(p, v)| (v.iter().map(|(_, n)| n).sum(), p.0))
-        .collect();
-    let mut covered: HashSet<ChunkId> = HashSet::new();
-    let mut rank = HashMap::new();
-    let mut next = u64::try_from(holds.len()).unwrap_or(u64::MAX);
-    while let Some((w, raw)) = heap.pop() {
-        let p = ObjectId(raw);
-        if rank.contains_key(&p) {
-            continue;
-        }
-        let now: u64 = holds[&p]
-            .iter()
-            .filter(|(c, _)| !covered.contains(c))
-            .map(|(_, n)| n)
-            .sum();
-        if now < w {
-            heap.push((now, raw));
-            continue;
-        }
-        rank.insert(p, next);
-        next = next.saturating_sub(1);
-        covered.extend(holds[&p].iter().map(|(c, _)| *c));
-    }
-    rank
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::format::ChunkKind;
-
-    /// Packs A = {1,2,3}, B = {1,2} (a second copy), C = {3,4}, D = {5}
-    /// (unreferenced): A covers most, then C adds chunk 4, and B adds
-    /// nothing, so B's copies are never chosen and B becomes garbage.
-    #[test]
-    fn cover_rank_prefers_packs_that_cover_the_most() {
-        let pack = |b: u8| ObjectId([b; 16]);
-        let chunk = |b: u8| ChunkId([b; 32]);
-        let loc = |p: u8| Location {
-            pack: pack(p),
-            offset: 0,
-            stored_len: 100,
-            raw_len: 100,
-            kind: ChunkKind::Data,
-            compressed: false,
-        };
-        let mut locs: HashMap<ChunkId, Vec<Location>> = HashMap::new();
-        for (c, ps) in [
-            (1, vec![b'A', b'B']),
-            (2, vec![b'A', b'B']),
-            (3, vec![b'A', b'C']),
-            (4, vec![b'C']),
-            (5, vec![b'D']),
-        ] {
-            locs.insert(chunk(c), ps.into_iter().map(loc).collect());
-        }
-        let referenced: HashSet<ChunkId> = (1..=4).map(chunk).collect();
-        let rank = cover_rank(&referenced, &locs, |_| true);
-        let r = |p: u8| rank.get(&pack(p)).copied().unwrap_or(0);
-        assert!(r(b'A') > r(b'C') && r(b'C') > r(b'B'), "{rank:?}");
-        assert!(!rank.contains_key(&pack(b'D')));
-        // An unusable pack is never ranked.
-        let rank = cover_rank(&referenced, &locs, |p| *p != pack(b'A'));
-        assert!(!rank.contains_key(&pack(b'A')));
-        assert!(rank.contains_key(&pack(b'B')) && rank.contains_key(&pack(b'C')));
-    }
 }
