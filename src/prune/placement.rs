@@ -1,18 +1,24 @@
 //! Which copy of each referenced chunk prune keeps, when several packs hold
 //! one (concurrent first backups each store their own copy of what they
 //! share). The choice decides how much garbage survives: prune keeps a pack
-//! whole while most of it is live, so a copy kept in a half-live pack keeps
-//! the rest of that pack too.
+//! whole while little of it is garbage, so a copy kept in a partly live
+//! pack keeps the rest of that pack too.
 //!
-//! 1. A greedy cover gives the first choice: the pack holding the most
-//!    referenced bytes first, then each next pack by the bytes it adds.
-//! 2. A local search then moves copies between packs while that lowers what
-//!    prune leaves behind: the packs it keeps whole, plus the live bytes it
-//!    copies out of the others, weighted by the repack threshold (a
-//!    threshold of `t`% means rewriting a byte is worth `t / (100 − t)`
-//!    bytes of garbage). One move takes a pack and sends its live chunks to
-//!    their other copies, all of them or only those that cost nothing where
-//!    they land; it stands only if the total drops.
+//! The choice is a set of packs to keep whole, made to lower what prune
+//! leaves: the kept packs' bytes, plus the referenced bytes no kept pack
+//! holds, which prune copies out of the others, weighted by the repack
+//! threshold (at `t` %, rewriting a byte is worth `t / (100 − t)` bytes of
+//! garbage, the same trade the threshold makes for a single pack).
+//!
+//! 1. Greedy: keep the pack that saves most, then the next, while one
+//!    saves anything. Packs prune keeps anyway (too young) come first.
+//! 2. Local search, while the cost falls: drop a kept pack, keep another,
+//!    or swap a kept pack for the packs that share chunks with it.
+//!
+//! Each chunk then lives in the first kept pack that holds it, or else in
+//! the pack with the most such chunks to copy out. Chunks are numbered and
+//! counted in vectors, not hashed, so that a repository of millions of
+//! chunks is placed in seconds.
 //!
 //! Safety does not depend on any of this: every referenced chunk keeps a
 //! copy in a pack prune keeps or repacks.
@@ -39,240 +45,239 @@ pub fn repacks(size: u64, live: u64, threshold: u8) -> bool {
         && u128::from(size.saturating_sub(live)) * 100 >= u128::from(size) * u128::from(threshold)
 }
 
-/// The pack whose copy of each referenced chunk prune keeps, among
-/// `candidates`. A chunk with no copy there is absent from the result.
+/// The pack whose copy prune keeps, for each referenced chunk with copies
+/// in more than one of `candidates`. (A chunk with one copy there keeps it.)
 pub fn place(
     referenced: &HashSet<ChunkId>,
     locs: &HashMap<ChunkId, Vec<Location>>,
     candidates: &HashMap<ObjectId, Candidate>,
     threshold: u8,
 ) -> HashMap<ChunkId, ObjectId> {
-    // Which referenced chunks each candidate holds, in a stable order.
-    let mut chunks: Vec<ChunkId> = referenced.iter().copied().collect();
-    chunks.sort_unstable();
-    let mut holds: HashMap<ObjectId, Vec<(ChunkId, u64)>> = HashMap::new();
-    let mut copies: HashMap<ChunkId, Vec<ObjectId>> = HashMap::new();
-    for id in &chunks {
-        let mut seen = Vec::new();
+    let mut packs: Vec<ObjectId> = candidates.keys().copied().collect();
+    packs.sort_unstable();
+    let number: HashMap<ObjectId, u32> = packs.iter().zip(0u32..).map(|(p, i)| (*p, i)).collect();
+    // Each pack's referenced chunks (by number), and the candidate copies
+    // of every chunk that has several.
+    let mut holds: Vec<Vec<(u32, u64)>> = vec![Vec::new(); packs.len()];
+    let mut several: Vec<(ChunkId, Vec<u32>)> = Vec::new();
+    let mut n: u32 = 0;
+    let mut seen: Vec<u32> = Vec::new();
+    for id in referenced {
+        seen.clear();
         for l in locs.get(id).into_iter().flatten() {
-            if candidates.contains_key(&l.pack) && !seen.contains(&l.pack) {
-                seen.push(l.pack);
-                holds
-                    .entry(l.pack)
-                    .or_default()
-                    .push((*id, u64::from(l.stored_len)));
+            if let Some(&p) = number.get(&l.pack) {
+                if !seen.contains(&p) {
+                    seen.push(p);
+                    holds[p as usize].push((n, u64::from(l.stored_len)));
+                }
             }
         }
-        if !seen.is_empty() {
-            copies.insert(*id, seen);
+        if seen.is_empty() {
+            continue;
         }
+        if seen.len() > 1 {
+            several.push((*id, seen.clone()));
+        }
+        n = n.checked_add(1).expect("fewer than 2^32 referenced chunks");
     }
-    let mut keep = Keep::new(&holds, &copies, candidates, threshold);
-    keep.search();
+    let sizes: Vec<Candidate> = packs.iter().map(|p| candidates[p]).collect();
+    let mut keep = Keep::new(&holds, &sizes, n, threshold);
+    keep.search(&several);
 
     // Each chunk's copy: in the kept pack chosen first, or else (it will be
     // repacked) in the pack that has the most such chunks to copy out.
-    let mut orphans: HashMap<ObjectId, u64> = HashMap::new();
-    for (p, v) in &holds {
-        if !keep.order.contains_key(p) {
-            let n = v
-                .iter()
-                .filter(|(c, _)| keep.count(c) == 0)
-                .map(|(_, n)| n)
-                .sum();
-            orphans.insert(*p, n);
-        }
-    }
-    copies
+    let orphans: Vec<u64> = holds
         .iter()
+        .enumerate()
+        .map(|(p, v)| match keep.order[p] {
+            Some(_) => 0,
+            None => v
+                .iter()
+                .filter(|(c, _)| keep.counts[*c as usize] == 0)
+                .map(|(_, n)| n)
+                .sum(),
+        })
+        .collect();
+    several
+        .into_iter()
         .filter_map(|(c, v)| {
             let kept = v
                 .iter()
-                .filter_map(|p| keep.order.get(p).map(|r| (*r, *p)))
+                .filter_map(|p| keep.order[*p as usize].map(|r| (r, *p)))
                 .min()
                 .map(|(_, p)| p);
-            let p = kept.or_else(|| v.iter().max_by_key(|p| (orphans.get(*p), p.0)).copied())?;
-            Some((*c, p))
+            let p =
+                kept.or_else(|| v.iter().copied().max_by_key(|p| (orphans[*p as usize], *p)))?;
+            Some((c, packs[p as usize]))
         })
         .collect()
 }
 
-/// The set of packs to keep whole, chosen to lower what prune leaves: each
-/// kept pack's size, plus each referenced byte that no kept pack holds
-/// (repacked) at the rewrite weight. Costs are scaled by `100 − t` so that
-/// the weight stays an integer: keeping `n` bytes costs `n·(100 − t)`, and
-/// repacking them `n·100`.
+/// The set of packs to keep whole, by number. Costs are scaled by
+/// `100 − t` so that the weight stays an integer: keeping `n` bytes costs
+/// `n·(100 − t)`, and repacking them `n·100`.
 struct Keep<'a> {
-    holds: &'a HashMap<ObjectId, Vec<(ChunkId, u64)>>,
-    copies: &'a HashMap<ChunkId, Vec<ObjectId>>,
-    candidates: &'a HashMap<ObjectId, Candidate>,
+    holds: &'a [Vec<(u32, u64)>],
+    packs: &'a [Candidate],
     threshold: u8,
-    /// Kept packs, with the order they were chosen in.
-    order: HashMap<ObjectId, u64>,
+    /// Kept packs: the order they were chosen in.
+    order: Vec<Option<u64>>,
     next: u64,
     /// How many kept packs hold each chunk.
-    counts: HashMap<ChunkId, u32>,
+    counts: Vec<u32>,
 }
 
 impl<'a> Keep<'a> {
     fn new(
-        holds: &'a HashMap<ObjectId, Vec<(ChunkId, u64)>>,
-        copies: &'a HashMap<ChunkId, Vec<ObjectId>>,
-        candidates: &'a HashMap<ObjectId, Candidate>,
+        holds: &'a [Vec<(u32, u64)>],
+        packs: &'a [Candidate],
+        chunks: u32,
         threshold: u8,
     ) -> Self {
         Keep {
             holds,
-            copies,
-            candidates,
+            packs,
             threshold,
-            order: HashMap::new(),
+            order: vec![None; packs.len()],
             next: 0,
-            counts: HashMap::new(),
+            counts: vec![0; chunks as usize],
         }
     }
 
-    fn count(&self, c: &ChunkId) -> u32 {
-        self.counts.get(c).copied().unwrap_or(0)
+    fn kept(&self, p: usize) -> bool {
+        self.order[p].is_some()
     }
 
-    fn chunks(&self, p: &ObjectId) -> &'a [(ChunkId, u64)] {
-        self.holds.get(p).map(Vec::as_slice).unwrap_or_default()
-    }
-
-    fn keep_cost(&self, p: &ObjectId) -> i128 {
-        i128::from(self.candidates[p].size) * i128::from(100 - self.threshold)
+    fn keep_cost(&self, p: usize) -> i128 {
+        i128::from(self.packs[p].size) * i128::from(100 - self.threshold)
     }
 
     /// What keeping `p` saves (negative: costs).
-    fn gain_add(&self, p: &ObjectId) -> i128 {
-        let uncovered: u64 = self
-            .chunks(p)
+    fn gain_add(&self, p: usize) -> i128 {
+        let uncovered: u64 = self.holds[p]
             .iter()
-            .filter(|(c, _)| self.count(c) == 0)
+            .filter(|(c, _)| self.counts[*c as usize] == 0)
             .map(|(_, n)| n)
             .sum();
         i128::from(uncovered) * 100 - self.keep_cost(p)
     }
 
     /// What no longer keeping `p` saves.
-    fn gain_remove(&self, p: &ObjectId) -> i128 {
-        let only: u64 = self
-            .chunks(p)
+    fn gain_remove(&self, p: usize) -> i128 {
+        let only: u64 = self.holds[p]
             .iter()
-            .filter(|(c, _)| self.count(c) == 1)
+            .filter(|(c, _)| self.counts[*c as usize] == 1)
             .map(|(_, n)| n)
             .sum();
         self.keep_cost(p) - i128::from(only) * 100
     }
 
-    fn add(&mut self, p: ObjectId) {
+    fn add(&mut self, p: usize) {
         self.next += 1;
         self.add_as(p, self.next);
     }
 
     /// Keep `p` as the `order`th choice.
-    fn add_as(&mut self, p: ObjectId, order: u64) {
-        self.order.insert(p, order);
-        for (c, _) in self.chunks(&p) {
-            *self.counts.entry(*c).or_default() += 1;
+    fn add_as(&mut self, p: usize, order: u64) {
+        self.order[p] = Some(order);
+        for (c, _) in &self.holds[p] {
+            self.counts[*c as usize] += 1;
         }
     }
 
     /// No longer keep `p`; its order, if it was kept.
-    fn remove(&mut self, p: &ObjectId) -> Option<u64> {
-        let order = self.order.remove(p)?;
-        for (c, _) in self.chunks(p) {
-            if let Some(n) = self.counts.get_mut(c) {
-                *n = n.saturating_sub(1);
-            }
+    fn remove(&mut self, p: usize) -> Option<u64> {
+        let order = self.order[p].take()?;
+        for (c, _) in &self.holds[p] {
+            let n = &mut self.counts[*c as usize];
+            *n = n.saturating_sub(1);
         }
         Some(order)
     }
 
     /// Greedy, then local moves while they lower the cost: drop a pack,
-    /// add one, or swap one for the packs that share chunks with it.
-    fn search(&mut self) {
-        let mut packs: Vec<ObjectId> = self.holds.keys().copied().collect();
-        packs.sort_unstable();
-        for p in &packs {
-            if self.candidates[p].fixed {
-                self.add(*p);
+    /// keep one, or swap one for the packs that share chunks with it.
+    fn search(&mut self, several: &[(ChunkId, Vec<u32>)]) {
+        let all = 0..self.packs.len();
+        for p in all.clone() {
+            if self.packs[p].fixed {
+                self.add(p);
             }
         }
         // A pack's gain only falls as others are kept: a lazy max-heap.
-        let mut heap: BinaryHeap<(i128, Reverse<[u8; 16]>)> = packs
-            .iter()
-            .filter(|p| !self.order.contains_key(*p))
-            .map(|p| (self.gain_add(p), Reverse(p.0)))
+        let mut heap: BinaryHeap<(i128, Reverse<usize>)> = all
+            .clone()
+            .filter(|p| !self.kept(*p))
+            .map(|p| (self.gain_add(p), Reverse(p)))
             .collect();
-        while let Some((g, Reverse(raw))) = heap.pop() {
-            let p = ObjectId(raw);
-            let now = self.gain_add(&p);
+        while let Some((g, Reverse(p))) = heap.pop() {
+            let now = self.gain_add(p);
             if now <= 0 {
                 continue;
             }
             if now < g {
-                heap.push((now, Reverse(raw)));
+                heap.push((now, Reverse(p)));
                 continue;
             }
             self.add(p);
         }
         // Packs that share chunks: where a swap can help.
-        let mut sharing: HashMap<ObjectId, Vec<ObjectId>> = HashMap::new();
-        for (p, v) in self.holds {
-            let mut n: Vec<ObjectId> = v
-                .iter()
-                .flat_map(|(c, _)| self.copies.get(c).into_iter().flatten())
-                .filter(|q| *q != p)
-                .copied()
-                .collect();
-            n.sort_unstable();
-            n.dedup();
-            n.truncate(MAX_SWAP_PARTNERS);
-            sharing.insert(*p, n);
+        let mut sharing: Vec<Vec<u32>> = vec![Vec::new(); self.packs.len()];
+        for (_, v) in several {
+            for p in v {
+                sharing[*p as usize].extend(v.iter().filter(|q| *q != p));
+            }
+        }
+        for v in &mut sharing {
+            v.sort_unstable();
+            v.dedup();
+            v.truncate(MAX_SWAP_PARTNERS);
         }
         for _ in 0..MAX_PASSES {
             let mut changed = false;
-            for p in &packs {
-                if self.candidates[p].fixed {
+            for p in all.clone() {
+                if self.packs[p].fixed {
                     continue;
                 }
-                if self.order.contains_key(p) {
-                    if self.gain_remove(p) > 0 {
-                        self.remove(p);
+                if !self.kept(p) {
+                    if self.gain_add(p) > 0 {
+                        self.add(p);
                         changed = true;
-                        continue;
                     }
-                    if sharing[p].is_empty() {
-                        continue;
-                    }
-                    // Swap p for the partners that gain most without it.
-                    let mut total = self.gain_remove(p);
-                    let was = self.remove(p).unwrap_or(self.next);
-                    let mut added = Vec::new();
-                    while let Some((g, Reverse(q))) = sharing[p]
-                        .iter()
-                        .filter(|q| !self.order.contains_key(*q))
-                        .map(|q| (self.gain_add(q), Reverse(q.0)))
-                        .max()
-                        .filter(|(g, _)| *g > 0)
-                    {
-                        total += g;
-                        added.push(ObjectId(q));
-                        self.add(ObjectId(q));
-                    }
-                    if total > 0 {
-                        changed = true;
-                    } else {
-                        for q in &added {
-                            self.remove(q);
-                        }
-                        self.add_as(*p, was);
-                    }
-                } else if self.gain_add(p) > 0 {
-                    self.add(*p);
+                    continue;
+                }
+                if self.gain_remove(p) > 0 {
+                    self.remove(p);
                     changed = true;
+                    continue;
+                }
+                if sharing[p].is_empty() {
+                    continue;
+                }
+                // Swap p for the partners that gain most without it.
+                let mut total = self.gain_remove(p);
+                let was = self.remove(p).unwrap_or(self.next);
+                let mut added = Vec::new();
+                while let Some((g, q)) = sharing[p]
+                    .iter()
+                    .map(|q| *q as usize)
+                    .filter(|q| !self.kept(*q))
+                    .map(|q| (self.gain_add(q), Reverse(q)))
+                    .max()
+                    .filter(|(g, _)| *g > 0)
+                    .map(|(g, Reverse(q))| (g, q))
+                {
+                    total += g;
+                    added.push(q);
+                    self.add(q);
+                }
+                if total > 0 {
+                    changed = true;
+                } else {
+                    for q in added {
+                        self.remove(q);
+                    }
+                    self.add_as(p, was);
                 }
             }
             if !changed {
@@ -301,6 +306,30 @@ mod tests {
             kind: ChunkKind::Data,
             compressed: false,
         }
+    }
+
+    /// `place`, plus the chunks with a single candidate copy.
+    fn place_all(
+        referenced: &HashSet<ChunkId>,
+        locs: &HashMap<ChunkId, Vec<Location>>,
+        candidates: &HashMap<ObjectId, Candidate>,
+        threshold: u8,
+    ) -> HashMap<ChunkId, ObjectId> {
+        let mut placed = place(referenced, locs, candidates, threshold);
+        for c in referenced {
+            let v: Vec<ObjectId> = locs[c]
+                .iter()
+                .map(|l| l.pack)
+                .filter(|p| candidates.contains_key(p))
+                .collect();
+            if v.len() == 1 {
+                assert!(
+                    placed.insert(*c, v[0]).is_none(),
+                    "single copies are not placed"
+                );
+            }
+        }
+        placed
     }
 
     /// What prune leaves with this placement, by its own rule: kept packs
@@ -356,18 +385,18 @@ mod tests {
             .iter()
             .map(|&(p, size)| (pack(p), Candidate { size, fixed: false }))
             .collect();
-        let placed = place(&referenced, &locs, &candidates, 50);
+        let placed = place_all(&referenced, &locs, &candidates, 50);
         assert_eq!(placed.len(), 4);
         assert_eq!(placed[&chunk(1)], pack(b'B'));
         assert_eq!(placed[&chunk(3)], pack(b'C'));
         assert_eq!(left(&placed, &locs, &candidates, 50), (400, 0));
         // Repacking everything partly garbage (threshold 0): A goes too,
         // and only the live bytes stay.
-        let placed = place(&referenced, &locs, &candidates, 0);
+        let placed = place_all(&referenced, &locs, &candidates, 0);
         assert_eq!(left(&placed, &locs, &candidates, 0).0, 400);
         // Never repacking (threshold 100): A covers most and is kept; C is
         // the only other copy of chunk 4.
-        let placed = place(&referenced, &locs, &candidates, 100);
+        let placed = place_all(&referenced, &locs, &candidates, 100);
         assert_eq!(placed[&chunk(1)], pack(b'A'));
         assert_eq!(left(&placed, &locs, &candidates, 100), (500, 0));
     }
@@ -405,7 +434,7 @@ mod tests {
                 },
             ),
         ]);
-        let placed = place(&referenced, &locs, &candidates, 50);
+        let placed = place_all(&referenced, &locs, &candidates, 50);
         assert_eq!(left(&placed, &locs, &candidates, 50), (300 + 100, 100));
     }
 
@@ -456,7 +485,7 @@ mod tests {
                         candidates.insert(p, Candidate { size, fixed: false });
                     }
                 }
-                let placed = place(&referenced, &locs, &candidates, threshold);
+                let placed = place_all(&referenced, &locs, &candidates, threshold);
                 assert_eq!(placed.len(), referenced.len());
                 let (stored, rewritten) = left(&placed, &locs, &candidates, threshold);
                 let maps = u64::try_from(HOSTS).unwrap() * u64::from(MAP);
