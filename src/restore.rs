@@ -7,6 +7,12 @@
 //! memory at about (2 × fetchers + decoders) runs. Holes are left as holes
 //! in a regular file (the output is sparse) and written as zeros on a block
 //! device.
+//!
+//! Whole blocks are written with `O_DIRECT` where the filesystem allows it
+//! (`Direct`): from an aligned buffer straight to the device, past the page
+//! cache. Buffered writes copy every byte into newly allocated page-cache
+//! pages under the inode's lock, which cost a restore of 1.37 GB here
+//! anywhere from 0.5 to 2.5 s of system time from one run to the next.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -114,9 +120,63 @@ impl Pipeline {
     }
 }
 
+/// Alignment of `O_DIRECT` buffers, offsets and lengths: the largest
+/// logical block size in use.
+const DIRECT_ALIGN: usize = 4096;
+
+/// Threads writing with `O_DIRECT`, and the aligned buffers they share with
+/// the decoders (each a block: 8 MiB with 1 MiB chunks).
+const DIRECT_WRITERS: usize = 2;
+const DIRECT_BUFFERS: usize = 4;
+
+/// A second descriptor on the output, opened with `O_DIRECT`, for the
+/// blocks whose length is a multiple of `DIRECT_ALIGN` (all but a short
+/// last block). `None` where the filesystem refuses it (tmpfs, some FUSE
+/// filesystems): everything is then written buffered.
+fn open_direct(to: &Path, buffered: bool) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if buffered {
+        return None;
+    }
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(to)
+        .ok()
+}
+
+/// A buffer whose usable part starts at a `DIRECT_ALIGN` boundary.
+struct Aligned {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl Aligned {
+    fn new(len: usize) -> Aligned {
+        let buf = vec![0u8; len + DIRECT_ALIGN];
+        let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+        Aligned { buf, start }
+    }
+
+    /// Copy `data` to the aligned start.
+    fn fill(&mut self, data: &[u8]) {
+        if self.start + data.len() > self.buf.len() {
+            *self = Aligned::new(data.len());
+        }
+        self.buf[self.start..self.start + data.len()].copy_from_slice(data);
+    }
+
+    /// The first `len` bytes from the aligned start.
+    fn get(&self, len: usize) -> &[u8] {
+        &self.buf[self.start..self.start + len]
+    }
+}
+
 pub struct RestoreOptions<'a> {
     pub threads: usize,
     pub overwrite: bool,
+    /// Write through the page cache, never with `O_DIRECT`.
+    pub buffered: bool,
     pub cancel: &'a AtomicBool,
     pub progress: Option<&'a (dyn Fn(u64) + Sync)>,
 }
@@ -151,6 +211,7 @@ pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Res
         f.set_len(reader.size()).map_err(|e| Error::io(to, e))?;
         f
     };
+    let direct = open_direct(to, opts.buffered);
     let cs = reader.chunk_size();
     let done = AtomicU64::new(0);
     let data = AtomicU64::new(0);
@@ -181,6 +242,7 @@ pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Res
         }
     };
     let written = AtomicU64::new(0);
+    // Buffered writes (all of them without `direct`).
     let write = |idx: u64, buf: &[u8]| -> Result<()> {
         file.write_all_at(buf, idx * cs)
             .map_err(|e| Error::io(to, e))?;
@@ -191,8 +253,24 @@ pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Res
         }
         Ok(())
     };
-    let (fail, stopped, advance, write, data, file_ref) =
-        (&fail, &stopped, &advance, &write, &data, &file);
+    // Direct writes: decoders copy a block into a free aligned buffer and
+    // queue it; writer threads write it and hand the buffer back. So the
+    // device has several writes in flight while the cores decode.
+    let block = usize::try_from(cs).expect("fits");
+    let direct_ok = |at: u64, len: usize| {
+        direct.is_some() && len % DIRECT_ALIGN == 0 && at % DIRECT_ALIGN as u64 == 0
+    };
+    let (free_tx, free_rx) = bounded::<Aligned>(DIRECT_BUFFERS);
+    if direct.is_some() {
+        for _ in 0..DIRECT_BUFFERS {
+            free_tx
+                .send(Aligned::new(block))
+                .expect("room for every buffer");
+        }
+    }
+    let (queue_tx, queue_rx) = bounded::<(u64, usize, Aligned)>(DIRECT_BUFFERS);
+    let (fail, stopped, advance, write, data, file_ref, direct_ok) =
+        (&fail, &stopped, &advance, &write, &data, &file, &direct_ok);
     std::thread::scope(|scope| {
         let (run_tx, run_rx) = bounded::<PackRun>(pipe.fetchers);
         let (got_tx, got_rx) = bounded::<(PackRun, Option<Vec<u8>>)>(1);
@@ -236,15 +314,42 @@ pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Res
             });
         }
         drop((run_rx, got_tx));
+        if let Some(d) = &direct {
+            for _ in 0..DIRECT_WRITERS {
+                let (queue_rx, free_tx) = (queue_rx.clone(), free_tx.clone());
+                scope.spawn(move || {
+                    // Drain the queue even after a failure, so that no
+                    // decoder waits forever for a free buffer.
+                    for (at, len, buf) in queue_rx {
+                        if !stopped() {
+                            if let Err(e) = d.write_all_at(buf.get(len), at) {
+                                fail(Error::io(to, e));
+                            }
+                        }
+                        let _ = free_tx.send(buf);
+                    }
+                });
+            }
+        }
+        drop((queue_rx, free_tx));
         for _ in 0..decoders {
-            let got_rx = got_rx.clone();
+            let (got_rx, free_rx, queue_tx) = (got_rx.clone(), free_rx.clone(), queue_tx.clone());
             scope.spawn(move || {
                 for (run, mut fetched) in got_rx {
                     if stopped() {
                         return;
                     }
                     let r = reader.decode_run(&run, fetched.as_deref_mut(), |idx, plain| {
-                        write(idx, &plain)?;
+                        let at = idx * cs;
+                        if direct_ok(at, plain.len()) {
+                            let mut buf = free_rx.recv().map_err(|_| Error::Interrupted)?;
+                            buf.fill(&plain);
+                            queue_tx
+                                .send((at, plain.len(), buf))
+                                .map_err(|_| Error::Interrupted)?;
+                        } else {
+                            write(idx, &plain)?;
+                        }
                         let len = reader.block_len(idx);
                         data.fetch_add(len, Ordering::Relaxed);
                         advance(len);
@@ -256,10 +361,14 @@ pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Res
                 }
             });
         }
+        drop(queue_tx);
     });
     if let Some(e) = failure.into_inner().expect("failure lock") {
         return Err(e);
     }
+    // Direct writes are on the device but maybe in its volatile cache, and
+    // the file's new extents in the journal: one fsync covers both
+    // descriptors' writes.
     file.sync_all().map_err(|e| Error::io(to, e))?;
     Ok(RestoreStats {
         bytes: reader.size(),

@@ -71,6 +71,61 @@ fn restore_equals_source_for_many_kinds_of_image() {
     env.ok(&["check", "--read-data"]);
 }
 
+/// Restore writes whole blocks with O_DIRECT where the filesystem allows
+/// it, and through the page cache with `--buffered`: the bytes are equal
+/// either way, and only the buffered restore leaves the image in the page
+/// cache (the short last block is always written buffered).
+#[test]
+fn restore_writes_past_the_page_cache_unless_buffered() {
+    require("fincore");
+    let env = Env::init(&[]);
+    let img = env.path("src.img");
+    let size = 16 * MIB + 12345;
+    make_image(
+        &img,
+        size,
+        &[(0, &random_bytes(40, usize::try_from(size).unwrap()))],
+    );
+    let id = env.backup("vm", &[("sda", &img)]);
+    let resident = |p: &std::path::Path| -> u64 {
+        let out = Command::new("fincore")
+            .args(["--bytes", "--noheadings", "--output", "RES"])
+            .arg(p)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "fincore: {out:?}");
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let direct = env.restore(&id, "sda");
+    let buffered = env.path("buffered.img");
+    env.ok(&[
+        "restore",
+        &id,
+        "--disk",
+        "sda",
+        "--to",
+        buffered.to_str().unwrap(),
+        "--buffered",
+    ]);
+    // Before anything reads them back.
+    let (d, b) = (resident(&direct), resident(&buffered));
+    assert!(
+        d <= MIB,
+        "a direct restore left {d} bytes in the page cache"
+    );
+    assert!(
+        b >= 15 * MIB,
+        "a buffered restore left only {b} bytes cached"
+    );
+    for out in [&direct, &buffered] {
+        assert_eq!(sha256_file(out), sha256_file(&img), "{}", out.display());
+    }
+}
+
 /// Restore onto a real block device (a loop device) that holds garbage:
 /// holes must be written as zeros there, not skipped.
 #[test]

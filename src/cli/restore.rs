@@ -25,6 +25,10 @@ pub struct RestoreArgs {
     force: bool,
     #[arg(long, default_value_t = super::default_threads())]
     threads: usize,
+    /// Write through the page cache instead of with O_DIRECT (which is used
+    /// where the filesystem allows it, for all but a short last block).
+    #[arg(long)]
+    buffered: bool,
 }
 
 pub fn run(g: &Global, a: RestoreArgs) -> Result<ExitCode> {
@@ -52,6 +56,7 @@ pub fn run(g: &Global, a: RestoreArgs) -> Result<ExitCode> {
         &reader,
         &a.to,
         &RestoreOptions {
+            buffered: a.buffered,
             threads: a.threads,
             overwrite: a.force,
             cancel: &cancel,
