@@ -5,6 +5,7 @@
 //! `reader::DiskReader` reads any disk of any snapshot at any offset, which is
 //! all that restore, the FUSE tree and the NBD server need.
 
+pub mod aligned;
 pub mod backend;
 pub mod backup;
 pub mod blockmap;

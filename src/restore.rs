@@ -22,6 +22,7 @@ use std::sync::Mutex;
 
 use crossbeam_channel::bounded;
 
+use crate::aligned::{self, AlignedBuf};
 use crate::error::{Error, Result};
 use crate::reader::{DiskReader, PackRun};
 
@@ -120,17 +121,13 @@ impl Pipeline {
     }
 }
 
-/// Alignment of `O_DIRECT` buffers, offsets and lengths: the largest
-/// logical block size in use.
-const DIRECT_ALIGN: usize = 4096;
-
 /// Threads writing with `O_DIRECT`, and the aligned buffers they share with
 /// the decoders (each a block: 8 MiB with 1 MiB chunks).
 const DIRECT_WRITERS: usize = 2;
 const DIRECT_BUFFERS: usize = 4;
 
 /// A second descriptor on the output, opened with `O_DIRECT`, for the
-/// blocks whose length is a multiple of `DIRECT_ALIGN` (all but a short
+/// blocks whose length is a multiple of `aligned::ALIGN` (all but a short
 /// last block). `None` where the filesystem refuses it (tmpfs, some FUSE
 /// filesystems): everything is then written buffered.
 fn open_direct(to: &Path, buffered: bool) -> Option<File> {
@@ -143,33 +140,6 @@ fn open_direct(to: &Path, buffered: bool) -> Option<File> {
         .custom_flags(libc::O_DIRECT)
         .open(to)
         .ok()
-}
-
-/// A buffer whose usable part starts at a `DIRECT_ALIGN` boundary.
-struct Aligned {
-    buf: Vec<u8>,
-    start: usize,
-}
-
-impl Aligned {
-    fn new(len: usize) -> Aligned {
-        let buf = vec![0u8; len + DIRECT_ALIGN];
-        let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
-        Aligned { buf, start }
-    }
-
-    /// Copy `data` to the aligned start.
-    fn fill(&mut self, data: &[u8]) {
-        if self.start + data.len() > self.buf.len() {
-            *self = Aligned::new(data.len());
-        }
-        self.buf[self.start..self.start + data.len()].copy_from_slice(data);
-    }
-
-    /// The first `len` bytes from the aligned start.
-    fn get(&self, len: usize) -> &[u8] {
-        &self.buf[self.start..self.start + len]
-    }
 }
 
 pub struct RestoreOptions<'a> {
@@ -257,18 +227,16 @@ pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Res
     // queue it; writer threads write it and hand the buffer back. So the
     // device has several writes in flight while the cores decode.
     let block = usize::try_from(cs).expect("fits");
-    let direct_ok = |at: u64, len: usize| {
-        direct.is_some() && len % DIRECT_ALIGN == 0 && at % DIRECT_ALIGN as u64 == 0
-    };
-    let (free_tx, free_rx) = bounded::<Aligned>(DIRECT_BUFFERS);
+    let direct_ok = |at: u64, len: usize| direct.is_some() && aligned::fits(at, len);
+    let (free_tx, free_rx) = bounded::<AlignedBuf>(DIRECT_BUFFERS);
     if direct.is_some() {
         for _ in 0..DIRECT_BUFFERS {
             free_tx
-                .send(Aligned::new(block))
+                .send(AlignedBuf::new(block))
                 .expect("room for every buffer");
         }
     }
-    let (queue_tx, queue_rx) = bounded::<(u64, usize, Aligned)>(DIRECT_BUFFERS);
+    let (queue_tx, queue_rx) = bounded::<(u64, usize, AlignedBuf)>(DIRECT_BUFFERS);
     let (fail, stopped, advance, write, data, file_ref, direct_ok) =
         (&fail, &stopped, &advance, &write, &data, &file, &direct_ok);
     std::thread::scope(|scope| {
