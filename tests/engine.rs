@@ -650,6 +650,30 @@ fn full_disk_fails_cleanly_and_loses_nothing() {
             assert!(after.contains(f), "{} changed or vanished", f.0);
         }
     }
+    // A restore onto a full filesystem fails cleanly too, whether whole
+    // blocks go through O_DIRECT (the default) or the page cache.
+    let tiny = env.path("tiny");
+    fs::create_dir_all(&tiny).unwrap();
+    run_tool(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=4m", "ekko-test-tmpfs"])
+            .arg(&tiny),
+    );
+    let _tiny_guard = TmpfsGuard(tiny.clone());
+    for extra in [None, Some("--buffered")] {
+        let to = tiny.join("out.img");
+        let mut args = vec![
+            "restore",
+            &id,
+            "--disk",
+            "sda",
+            "--to",
+            to.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        assert_clean_failure(&env.run(&args), "no space left");
+        fs::remove_file(&to).unwrap();
+    }
 }
 
 /// A slow backup (rate-limited) that holds its shared lock, started with
