@@ -598,6 +598,25 @@ fn index_rebuilds_from_packs_alone() {
 /// Unmounts a tmpfs on drop.
 struct TmpfsGuard(std::path::PathBuf);
 
+impl TmpfsGuard {
+    /// Mount a tmpfs of `size` (as `mount -o size=` takes it) at `at`.
+    fn mount(at: &std::path::Path, size: &str) -> TmpfsGuard {
+        fs::create_dir_all(at).unwrap();
+        run_tool(
+            Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size}"),
+                    "ekko-test-tmpfs",
+                ])
+                .arg(at),
+        );
+        TmpfsGuard(at.to_path_buf())
+    }
+}
+
 impl Drop for TmpfsGuard {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
@@ -608,13 +627,7 @@ impl Drop for TmpfsGuard {
 fn full_disk_fails_cleanly_and_loses_nothing() {
     let env = Env::new();
     let mnt = env.path("small");
-    fs::create_dir_all(&mnt).unwrap();
-    run_tool(
-        Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=24m", "ekko-test-tmpfs"])
-            .arg(&mnt),
-    );
-    let _guard = TmpfsGuard(mnt.clone());
+    let _guard = TmpfsGuard::mount(&mnt, "24m");
     let env = Env {
         repo: mnt.join("repo"),
         ..env
@@ -653,13 +666,7 @@ fn full_disk_fails_cleanly_and_loses_nothing() {
     // A restore onto a full filesystem fails cleanly too, whether whole
     // blocks go through O_DIRECT (the default) or the page cache.
     let tiny = env.path("tiny");
-    fs::create_dir_all(&tiny).unwrap();
-    run_tool(
-        Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=4m", "ekko-test-tmpfs"])
-            .arg(&tiny),
-    );
-    let _tiny_guard = TmpfsGuard(tiny.clone());
+    let _tiny_guard = TmpfsGuard::mount(&tiny, "4m");
     for extra in [None, Some("--buffered")] {
         let to = tiny.join("out.img");
         let mut args = vec![
