@@ -128,9 +128,12 @@ const DIRECT_BUFFERS: usize = 4;
 
 /// A second descriptor on the output, opened with `O_DIRECT`, for the
 /// blocks whose length is a multiple of `aligned::ALIGN` (all but a short
-/// last block). `None` where the filesystem refuses it (tmpfs, some FUSE
-/// filesystems): everything is then written buffered.
-fn open_direct(to: &Path, buffered: bool) -> Option<File> {
+/// last block). It is opened through `/proc/self/fd`, so it is the very
+/// file `file` is, whatever happens to its path meanwhile. `None` where the
+/// filesystem refuses `O_DIRECT` (some FUSE filesystems), or without
+/// `/proc`: everything is then written buffered.
+fn open_direct(file: &File, buffered: bool) -> Option<File> {
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     if buffered {
         return None;
@@ -138,7 +141,7 @@ fn open_direct(to: &Path, buffered: bool) -> Option<File> {
     OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_DIRECT)
-        .open(to)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
         .ok()
 }
 
@@ -181,7 +184,7 @@ pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Res
         f.set_len(reader.size()).map_err(|e| Error::io(to, e))?;
         f
     };
-    let direct = open_direct(to, opts.buffered);
+    let direct = open_direct(&file, opts.buffered);
     let cs = reader.chunk_size();
     let done = AtomicU64::new(0);
     let data = AtomicU64::new(0);

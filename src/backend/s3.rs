@@ -256,7 +256,13 @@ impl S3Backend {
         // transport already keeps bodies intact; AWS_UNSIGNED_PAYLOAD, read
         // by `from_env` above, decides when set.
         if std::env::var_os("AWS_UNSIGNED_PAYLOAD").is_none() {
-            builder = builder.with_unsigned_payload(!must_sign_payload(loc.endpoint.as_deref()));
+            // The endpoint `from_env` may have taken when the URL gave none.
+            let endpoint = loc.endpoint.clone().or_else(|| {
+                ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
+                    .iter()
+                    .find_map(|v| std::env::var(v).ok())
+            });
+            builder = builder.with_unsigned_payload(!must_sign_payload(endpoint.as_deref()));
         }
         if let Some((a, s)) = keys {
             builder = builder.with_access_key_id(a).with_secret_access_key(s);
