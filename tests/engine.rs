@@ -627,7 +627,7 @@ impl Drop for TmpfsGuard {
 fn full_disk_fails_cleanly_and_loses_nothing() {
     let env = Env::new();
     let mnt = env.path("small");
-    let _guard = TmpfsGuard::mount(&mnt, "24m");
+    let guard = TmpfsGuard::mount(&mnt, "24m");
     let env = Env {
         repo: mnt.join("repo"),
         ..env
@@ -666,7 +666,7 @@ fn full_disk_fails_cleanly_and_loses_nothing() {
     // A restore onto a full filesystem fails cleanly too, whether whole
     // blocks go through O_DIRECT (the default) or the page cache.
     let tiny = env.path("tiny");
-    let _tiny_guard = TmpfsGuard::mount(&tiny, "4m");
+    let tiny_guard = TmpfsGuard::mount(&tiny, "4m");
     for extra in [None, Some("--buffered")] {
         let to = tiny.join("out.img");
         let mut args = vec![
@@ -681,6 +681,9 @@ fn full_disk_fails_cleanly_and_loses_nothing() {
         assert_clean_failure(&env.run(&args), "no space left");
         fs::remove_file(&to).unwrap();
     }
+    // Unmount before the scratch folder (declared earlier, so dropped
+    // later) is removed: a mount point inside it would keep it.
+    drop((tiny_guard, guard));
 }
 
 /// A slow backup (rate-limited) that holds its shared lock, started with
