@@ -681,8 +681,9 @@ fn full_disk_fails_cleanly_and_loses_nothing() {
         assert_clean_failure(&env.run(&args), "no space left");
         fs::remove_file(&to).unwrap();
     }
-    // Unmount before the scratch folder (declared earlier, so dropped
-    // later) is removed: a mount point inside it would keep it.
+    // Unmount first: `env`, declared after `guard`, would otherwise be
+    // dropped first, and its scratch folder cannot go while a tmpfs is
+    // mounted inside it.
     drop((tiny_guard, guard));
 }
 

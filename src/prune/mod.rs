@@ -334,18 +334,16 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     }
     let mut new_marks: Vec<ObjectId> = Vec::new();
     let mut to_repack: Vec<ObjectId> = Vec::new();
-    for (id, info) in &packs {
-        if deleting.contains(id) || marked.contains(id) {
-            continue;
-        }
-        // Young packs may belong to a backup still running.
-        if !older_than(now, info.modified, grace) {
+    // Candidates are the packs neither marked nor being deleted; `fixed`
+    // ones are young and may belong to a backup still running.
+    for (id, c) in &candidates {
+        if c.fixed {
             continue;
         }
         let l = live.get(id).copied().unwrap_or(0);
         if l == 0 {
             new_marks.push(*id);
-        } else if placement::repacks(info.size, l, opts.repack_threshold) {
+        } else if placement::repacks(c.size, l, opts.repack_threshold) {
             to_repack.push(*id);
         }
     }

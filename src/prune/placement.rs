@@ -10,6 +10,9 @@
 //! threshold (at `t` %, rewriting a byte is worth `t / (100 − t)` bytes of
 //! garbage, the same trade the threshold makes for a single pack).
 //!
+//! Only packs that share a chunk with another pack take part: for any
+//! other pack the choice changes nothing.
+//!
 //! 1. Greedy: keep the pack that saves most, then the next, while one
 //!    saves anything. Packs prune keeps anyway (too young) come first.
 //! 2. Local search, while the cost falls: drop a kept pack, keep another,
@@ -80,24 +83,25 @@ pub fn place(
         }
         n = n.checked_add(1).expect("fewer than 2^32 referenced chunks");
     }
+    if several.is_empty() {
+        return HashMap::new();
+    }
     let sizes: Vec<Candidate> = packs.iter().map(|p| candidates[p]).collect();
     let mut keep = Keep::new(&holds, &sizes, n, threshold);
-    keep.search(&several);
+    let involved = keep.search(&several);
 
     // Each chunk's copy: in the kept pack chosen first, or else (it will be
     // repacked) in the pack that has the most such chunks to copy out.
-    let orphans: Vec<u64> = holds
-        .iter()
-        .enumerate()
-        .map(|(p, v)| match keep.order[p] {
-            Some(_) => 0,
-            None => v
+    let mut orphans: Vec<u64> = vec![0; holds.len()];
+    for p in involved {
+        if !keep.kept(p) {
+            orphans[p] = holds[p]
                 .iter()
                 .filter(|(c, _)| keep.counts[*c as usize] == 0)
                 .map(|(_, n)| n)
-                .sum(),
-        })
-        .collect();
+                .sum();
+        }
+    }
     several
         .into_iter()
         .filter_map(|(c, v)| {
@@ -197,18 +201,34 @@ impl<'a> Keep<'a> {
 
     /// Greedy, then local moves while they lower the cost: drop a pack,
     /// keep one, or swap one for the packs that share chunks with it.
-    fn search(&mut self, several: &[(ChunkId, Vec<u32>)]) {
-        let all = 0..self.packs.len();
-        for p in all.clone() {
+    /// Only packs that share a chunk with another take part: keeping any
+    /// other pack or not changes no chunk's choice of copy. Returns them.
+    fn search(&mut self, several: &[(ChunkId, Vec<u32>)]) -> Vec<usize> {
+        // Packs that share chunks, and with which: where a swap can help.
+        let mut sharing: Vec<Vec<u32>> = vec![Vec::new(); self.packs.len()];
+        for (_, v) in several {
+            for p in v {
+                sharing[*p as usize].extend(v.iter().filter(|q| *q != p));
+            }
+        }
+        for v in &mut sharing {
+            v.sort_unstable();
+            v.dedup();
+            v.truncate(MAX_SWAP_PARTNERS);
+        }
+        let involved: Vec<usize> = (0..self.packs.len())
+            .filter(|p| !sharing[*p].is_empty())
+            .collect();
+        for &p in &involved {
             if self.packs[p].fixed {
                 self.add(p);
             }
         }
         // A pack's gain only falls as others are kept: a lazy max-heap.
-        let mut heap: BinaryHeap<(i128, Reverse<usize>)> = all
-            .clone()
-            .filter(|p| !self.kept(*p))
-            .map(|p| (self.gain_add(p), Reverse(p)))
+        let mut heap: BinaryHeap<(i128, Reverse<usize>)> = involved
+            .iter()
+            .filter(|p| !self.kept(**p))
+            .map(|&p| (self.gain_add(p), Reverse(p)))
             .collect();
         while let Some((g, Reverse(p))) = heap.pop() {
             let now = self.gain_add(p);
@@ -221,21 +241,9 @@ impl<'a> Keep<'a> {
             }
             self.add(p);
         }
-        // Packs that share chunks: where a swap can help.
-        let mut sharing: Vec<Vec<u32>> = vec![Vec::new(); self.packs.len()];
-        for (_, v) in several {
-            for p in v {
-                sharing[*p as usize].extend(v.iter().filter(|q| *q != p));
-            }
-        }
-        for v in &mut sharing {
-            v.sort_unstable();
-            v.dedup();
-            v.truncate(MAX_SWAP_PARTNERS);
-        }
         for _ in 0..MAX_PASSES {
             let mut changed = false;
-            for p in all.clone() {
+            for &p in &involved {
                 if self.packs[p].fixed {
                     continue;
                 }
@@ -249,9 +257,6 @@ impl<'a> Keep<'a> {
                 if self.gain_remove(p) > 0 {
                     self.remove(p);
                     changed = true;
-                    continue;
-                }
-                if sharing[p].is_empty() {
                     continue;
                 }
                 // Swap p for the partners that gain most without it.
@@ -284,6 +289,7 @@ impl<'a> Keep<'a> {
                 break;
             }
         }
+        involved
     }
 }
 
