@@ -114,6 +114,19 @@ impl PackWriter {
     }
 }
 
+/// The size of a pack holding `chunks` sealed chunks of `chunk_bytes` bytes
+/// in all: header, the chunks, the sealed trailer (count, entries, tag) and
+/// the footer. Prune compares it with a pack's size: the difference is what
+/// rewriting the pack's live chunks into a pack of their own would free.
+pub fn packed_size(chunk_bytes: u64, chunks: u64) -> u64 {
+    const FIXED: usize = HEADER_LEN + 8 + crate::crypto::TAG_LEN + PACK_FOOTER_LEN;
+    let fixed = u64::try_from(FIXED).expect("small");
+    let entry = u64::try_from(format::PACK_ENTRY_LEN).expect("small");
+    fixed
+        .saturating_add(chunk_bytes)
+        .saturating_add(chunks.saturating_mul(entry))
+}
+
 /// Read and authenticate a pack's trailer: the list of its chunks.
 pub fn read_trailer(backend: &dyn Backend, keys: &Keys, name: &str) -> Result<Vec<BlobEntry>> {
     let id = pack_id_from_name(name).ok_or_else(|| Error::corrupt(name, "not a pack name"))?;

@@ -98,6 +98,7 @@ on_both_stores!(
     killing_backups_at_random_points_while_prunes_run,
     a_backup_whose_reused_pack_vanished_aborts_without_committing,
     a_marked_pack_that_a_snapshot_came_to_need_is_kept,
+    a_kept_pack_that_is_mostly_garbage_is_repacked_in_the_same_prune,
     a_mark_never_comes_due_before_its_grace_period,
 );
 local_only!(
@@ -1031,6 +1032,73 @@ fn a_marked_pack_that_a_snapshot_came_to_need_is_kept(store: Store) {
     assert_eq!(pack_ids(&env), packs);
     check_read_data(&env);
     assert_eq!(restore_sha(&env, &id), want);
+}
+
+/// A pack kept because a snapshot came to need it is an ordinary pack again
+/// in the same prune: if it is mostly garbage it is repacked and marked
+/// there, so two prunes a grace period apart leave no garbage (the state
+/// a killed backup racing a prune left in a CI run: the kept pack waited
+/// for a third prune).
+fn a_kept_pack_that_is_mostly_garbage_is_repacked_in_the_same_prune(store: Store) {
+    let env = new_repo(store, "keptrepack");
+    let img = env.path("img");
+    let mut image = random_bytes(32, MIB);
+    write_file(&img, &image);
+    let first = backup(&env, "a", &img, None);
+    let old_packs = pack_ids(&env);
+    // All but the first 64 KiB chunk change: the first backup's packs are
+    // over 90% garbage once its snapshot is forgotten.
+    image[64 * KIB..].copy_from_slice(&random_bytes(33, MIB - 64 * KIB));
+    write_file(&img, &image);
+    let second = backup(&env, "a", &img, None);
+    let want = sha256_file(&img);
+    ok(&env, &["forget", &first, "-q"]);
+    let repo = open_repo(&env);
+    ekko::gc::write_mark(
+        repo.backend().as_ref(),
+        repo.keys(),
+        &ekko::gc::Mark {
+            time: "2026-11-26T00:00:00Z".into(),
+            host: "test".into(),
+            grace_ms: 500,
+            skew_ms: 0,
+            packs: old_packs.clone(),
+        },
+    )
+    .unwrap();
+    // Old enough to be judged (older than the grace period), the mark due.
+    let due = GRACE_DURATION + store.resolution() + Duration::from_millis(200);
+    std::thread::sleep(due);
+    let r = prune(&env, &[]);
+    assert_eq!(r["marks_completed"], 1, "{r}");
+    // The map chunk's small pack is garbage and goes; the data pack stays.
+    let (deleted, kept) = (
+        r["packs_deleted"].as_u64(),
+        r["packs_kept_referenced"].as_u64(),
+    );
+    assert_eq!(
+        deleted.unwrap() + kept.unwrap(),
+        u64::try_from(old_packs.len()).unwrap(),
+        "{r}"
+    );
+    assert!(kept.unwrap() >= 1, "{r}");
+    assert!(r["packs_repacked"].as_u64().unwrap() >= 1, "{r}");
+    assert_eq!(r["marks_pending"], 1, "{r}");
+    check_read_data(&env);
+    assert_eq!(restore_sha(&env, &second), want);
+    std::thread::sleep(due);
+    let r = prune(&env, &[]);
+    assert!(r["packs_deleted"].as_u64().unwrap() >= 1, "{r}");
+    let left = prune(&env, &["--dry-run"]);
+    assert_eq!(left["packs_marked"], 0, "garbage left behind: {left}");
+    assert_eq!(left["marks_pending"], 0, "{left}");
+    let now = pack_ids(&env);
+    assert!(
+        old_packs.iter().all(|p| !now.contains(p)),
+        "a first-backup pack survived: {old_packs:?} {now:?}"
+    );
+    check_read_data(&env);
+    assert_eq!(restore_sha(&env, &second), want);
 }
 
 /// Snapshots that a killed backup committed before it died: the id never

@@ -180,7 +180,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
             m.mark.grace() + backend.timestamp_resolution(),
         )
     });
-    let marked: HashSet<ObjectId> = due
+    let mut marked: HashSet<ObjectId> = due
         .iter()
         .chain(&pending)
         .flat_map(|m| m.mark.pack_ids())
@@ -269,6 +269,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
 
     // 2. Delete what the due marks name, unless it became needed.
     let mut deleting: HashSet<ObjectId> = HashSet::new();
+    let mut kept: Vec<ObjectId> = Vec::new();
     for m in &due {
         for p in m.mark.pack_ids() {
             if !packs.contains_key(&p) || deleting.contains(&p) {
@@ -287,6 +288,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
             });
             if needed {
                 report.packs_kept_referenced += 1;
+                kept.push(p);
             } else {
                 deleting.insert(p);
                 report.packs_deleted += 1;
@@ -295,6 +297,16 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
         }
     }
     report.marks_completed = due.len();
+    // A pack kept because a snapshot came to need it loses its mark with the
+    // mark's object below, so from here on it is an ordinary pack: placement
+    // and repacking judge it in this same run (it is old, and may be mostly
+    // garbage), instead of leaving it for the next prune to find.
+    let still_marked: HashSet<ObjectId> = pending.iter().flat_map(|m| m.mark.pack_ids()).collect();
+    for p in &kept {
+        if !still_marked.contains(p) {
+            marked.remove(p);
+        }
+    }
 
     // 3. Choose one location per chunk: an existing pack not being deleted,
     //    preferring unmarked packs, then the copy `placement` picks (so that
@@ -326,12 +338,21 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
             .copied()
     };
     let none = HashSet::new();
-    let mut live: HashMap<ObjectId, u64> = HashMap::new();
+    // Per pack: the bytes and number of the live chunks it keeps.
+    let mut live_chunks: HashMap<ObjectId, (u64, u64)> = HashMap::new();
     for id in &referenced {
         if let Some(l) = choose(id, &none) {
-            *live.entry(l.pack).or_default() += u64::from(l.stored_len);
+            let e = live_chunks.entry(l.pack).or_default();
+            e.0 += u64::from(l.stored_len);
+            e.1 += 1;
         }
     }
+    // What a pack of only those chunks would take (its own header, trailer
+    // and footer count as live: a small pack is not garbage for them).
+    let live: HashMap<ObjectId, u64> = live_chunks
+        .into_iter()
+        .map(|(p, (bytes, n))| (p, pack::packed_size(bytes, n)))
+        .collect();
     let mut new_marks: Vec<ObjectId> = Vec::new();
     let mut to_repack: Vec<ObjectId> = Vec::new();
     // Candidates are the packs neither marked nor being deleted; `fixed`

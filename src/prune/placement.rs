@@ -41,7 +41,8 @@ pub struct Candidate {
     pub fixed: bool,
 }
 
-/// Whether prune repacks a pack of `size` bytes of which `live` are live:
+/// Whether prune repacks a pack of `size` bytes of which `live` are live
+/// (its live chunks and the framing a pack of them needs, `pack::packed_size`):
 /// when at least `threshold` percent of it is garbage.
 pub fn repacks(size: u64, live: u64, threshold: u8) -> bool {
     size > 0
@@ -302,6 +303,22 @@ mod tests {
     use crate::format::ChunkKind;
     use rand::seq::SliceRandom;
     use rand::{Rng, SeedableRng};
+
+    /// A pack's own framing is not garbage: a pack holding one small live
+    /// chunk (a block map's, 528 bytes in a 640-byte pack) is kept at any
+    /// threshold, or every prune would rewrite it into an identical pack.
+    /// One dead chunk beside it is garbage again.
+    #[test]
+    fn pack_framing_is_not_garbage() {
+        use crate::pack::packed_size;
+        assert_eq!(packed_size(528, 1), 640);
+        for t in [1, 10, 50] {
+            assert!(!repacks(640, packed_size(528, 1), t), "threshold {t}");
+        }
+        let two = packed_size(528 + 528, 2);
+        assert!(repacks(two, packed_size(528, 1), 10));
+        assert!(!repacks(two, packed_size(528, 1), 50));
+    }
 
     fn loc(p: ObjectId, n: u32) -> Location {
         Location {
