@@ -143,6 +143,16 @@ fn s3_full_incremental_restore_mount_and_nbd_equal_local() {
     let s3 = s3_env("image");
     s3.ok(&["init"]);
     let local = Env::init(&[]);
+    // Packs are 32 MiB on an object store (one PUT each), 16 MiB locally.
+    let pack_size = |b: std::sync::Arc<dyn Backend>| {
+        ekko::Repository::open_with_cache(b, || Ok(PASSWORD.as_bytes().to_vec()), false)
+            .unwrap()
+            .config()
+            .pack_size
+    };
+    assert_eq!(pack_size(std::sync::Arc::new(backend(&s3))), 32 << 20);
+    let local_backend = ekko::LocalBackend::new(&local.repo);
+    assert_eq!(pack_size(std::sync::Arc::new(local_backend)), 16 << 20);
     let raw = s3.path("src.img");
     make_image(
         &raw,

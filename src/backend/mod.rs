@@ -123,6 +123,13 @@ pub trait Backend: Send + Sync {
         false
     }
 
+    /// The pack size `ekko init` gives a new repository here unless told
+    /// otherwise. Each pack is one PUT: an object store charges per
+    /// request, so it gets larger ones.
+    fn default_pack_size(&self) -> u32 {
+        crate::repo::DEFAULT_PACK_SIZE
+    }
+
     /// How coarse the `modified` timestamps of a listing may be: a listed
     /// time may be up to this much later (rounded up) or earlier (rounded
     /// down) than when the store took the object. Two timestamps then

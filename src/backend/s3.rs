@@ -631,6 +631,13 @@ impl Backend for S3Backend {
         true
     }
 
+    /// 32 MiB: half the requests of 16 MiB packs. Against Swift that is
+    /// about 9 ms of store CPU saved per pack (see docs/S3.md); the backup
+    /// bounds the bytes in flight (`UPLOAD_MEMORY`), not the pack count.
+    fn default_pack_size(&self) -> u32 {
+        32 << 20
+    }
+
     /// S3 listings give `LastModified` in whole seconds (`.000Z`), and
     /// Swift's `s3api` rounds its timestamps *up* to the next second.
     fn timestamp_resolution(&self) -> Duration {

@@ -2,9 +2,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Args;
-use ekko::repo::{
-    InitOptions, Repository, DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, DEFAULT_ZSTD_LEVEL,
-};
+use ekko::repo::{InitOptions, Repository, DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL};
 
 use super::Global;
 
@@ -20,8 +18,10 @@ pub struct InitArgs {
     #[arg(long, default_value = "aes256-siv", value_parser = ["aes256-siv", "none"])]
     encryption: String,
     /// Target pack size (1M to 1G); small packs make GC tests meaningful.
-    #[arg(long, hide = true, value_parser = super::parse_size, default_value_t = DEFAULT_PACK_SIZE)]
-    pack_size: u32,
+    /// By default the store's own (16 MiB on a local folder, 32 MiB on an
+    /// object store).
+    #[arg(long, hide = true, value_parser = super::parse_size)]
+    pack_size: Option<u32>,
 }
 
 pub fn run(g: &Global, a: InitArgs) -> Result<ExitCode> {
@@ -32,20 +32,22 @@ pub fn run(g: &Global, a: InitArgs) -> Result<ExitCode> {
         eprintln!("ekko: warning: creating an UNENCRYPTED repository: anyone who can read it can read your disks");
         None
     };
+    let backend = g.backend()?;
     let opts = InitOptions {
         chunk_size: a.chunk_size,
         compression_level: a.compression,
         encrypt,
-        pack_size: a.pack_size,
+        pack_size: a.pack_size.unwrap_or_else(|| backend.default_pack_size()),
     };
-    let cfg = Repository::init(g.backend()?, &opts, pass.as_deref())?;
+    let cfg = Repository::init(backend, &opts, pass.as_deref())?;
     println!("{}", cfg.id);
     if !g.quiet {
         eprintln!(
-            "created repository {} at {} (chunk size {} KiB, zstd {}, encryption {})",
+            "created repository {} at {} (chunk size {} KiB, packs {} MiB, zstd {}, encryption {})",
             cfg.id,
             g.repo_path()?.display(),
             cfg.chunk_size / 1024,
+            cfg.pack_size >> 20,
             cfg.compression_level,
             cfg.encryption
         );
