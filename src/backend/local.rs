@@ -173,11 +173,21 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<ObjectInfo>) -> Result<()> {
             continue; // debris of an interrupted put: never an object
         }
         let path = entry.path();
-        let ft = entry.file_type().map_err(|e| Error::io(&path, e))?;
+        // An entry deleted since the directory was read (a concurrent
+        // prune replacing index files) is not listed: it no longer exists.
+        let ft = match entry.file_type() {
+            Ok(ft) => ft,
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(&path, e)),
+        };
         if ft.is_dir() {
             walk(root, &path, out)?;
         } else if ft.is_file() {
-            let meta = entry.metadata().map_err(|e| Error::io(&path, e))?;
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(&path, e)),
+            };
             let size = meta.len();
             let modified = meta.modified().map_err(|e| Error::io(&path, e))?;
             let rel = path
@@ -218,5 +228,41 @@ mod tests {
         b.delete("packs/ab/x").unwrap();
         assert!(b.list("packs/").unwrap().is_empty());
         assert!(b.put("../evil", b"x").is_err());
+    }
+
+    /// A listing races with deletions (prune replacing index files while a
+    /// backup lists them): an object deleted between reading the directory
+    /// and looking at the entry is simply not listed, never an I/O error.
+    #[test]
+    fn listing_while_objects_are_deleted_never_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(dir.path());
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for i in 0..64 {
+                        b.put(&format!("index/{n}-{i}"), b"x").unwrap();
+                    }
+                    for i in 0..64 {
+                        b.delete(&format!("index/{n}-{i}")).unwrap();
+                    }
+                    n += 1;
+                }
+            });
+            let mut listed = 0;
+            for _ in 0..3000 {
+                match b.list("index/") {
+                    Ok(l) => listed += l.len(),
+                    Err(e) => {
+                        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                        panic!("listing failed: {e}");
+                    }
+                }
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            assert!(listed > 0, "the writer never got going");
+        });
     }
 }
