@@ -86,6 +86,12 @@ pub fn print_report(g: &Global, r: &PruneReport, json: bool) -> Result<()> {
         mb(r.bytes_repacked),
         r.packs_written
     );
+    if r.packs_too_young > 0 {
+        println!(
+            "not judged: {} packs younger than the grace period (a backup may still be writing them)",
+            r.packs_too_young
+        );
+    }
     if let Some(t) = &r.next_deletion {
         println!(
             "{} mark(s) pending: run prune again after {t} to delete their packs",

@@ -95,6 +95,9 @@ pub struct PruneReport {
     /// Live bytes copied out of them into `packs_written` new packs.
     pub bytes_repacked: u64,
     pub packs_written: usize,
+    /// Packs younger than the grace period: kept whole and not judged
+    /// (they may belong to a backup still running); a later prune will.
+    pub packs_too_young: usize,
     pub marks_pending: usize,
     /// When the earliest pending mark may be acted on (store clock).
     pub next_deletion: Option<String>,
@@ -359,6 +362,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     // ones are young and may belong to a backup still running.
     for (id, c) in &candidates {
         if c.fixed {
+            report.packs_too_young += 1;
             continue;
         }
         let l = live.get(id).copied().unwrap_or(0);
