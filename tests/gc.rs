@@ -1000,6 +1000,23 @@ fn an_incremental_whose_parent_sits_in_marked_packs_reads_in_full(store: Store) 
     );
 }
 
+/// Write a GC mark naming `packs`, as a prune would, with a short grace.
+fn mark_packs(env: &Env, packs: &[String], grace: Duration) {
+    let repo = open_repo(env);
+    ekko::gc::write_mark(
+        repo.backend().as_ref(),
+        repo.keys(),
+        &ekko::gc::Mark {
+            time: "2026-11-26T00:00:00Z".into(),
+            host: "test".into(),
+            grace_ms: u64::try_from(grace.as_millis()).unwrap(),
+            skew_ms: 0,
+            packs: packs.to_vec(),
+        },
+    )
+    .unwrap();
+}
+
 fn a_marked_pack_that_a_snapshot_came_to_need_is_kept(store: Store) {
     // The state a backup that missed a mark leaves: its snapshot relies on
     // chunks whose only copies are in marked packs. When the mark comes due,
@@ -1010,19 +1027,7 @@ fn a_marked_pack_that_a_snapshot_came_to_need_is_kept(store: Store) {
     let id = backup(&env, "a", &img, None);
     let want = sha256_file(&img);
     let packs = pack_ids(&env);
-    let repo = open_repo(&env);
-    ekko::gc::write_mark(
-        repo.backend().as_ref(),
-        repo.keys(),
-        &ekko::gc::Mark {
-            time: "2026-11-26T00:00:00Z".into(),
-            host: "test".into(),
-            grace_ms: 500,
-            skew_ms: 0,
-            packs: packs.clone(),
-        },
-    )
-    .unwrap();
+    mark_packs(&env, &packs, Duration::from_millis(500));
     // Prune counts a mark due once its age by store time is at least its
     // grace plus the resolution. With whole-second timestamps (both rounded
     // up) a measured age can be up to one resolution short of the true one,
@@ -1056,19 +1061,7 @@ fn a_kept_pack_that_is_mostly_garbage_is_repacked_in_the_same_prune(store: Store
     let second = backup(&env, "a", &img, None);
     let want = sha256_file(&img);
     ok(&env, &["forget", &first, "-q"]);
-    let repo = open_repo(&env);
-    ekko::gc::write_mark(
-        repo.backend().as_ref(),
-        repo.keys(),
-        &ekko::gc::Mark {
-            time: "2026-11-26T00:00:00Z".into(),
-            host: "test".into(),
-            grace_ms: 500,
-            skew_ms: 0,
-            packs: old_packs.clone(),
-        },
-    )
-    .unwrap();
+    mark_packs(&env, &old_packs, Duration::from_millis(500));
     // Old enough to be judged (older than the grace period), the mark due.
     let due = GRACE_DURATION + store.resolution() + Duration::from_millis(200);
     std::thread::sleep(due);
