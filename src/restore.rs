@@ -10,9 +10,10 @@
 //!
 //! Whole blocks are written with `O_DIRECT` where the filesystem allows it
 //! (`open_direct`), by writer threads from aligned buffers straight to the
-//! device, past the page cache. Buffered writes copy every byte into newly allocated page-cache
-//! pages under the inode's lock, which cost a restore of 1.37 GB here
-//! anywhere from 0.5 to 2.5 s of system time from one run to the next.
+//! device, past the page cache. Buffered writes copy every byte into newly
+//! allocated page-cache pages under the inode's lock, which cost a restore
+//! of 1.37 GB here anywhere from 0.5 to 2.5 s of system time from one run
+//! to the next.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt};
