@@ -1,22 +1,25 @@
 //! The backup pipeline.
 //!
 //! One dispatcher walks the blocks to read in order; `threads` workers each
-//! read a block, skip it if it is all zeros, hash it, and compress and seal
-//! it only if the repository does not have it yet; the calling thread
-//! collects results (in any order), appends new chunks to the current pack,
-//! stores full packs, and builds the block map. Bounded channels between the
-//! stages keep memory constant whatever the disk size, and let reading,
-//! hashing, compressing and writing overlap.
+//! read a block (or take it from reader threads, for sources that ask for
+//! them: `Source::read_threads`), skip it if it is all zeros, hash it, and
+//! compress and seal it only if the repository does not have it yet; the
+//! calling thread collects results (in any order), appends new chunks to
+//! the current pack, stores full packs, and builds the block map. Bounded
+//! channels between the stages keep memory constant whatever the disk size
+//! (a few blocks per worker and reader), and let reading, hashing,
+//! compressing and writing overlap.
 //!
 //! Nothing becomes visible until `Session::commit` writes, in order, the last
 //! pack, the index files, and the snapshot manifest.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 
 use crate::blockmap::{self, MapBuilder};
 use crate::chunk::{self, EncodedChunk};
@@ -34,7 +37,8 @@ pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
 
 #[derive(Clone)]
 pub struct BackupOptions {
-    /// Worker threads for read, hash, compress and seal.
+    /// Worker threads for read, hash, compress and seal (some sources add
+    /// reader threads of their own: `Source::read_threads`).
     pub threads: usize,
     /// Set to stop the backup early; it then fails with `Interrupted`.
     pub cancel: Arc<AtomicBool>,
@@ -66,6 +70,90 @@ enum Outcome {
     Zero,
     Known(ChunkId),
     New(EncodedChunk),
+}
+
+/// A block read from the source, on its way to a worker.
+struct Read {
+    idx: u64,
+    len: u64,
+    data: Result<Vec<u8>>,
+}
+
+/// Reads blocks into buffers that are reused: a block's buffer comes back
+/// once it is hashed (and compressed). How many buffers exist is bounded
+/// by the channels between the stages, not here.
+struct BlockReader<'a> {
+    source: &'a dyn Source,
+    cs: u64,
+    free: Mutex<Vec<Vec<u8>>>,
+    bytes_read: AtomicU64,
+}
+
+impl BlockReader<'_> {
+    fn read(&self, idx: u64, len: u64) -> Read {
+        let reused = self.free.lock().expect("buffer pool lock").pop();
+        let mut buf = reused.unwrap_or_default();
+        let n = usize::try_from(len).expect("a block fits in memory");
+        buf.resize(n, 0);
+        let data = self.source.read_at(&mut buf, idx * self.cs).map(|()| {
+            self.bytes_read.fetch_add(len, Ordering::Relaxed);
+            buf
+        });
+        Read { idx, len, data }
+    }
+
+    fn give_back(&self, buf: Vec<u8>) {
+        self.free.lock().expect("buffer pool lock").push(buf);
+    }
+}
+
+/// Where a worker gets its blocks: from reader threads, or by reading
+/// them itself (see `Source::read_threads`).
+enum Feed<'a> {
+    Reads(Receiver<Read>),
+    /// Runs of neighbouring blocks, and what is left of the current one.
+    Jobs(
+        Receiver<Vec<(u64, u64)>>,
+        &'a BlockReader<'a>,
+        RefCell<std::vec::IntoIter<(u64, u64)>>,
+    ),
+}
+
+enum Next {
+    Block(Read),
+    /// Nothing came before the deadline.
+    Idle,
+    Done,
+}
+
+impl Feed<'_> {
+    /// The next block, waiting at most until `deadline` if there is one.
+    fn next(&self, deadline: Option<Instant>) -> Next {
+        fn recv<T>(rx: &Receiver<T>, deadline: Option<Instant>) -> std::result::Result<T, Next> {
+            match deadline {
+                None => rx.recv().map_err(|_| Next::Done),
+                Some(d) => rx.recv_deadline(d).map_err(|e| match e {
+                    RecvTimeoutError::Timeout => Next::Idle,
+                    RecvTimeoutError::Disconnected => Next::Done,
+                }),
+            }
+        }
+        let got = match self {
+            Feed::Reads(rx) => recv(rx, deadline),
+            Feed::Jobs(jobs, reader, run) => {
+                let mut run = run.borrow_mut();
+                match run.next() {
+                    Some((idx, len)) => Ok(reader.read(idx, len)),
+                    None => recv(jobs, deadline).map(|r| {
+                        *run = r.into_iter();
+                        let (idx, len) = run.next().expect("runs are not empty");
+                        reader.read(idx, len)
+                    }),
+                }
+            }
+        };
+        got.map_or_else(|n| n, Next::Block)
+    }
 }
 
 enum Msg {
@@ -323,10 +411,17 @@ impl<'r> Session<'r> {
         };
 
         let threads = opts.threads.max(1);
-        let (job_tx, job_rx) = bounded::<Vec<(u64, u64)>>(threads);
-        let (res_tx, res_rx) = bounded::<Msg>(threads * 2);
-        let bytes_read = AtomicU64::new(0);
         let source = plan.source;
+        let readers = source.read_threads().min(MAX_READERS);
+        let (job_tx, job_rx) = bounded::<Vec<(u64, u64)>>(threads.max(readers));
+        let (read_tx, read_rx) = bounded::<Read>(threads);
+        let (res_tx, res_rx) = bounded::<Msg>(threads * 2);
+        let reader = BlockReader {
+            source,
+            cs,
+            free: Mutex::new(Vec::new()),
+            bytes_read: AtomicU64::new(0),
+        };
         let cancel = &opts.cancel;
 
         // One uploader for a local folder; several for an object store, to
@@ -361,13 +456,24 @@ impl<'r> Session<'r> {
             scope.spawn(move || {
                 dispatch(source, &runs, nchunks, size, cs, &job_tx, &res_tx_d, cancel)
             });
-            for _ in 0..threads {
-                let (job_rx, res_tx) = (job_rx.clone(), res_tx.clone());
-                let bytes_read = &bytes_read;
-                scope.spawn(move || this.worker(source, &job_rx, &res_tx, bytes_read));
+            let reader = &reader;
+            for _ in 0..readers {
+                let (job_rx, read_tx) = (job_rx.clone(), read_tx.clone());
+                scope.spawn(move || read_ahead(reader, &job_rx, &read_tx, cancel));
             }
-            drop(res_tx);
+            drop(read_tx);
+            for _ in 0..threads {
+                let feed = if readers > 0 {
+                    Feed::Reads(read_rx.clone())
+                } else {
+                    Feed::Jobs(job_rx.clone(), reader, RefCell::default())
+                };
+                let res_tx = res_tx.clone();
+                scope.spawn(move || this.worker(&feed, &res_tx, reader));
+            }
             drop(job_rx);
+            drop(res_tx);
+            drop(read_rx);
             let collected = this.collect(&res_rx, &mut builder, &mut stats, opts, size);
             // Closing the queue ends the uploader once it has stored the rest.
             this.uploader.lock().expect("uploader lock").take();
@@ -381,7 +487,7 @@ impl<'r> Session<'r> {
         if opts.cancel.load(Ordering::Relaxed) {
             return Err(Error::Interrupted);
         }
-        stats.bytes_read = bytes_read.into_inner();
+        stats.bytes_read = reader.bytes_read.into_inner();
         let node_bytes = AtomicU64::new(0);
         let map = builder.finish(&mut |e| self.store_map_node(e, &node_bytes))?;
         stats.bytes_stored += node_bytes.into_inner();
@@ -398,73 +504,84 @@ impl<'r> Session<'r> {
         Ok(disk)
     }
 
-    /// Read, hash and compress blocks, seal the new chunks of a job
-    /// together (faster than one by one, see `siv`), and hand every
-    /// outcome on. A slow source (a rate limit, a remote disk) must not hold
-    /// finished chunks back, so the worker also seals what it has once the
-    /// oldest has waited `SEAL_WAIT`; and it never holds more than
-    /// `SEAL_BYTES` of them, so memory stays bounded per worker whatever the
-    /// chunk size.
-    fn worker(
-        &self,
-        source: &dyn Source,
-        jobs: &Receiver<Vec<(u64, u64)>>,
-        out: &Sender<Msg>,
-        bytes_read: &AtomicU64,
-    ) {
-        let mut buf = Vec::new();
+    /// Hash and compress blocks, seal the new chunks together (faster
+    /// than one by one, see `siv`), and hand every outcome on. Known and
+    /// all-zero blocks go on at once; new chunks wait until `chunk::BATCH`
+    /// of them can be sealed together, but never longer than `SEAL_WAIT`
+    /// (a slow source must not hold finished chunks back), and the worker
+    /// never holds more than `SEAL_BYTES` of them, so memory stays bounded
+    /// per worker whatever the chunk size.
+    fn worker(&self, feed: &Feed<'_>, out: &Sender<Msg>, reader: &BlockReader<'_>) {
         let mut comp = chunk::Compressor::new(self.repo.config().compression_level);
-        let cs = u64::from(self.repo.config().chunk_size);
-        // Outcomes not yet sent; `None` stands for the next chunk in `fresh`.
-        let mut held: Vec<(u64, u64, Result<Option<Outcome>>)> = Vec::new();
-        let mut fresh = Vec::new();
+        // The new chunks waiting to be sealed, and where they go.
+        let mut held: Vec<(u64, u64)> = Vec::new();
+        let mut fresh: Vec<chunk::Prepared> = Vec::new();
         let mut since = Instant::now();
-        let flush = |held: &mut Vec<(u64, u64, Result<Option<Outcome>>)>,
-                     fresh: &mut Vec<chunk::Prepared>|
-         -> bool {
-            let mut sealed = chunk::seal_many(self.repo.keys(), std::mem::take(fresh)).into_iter();
-            for (idx, len, outcome) in held.drain(..) {
-                let outcome = outcome.map(|o| {
-                    o.unwrap_or_else(|| Outcome::New(sealed.next().expect("one per new chunk")))
-                });
-                if out.send(Msg::Block { idx, len, outcome }).is_err() {
-                    return false;
-                }
-            }
-            true
+        let flush = |held: &mut Vec<(u64, u64)>, fresh: &mut Vec<chunk::Prepared>| -> bool {
+            let sealed = chunk::seal_many(self.repo.keys(), std::mem::take(fresh));
+            held.drain(..).zip(sealed).all(|((idx, len), enc)| {
+                out.send(Msg::Block {
+                    idx,
+                    len,
+                    outcome: Ok(Outcome::New(enc)),
+                })
+                .is_ok()
+            })
         };
-        for batch in jobs {
-            for (idx, len) in batch {
-                if held.is_empty() {
-                    since = Instant::now();
-                }
-                let outcome = (|| {
-                    let n = usize::try_from(len).expect("chunk fits in memory");
-                    buf.resize(n, 0);
-                    source.read_at(&mut buf, idx * cs)?;
-                    bytes_read.fetch_add(len, Ordering::Relaxed);
-                    if chunk::is_zero(&buf) {
-                        return Ok(Some(Outcome::Zero));
+        loop {
+            let deadline = (!held.is_empty()).then(|| since + SEAL_WAIT);
+            let read = match feed.next(deadline) {
+                Next::Block(r) => r,
+                Next::Idle => {
+                    if !flush(&mut held, &mut fresh) {
+                        return;
                     }
-                    let id = self.repo.keys().chunk_id(&buf);
-                    if !self.claim(&id)? {
-                        return Ok(Some(Outcome::Known(id)));
-                    }
-                    fresh.push(chunk::prepare(id, ChunkKind::Data, &buf, &mut comp));
-                    Ok(None)
-                })();
-                held.push((idx, len, outcome));
-                let holding: usize = fresh.iter().map(chunk::Prepared::stored_len).sum();
-                if (since.elapsed() >= SEAL_WAIT || holding >= SEAL_BYTES)
-                    && !flush(&mut held, &mut fresh)
-                {
-                    return;
+                    continue;
                 }
-            }
-            if !flush(&mut held, &mut fresh) {
+                Next::Done => break,
+            };
+            let Read { idx, len, data } = read;
+            let outcome = data.and_then(|buf| {
+                let block = &buf[..];
+                let r = if chunk::is_zero(block) {
+                    Ok(Some(Outcome::Zero))
+                } else {
+                    let id = self.repo.keys().chunk_id(block);
+                    self.claim(&id).map(|new| {
+                        if !new {
+                            return Some(Outcome::Known(id));
+                        }
+                        fresh.push(chunk::prepare(id, ChunkKind::Data, block, &mut comp));
+                        None
+                    })
+                };
+                reader.give_back(buf);
+                r
+            });
+            let outcome = match outcome {
+                Ok(Some(o)) => Ok(o),
+                Err(e) => Err(e),
+                Ok(None) => {
+                    if held.is_empty() {
+                        since = Instant::now();
+                    }
+                    held.push((idx, len));
+                    let holding: usize = fresh.iter().map(chunk::Prepared::stored_len).sum();
+                    if (fresh.len() >= chunk::BATCH
+                        || holding >= SEAL_BYTES
+                        || since.elapsed() >= SEAL_WAIT)
+                        && !flush(&mut held, &mut fresh)
+                    {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            if out.send(Msg::Block { idx, len, outcome }).is_err() {
                 return;
             }
         }
+        flush(&mut held, &mut fresh);
     }
 
     fn collect(
@@ -555,6 +672,24 @@ impl<'r> Session<'r> {
 /// an object store's latency is bytes in flight, so larger packs get fewer
 /// uploaders (4 of 16 MiB, 2 of 32 MiB) and memory stays the same.
 const UPLOAD_MEMORY: u64 = 64 << 20;
+
+/// The most readers for one disk, whatever the source asks for.
+const MAX_READERS: usize = 8;
+
+/// A reader thread: read blocks ahead of the workers and pass them on,
+/// until the dispatcher is done or the backup is cancelled.
+fn read_ahead(
+    reader: &BlockReader<'_>,
+    jobs: &Receiver<Vec<(u64, u64)>>,
+    out: &Sender<Read>,
+    cancel: &AtomicBool,
+) {
+    for (idx, len) in jobs.iter().flatten() {
+        if cancel.load(Ordering::Relaxed) || out.send(reader.read(idx, len)).is_err() {
+            return;
+        }
+    }
+}
 
 /// How far ahead of the workers the dispatcher asks the source to fetch.
 const READ_AHEAD_BYTES: u64 = 32 << 20;

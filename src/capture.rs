@@ -913,6 +913,14 @@ impl Source for Named {
     fn dirty_ranges(&self) -> crate::Result<Option<Vec<Range>>> {
         self.inner.dirty_ranges()
     }
+
+    fn read_threads(&self) -> usize {
+        self.inner.read_threads()
+    }
+
+    fn will_need(&self, offset: u64, len: u64) {
+        self.inner.will_need(offset, len);
+    }
 }
 
 /// Ends a failed session, restoring QEMU, and returns the error to report.

@@ -157,6 +157,10 @@ impl Source for RateLimited {
     fn dirty_ranges(&self) -> Result<Option<Vec<Range>>> {
         self.inner.dirty_ranges()
     }
+
+    fn read_threads(&self) -> usize {
+        self.inner.read_threads()
+    }
 }
 
 /// Parses a `--rate-limit` value in MB/s (10^6 bytes per second): `50`,

@@ -70,7 +70,7 @@ pub struct BackupArgs {
     /// Read everything, even when an incremental is possible.
     #[arg(long)]
     full: bool,
-    /// Worker threads (and NBD connections, up to 8).
+    /// Worker threads (and twice as many NBD connections, up to 8).
     #[arg(long, default_value_t = super::default_threads())]
     threads: usize,
     /// Cap the reads from the sources at this many MB/s (10^6 bytes per
@@ -129,8 +129,11 @@ fn parse_disks(args: &[String]) -> Result<Vec<(String, String)>> {
     Ok(specs)
 }
 
+/// NBD connections per disk: two per worker, as each connection is read
+/// by a thread of its own while the workers hash and compress (measured
+/// on a qcow2 image through qemu-nbd, 2 workers: 4 connections beat 2).
 fn connections(threads: usize) -> usize {
-    threads.clamp(1, 8)
+    threads.saturating_mul(2).clamp(1, 8)
 }
 
 fn limiter(a: &BackupArgs, cancel: &Arc<AtomicBool>) -> Result<Option<Arc<RateLimiter>>> {

@@ -32,6 +32,14 @@ pub trait Source: Send + Sync {
     /// source can start fetching it (deep I/O queues are what make
     /// virtualised and networked disks fast).
     fn will_need(&self, _offset: u64, _len: u64) {}
+    /// Threads that should read this source ahead of the workers that hash
+    /// and compress, so that the two overlap. 0 (the default): each worker
+    /// reads its own blocks, which suits sources the kernel reads ahead
+    /// (files, with `will_need`) and keeps each block in the cache of the
+    /// core that reads it.
+    fn read_threads(&self) -> usize {
+        0
+    }
     /// Ranges a dirty bitmap marks as changed, sorted; `None` when the source
     /// has no bitmap.
     fn dirty_ranges(&self) -> Result<Option<Vec<Range>>> {

@@ -164,6 +164,13 @@ impl Source for NbdSource {
         ))
     }
 
+    /// A reader per connection (a connection serves one request at a time
+    /// here): without them, a worker waiting for its block leaves its core
+    /// idle, as nothing reads an NBD export ahead.
+    fn read_threads(&self) -> usize {
+        self.handles.len()
+    }
+
     fn dirty_ranges(&self) -> Result<Option<Vec<Range>>> {
         let Some(c) = &self.bitmap_context else {
             return Ok(None);
