@@ -167,6 +167,10 @@ pub fn decode_many<'a>(
                 return Err(damaged("authentication failed"));
             }
             let payload = &buf[TAG_LEN..];
+            // Decompression allocates `raw_len` up front.
+            if loc.raw_len > crate::format::MAX_RAW_LEN {
+                return Err(damaged("raw length out of range"));
+            }
             let raw_len = usize::try_from(loc.raw_len).map_err(|_| damaged("length"))?;
             let plain = if loc.compressed {
                 let d = match &mut dctx {
@@ -268,6 +272,29 @@ mod tests {
         v[3] = 1;
         assert!(!is_zero(&v));
         assert!(is_zero(&[]));
+    }
+
+    /// A location whose raw length no chunk can have is refused before
+    /// decompression allocates it (see fuzz/chunk_read).
+    #[test]
+    fn impossible_raw_length_is_refused() {
+        let keys = Keys::clear([3; 32]);
+        let data = vec![7u8; 5000];
+        let id = keys.chunk_id(&data);
+        let e = encode(&keys, id, ChunkKind::Data, &data, 3);
+        assert!(e.compressed);
+        let loc = Location {
+            pack: ObjectId([0; 16]),
+            offset: 16,
+            stored_len: u32::try_from(e.sealed.len()).unwrap(),
+            raw_len: u32::MAX,
+            kind: ChunkKind::Data,
+            compressed: true,
+        };
+        assert!(matches!(
+            decode(&keys, &id, &loc, "p", &e.sealed),
+            Err(Error::ChunkDamaged { .. })
+        ));
     }
 
     #[test]

@@ -36,6 +36,13 @@ const _: () = assert!(INDEX_ENTRY_LEN == 32 + 16 + PACK_ENTRY_LEN - 32);
 /// Flags of the header's `flags` byte.
 pub const FLAG_ZSTD: u8 = 1;
 
+/// Largest plaintext of any chunk: a data chunk holds at most one block of
+/// the largest chunk size, a map node at most 256 ids (8 KiB).
+pub const MAX_RAW_LEN: u32 = crate::repo::MAX_CHUNK_SIZE;
+/// Largest stored blob: a plaintext that zstd did not shrink, and its tag.
+pub const MAX_STORED_LEN: u32 = MAX_RAW_LEN + 16;
+const _: () = assert!(crate::crypto::TAG_LEN == 16);
+
 /// What a stored chunk holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChunkKind {
@@ -232,6 +239,14 @@ fn get_entry_tail(r: &mut Reader<'_>) -> Result<(u64, u32, u32, ChunkKind, bool)
     let offset = r.u64()?;
     let stored = r.u32()?;
     let raw = r.u32()?;
+    // Readers allocate these lengths: refuse what no chunk can be, rather
+    // than allocate up to 4 GiB on the word of a damaged file.
+    if stored > MAX_STORED_LEN || raw > MAX_RAW_LEN {
+        return Err(Error::corrupt(
+            r.name,
+            format!("chunk lengths out of range (stored {stored}, raw {raw})"),
+        ));
+    }
     let kind =
         ChunkKind::from_u8(r.u8()?).ok_or_else(|| Error::corrupt(r.name, "unknown chunk kind"))?;
     let comp = match r.u8()? {
@@ -434,6 +449,43 @@ mod tests {
         assert!(decode_pack_trailer("p", &bad).is_err());
     }
 
+    /// Found by the fuzz/chunk_read target (its minimised input):
+    /// an index entry with stored length 0xffff_f569 made
+    /// `Repository::read_chunk` allocate 4 GiB before reading the pack.
+    #[test]
+    fn entries_with_impossible_lengths_are_refused() {
+        let id = ChunkId([1; 32]);
+        let mut l = loc(1);
+        l.stored_len = 0xffff_f569;
+        assert!(decode_index("i", &encode_index(&[(id, l)])).is_err());
+        l.stored_len = 77;
+        l.raw_len = MAX_RAW_LEN + 1;
+        assert!(decode_index("i", &encode_index(&[(id, l)])).is_err());
+        let blob = |stored_len, raw_len| BlobEntry {
+            id,
+            offset: 16,
+            stored_len,
+            raw_len,
+            kind: ChunkKind::Data,
+            compressed: false,
+        };
+        for bad in [blob(MAX_STORED_LEN + 1, 1), blob(1, u32::MAX)] {
+            assert!(decode_pack_trailer("p", &encode_pack_trailer(&[bad])).is_err());
+        }
+        // The largest chunk there can be still decodes.
+        let big = blob(MAX_STORED_LEN, MAX_RAW_LEN);
+        assert_eq!(
+            decode_pack_trailer("p", &encode_pack_trailer(&[big])).unwrap(),
+            vec![big]
+        );
+        l.stored_len = MAX_STORED_LEN;
+        l.raw_len = MAX_RAW_LEN;
+        assert_eq!(
+            decode_index("i", &encode_index(&[(id, l)])).unwrap(),
+            vec![(id, l)]
+        );
+    }
+
     #[test]
     fn sealed_file_detects_damage() {
         let keys = Keys::from_master(&[1; 64]);
@@ -459,8 +511,8 @@ mod proptests {
         (
             any::<[u8; 16]>(),
             any::<u64>(),
-            any::<u32>(),
-            any::<u32>(),
+            0..=MAX_STORED_LEN,
+            0..=MAX_RAW_LEN,
             any::<bool>(),
             any::<bool>(),
         )

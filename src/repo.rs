@@ -341,6 +341,18 @@ impl Repository {
 
     pub fn read_chunk_at(&self, id: &ChunkId, loc: &Location) -> Result<Vec<u8>> {
         let pname = pack::pack_name(&loc.pack);
+        // The decoders refuse such lengths; a location from elsewhere (an
+        // index cache) must not make us allocate them either.
+        if loc.stored_len > format::MAX_STORED_LEN || loc.raw_len > format::MAX_RAW_LEN {
+            return Err(Error::ChunkDamaged {
+                id: *id,
+                pack: pname,
+                reason: format!(
+                    "its location gives impossible lengths (stored {}, raw {})",
+                    loc.stored_len, loc.raw_len
+                ),
+            });
+        }
         let len = usize::try_from(loc.stored_len).map_err(|_| Error::corrupt(&pname, "length"))?;
         let mut sealed = match self.backend.get_range(&pname, loc.offset, len) {
             Ok(s) => s,
@@ -364,5 +376,50 @@ impl Repository {
             .next()
             .expect("one chunk");
         plain
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::LocalBackend;
+
+    fn clear_repo(dir: &std::path::Path) -> Repository {
+        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(dir.join("repo")));
+        let opts = InitOptions {
+            encrypt: false,
+            ..InitOptions::default()
+        };
+        Repository::init(backend.clone(), &opts, None).unwrap();
+        Repository::open_with_cache(backend, || Ok(Vec::new()), false).unwrap()
+    }
+
+    /// Found by the fuzz/chunk_read target (its minimised input):
+    /// a location with stored length 0xffff_f569 made `read_chunk_at`
+    /// allocate 4 GiB for the ranged read before finding the pack short.
+    #[test]
+    fn a_location_with_impossible_lengths_is_refused_before_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = clear_repo(dir.path());
+        let mut pw = pack::PackWriter::create(repo.backend().as_ref()).unwrap();
+        let c = repo.encode_chunk(ChunkKind::Data, b"some data");
+        pw.add(&c).unwrap();
+        let (id, good) = pw.finish(repo.keys()).unwrap()[0];
+        assert_eq!(repo.read_chunk_at(&id, &good).unwrap(), b"some data");
+        for bad in [
+            Location {
+                stored_len: 0xffff_f569,
+                ..good
+            },
+            Location {
+                raw_len: u32::MAX,
+                ..good
+            },
+        ] {
+            assert!(matches!(
+                repo.read_chunk_at(&id, &bad),
+                Err(Error::ChunkDamaged { .. })
+            ));
+        }
     }
 }
