@@ -158,6 +158,22 @@ pub fn load(backend: &dyn Backend, keys: &Keys, id: &str) -> Result<Snapshot> {
                 format!("disk {:?} has an invalid chunk size or map", d.name),
             ));
         }
+        // The depth follows from the size (docs/FORMAT.md). Readers walk
+        // `depth` levels and take the leaves to cover the disk: a depth of
+        // 0, or one too small for the size, made a single node stand for
+        // every block of the disk.
+        let want = crate::blockmap::depth_for(d.nchunks());
+        if d.map.depth != want {
+            return Err(Error::corrupt(
+                &name,
+                format!(
+                    "disk {:?}: map depth {} does not fit its size (a map of {} blocks has depth {want})",
+                    d.name,
+                    d.map.depth,
+                    d.nchunks()
+                ),
+            ));
+        }
     }
     Ok(s)
 }
@@ -236,6 +252,42 @@ mod tests {
         id: String,
         vm: String,
         disks: Vec<Disk>,
+    }
+
+    /// Found by the fuzz/disk_read target (timeouts; two of its inputs
+    /// below): a manifest whose map depth did not fit its disk size was accepted,
+    /// and with depth 0 (or 1 for a disk of billions of blocks) one node
+    /// answered for every block, so a SEEK_HOLE scan ran for hours.
+    #[test]
+    fn a_map_depth_that_does_not_fit_the_size_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = crate::backend::LocalBackend::new(dir.path());
+        let keys = Keys::clear([1; 32]);
+        let mut s: Snapshot = serde_json::from_str(OLD).unwrap();
+        save(&backend, &keys, &s).unwrap();
+        load(&backend, &keys, &s.id).unwrap();
+        for (depth, size, chunk_size) in [
+            (0, 281_475_261_923_370, 131_072),
+            (1, 281_470_681_802_496, 4096),
+            (0, 0, 4096),
+            (2, 4096, 4096),
+        ] {
+            s.disks[0].map.depth = depth;
+            s.disks[0].size = size;
+            s.disks[0].chunk_size = chunk_size;
+            save(&backend, &keys, &s).unwrap();
+            assert!(
+                matches!(load(&backend, &keys, &s.id), Err(Error::Corrupt { .. })),
+                "depth {depth}, size {size}"
+            );
+        }
+        // The depth that fits loads, however large the disk.
+        s.disks[0].size = 281_470_681_802_496;
+        s.disks[0].chunk_size = 4096;
+        s.disks[0].map.depth = crate::blockmap::depth_for(s.disks[0].nchunks());
+        assert_eq!(s.disks[0].map.depth, 5);
+        save(&backend, &keys, &s).unwrap();
+        load(&backend, &keys, &s.id).unwrap();
     }
 
     #[test]
