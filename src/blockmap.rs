@@ -50,10 +50,20 @@ pub trait NodeSource {
 
 /// The chunk id of block `idx`, or ZERO for a hole.
 pub fn lookup(src: &dyn NodeSource, map: &MapRef, idx: u64) -> Result<ChunkId> {
+    Ok(lookup_run(src, map, idx)?.0)
+}
+
+/// Like `lookup`, and also how many blocks from `idx` on are the same: the
+/// rest of the hole `idx` lies in (a ZERO node stands for every block of
+/// its subtree), or 1 for data. A scan for data steps over a hole of any
+/// size in one go, instead of block by block.
+pub fn lookup_run(src: &dyn NodeSource, map: &MapRef, idx: u64) -> Result<(ChunkId, u64)> {
     let mut node_id = map.root;
     for level in (0..map.depth).rev() {
         if node_id.is_zero() {
-            return Ok(ChunkId::ZERO);
+            // A node of `level` covers span(level + 1) blocks.
+            let s = span(level + 1);
+            return Ok((ChunkId::ZERO, s - idx % s));
         }
         let node = src.node(&node_id)?;
         let pos = usize::try_from((idx / span(level)) % FANOUT_U64).expect("below FANOUT");
@@ -64,7 +74,7 @@ pub fn lookup(src: &dyn NodeSource, map: &MapRef, idx: u64) -> Result<ChunkId> {
             )
         })?;
     }
-    Ok(node_id)
+    Ok((node_id, 1))
 }
 
 /// Ids of all leaves of a map, in order (ZERO for all-hole leaves).
@@ -321,6 +331,52 @@ mod tests {
         assert_eq!(lookup(&mem, &m2, 1002).unwrap(), cid(1002));
         assert_eq!(lookup(&mem, &m2, 1001).unwrap(), ChunkId::ZERO); // 1001 % 7 == 0
         assert_eq!(lookup(&mem, &m1, 1000).unwrap(), cid(1000));
+    }
+
+    #[test]
+    fn lookup_run_spans_whole_holes() {
+        let mem = Mem::default();
+        let n = 70_000u64; // depth 3
+        let mut b = MapBuilder::new(n, None).unwrap();
+        let mut st = |e: &[ChunkId]| Ok(mem.store(e));
+        b.keep(0, 1000, &mut st).unwrap();
+        b.set(1000, cid(1000), &mem, &mut st).unwrap();
+        b.keep(1001, 69_000, &mut st).unwrap();
+        b.set(69_000, cid(69_000), &mem, &mut st).unwrap();
+        b.keep(69_001, n, &mut st).unwrap();
+        let m = b.finish(&mut st).unwrap();
+        let run = |i| lookup_run(&mem, &m, i).unwrap();
+        // A hole leaf: the rest of it.
+        assert_eq!(run(0), (ChunkId::ZERO, 256));
+        assert_eq!(run(2000), (ChunkId::ZERO, 256 - 2000 % 256));
+        // In the leaf of block 1000: a hole entry, then data.
+        assert_eq!(run(999), (ChunkId::ZERO, 1));
+        assert_eq!(run(1000), (cid(1000), 1));
+        assert_eq!(run(66_000), (ChunkId::ZERO, 256 - 66_000 % 256));
+        // Every run agrees with lookup block by block.
+        let mut i = 0;
+        while i < n {
+            let (id, len) = run(i);
+            for j in i..(i + len).min(n) {
+                assert_eq!(lookup(&mem, &m, j).unwrap(), id, "block {j}");
+            }
+            i += len;
+        }
+        // An all-hole map of any size is one run.
+        let empty = MapRef {
+            root: ChunkId::ZERO,
+            depth: 7,
+            fanout: 256,
+        };
+        assert_eq!(
+            lookup_run(&mem, &empty, 5).unwrap(),
+            (ChunkId::ZERO, (1 << 56) - 5)
+        );
+        let huge = MapRef { depth: 9, ..empty };
+        assert_eq!(
+            lookup_run(&mem, &huge, 5).unwrap(),
+            (ChunkId::ZERO, u64::MAX - 5)
+        );
     }
 
     #[test]
