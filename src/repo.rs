@@ -168,6 +168,15 @@ impl Repository {
             Err(e) => return Err(e),
         };
         let c: Config = decode_json_file("config", &data, MAGIC_CONFIG, "config")?;
+        // The id names the local index cache folder and prefixes QEMU
+        // bitmap names: anything but the 32 hex digits of docs/FORMAT.md
+        // could point the cache outside its folder, or cut a character.
+        if c.id.len() != 32 || !c.id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::corrupt(
+                "config",
+                "repository id is not 32 hex digits",
+            ));
+        }
         if !c.chunk_size.is_power_of_two()
             || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&c.chunk_size)
         {
@@ -392,6 +401,49 @@ mod tests {
         };
         Repository::init(backend.clone(), &opts, None).unwrap();
         Repository::open_with_cache(backend, || Ok(Vec::new()), false).unwrap()
+    }
+
+    /// Found in review, shown with hand-made inputs to the fuzz/config
+    /// target (the fuzzer itself did not get there): a config whose id was `0123456€89abcdef` made
+    /// `capture::bitmap_prefix` panic (byte 8 inside '€'), and one whose id
+    /// was `/tmp/elsewhere` or `../../x` put the index cache outside the
+    /// cache folder.
+    #[test]
+    fn a_config_id_that_is_not_32_hex_digits_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = LocalBackend::new(dir.path());
+        let config = |id: &str| {
+            let mut c = format::header(MAGIC_CONFIG, 0).to_vec();
+            c.extend_from_slice(
+                format!(
+                    r#"{{"id":"{id}","chunk_size":65536,"pack_size":1048576,"compression_level":3,"encryption":"none","id_key":"{}","created":"x"}}"#,
+                    "5a".repeat(32)
+                )
+                .as_bytes(),
+            );
+            c
+        };
+        backend
+            .put("config", &config("0123456789abcdef0123456789abcdef"))
+            .unwrap();
+        Repository::read_config(&backend).unwrap();
+        for bad in [
+            "0123456€89abcdef",
+            "/tmp/elsewhere",
+            "../../x",
+            "",
+            "0123456789abcdef0123456789abcdeg",
+            "0123456789abcdef0123456789abcdef0",
+        ] {
+            backend.put("config", &config(bad)).unwrap();
+            assert!(
+                matches!(
+                    Repository::read_config(&backend),
+                    Err(Error::Corrupt { .. })
+                ),
+                "{bad:?}"
+            );
+        }
     }
 
     /// Found by the fuzz/chunk_read target (its minimised input):
