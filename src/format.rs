@@ -165,11 +165,24 @@ pub fn open_file(
     }
 }
 
+/// Decompress `data`, refusing more than `max` bytes of output. Memory
+/// grows with the output: a bulk decompression reserves `max` up front
+/// whenever the input does not record its size, and a hostile file of a
+/// few bytes then cost a 1 GiB reservation (found by fuzz/sealed_files).
 pub fn decompress(name: &str, data: &[u8], max: usize) -> Result<Vec<u8>> {
-    let mut d =
-        zstd::bulk::Decompressor::new().map_err(|e| Error::corrupt(name, format!("zstd: {e}")))?;
-    d.decompress(data, max)
-        .map_err(|e| Error::corrupt(name, format!("zstd: {e}")))
+    use std::io::Read;
+    let zstd_err = |e: std::io::Error| Error::corrupt(name, format!("zstd: {e}"));
+    let d = zstd::stream::read::Decoder::with_buffer(data).map_err(zstd_err)?;
+    let mut out = Vec::new();
+    let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
+    d.take(limit).read_to_end(&mut out).map_err(zstd_err)?;
+    if out.len() > max {
+        return Err(Error::corrupt(
+            name,
+            format!("decompresses to more than {max} bytes"),
+        ));
+    }
+    Ok(out)
 }
 
 // ---- little-endian field helpers -------------------------------------------
@@ -484,6 +497,32 @@ mod tests {
             decode_index("i", &encode_index(&[(id, l)])).unwrap(),
             vec![(id, l)]
         );
+    }
+
+    /// Found by fuzz/sealed_files: a 34-byte GC mark whose tag was right
+    /// and whose zstd body was two bytes made `open_file` reserve
+    /// MAX_FILE_BODY (1 GiB) before zstd refused the body.
+    #[test]
+    fn decompress_allocates_by_output_not_by_limit() {
+        assert!(decompress("f", b"]s", MAX_FILE_BODY).is_err());
+        let keys = Keys::clear([5; 32]);
+        let mut f = header(MAGIC_GC_MARK, FLAG_ZSTD).to_vec();
+        f.extend_from_slice(&keys.seal(&[&f.clone(), b"gc/x"], b"]s"));
+        assert!(open_file(&keys, MAGIC_GC_MARK, "GC mark", "gc/x", &f).is_err());
+        // What it decompresses stays as it was, up to the limit exactly.
+        let body = b"some body ".repeat(1000);
+        let z = zstd::bulk::compress(&body, 3).unwrap();
+        assert_eq!(decompress("f", &z, body.len()).unwrap(), body);
+        assert!(decompress("f", &z, body.len() - 1).is_err());
+        let mut two = z.clone();
+        two.extend_from_slice(&z);
+        assert_eq!(
+            decompress("f", &two, 2 * body.len()).unwrap(),
+            [&body[..], &body[..]].concat()
+        );
+        let mut trailing = z.clone();
+        trailing.extend_from_slice(b"junk");
+        assert!(decompress("f", &trailing, 1 << 20).is_err());
     }
 
     #[test]
