@@ -73,19 +73,32 @@ pub fn keys() -> Keys {
     Keys::clear(ID_KEY)
 }
 
-/// A folder private to this process, in memory when /dev/shm exists.
+/// A folder private to this process, in memory when /dev/shm exists:
+/// `ekko-fuzz/<pid>`. A fuzzer leaves by `exit` or a crash, never dropping
+/// statics, so each process first removes the folders of processes gone
+/// (fork mode starts hundreds).
 pub fn scratch() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let base = Path::new("/dev/shm");
-        if base.is_dir() {
-            tempfile::tempdir_in(base)
+        let shm = Path::new("/dev/shm");
+        let base = if shm.is_dir() {
+            shm.join("ekko-fuzz")
         } else {
-            tempfile::tempdir()
+            std::env::temp_dir().join("ekko-fuzz")
+        };
+        if let Ok(entries) = std::fs::read_dir(&base) {
+            for e in entries.flatten() {
+                let pid = e.file_name();
+                if !Path::new("/proc").join(&pid).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
         }
-        .expect("a scratch folder")
+        let dir = base.join(std::process::id().to_string());
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a scratch folder");
+        dir
     })
-    .path()
 }
 
 /// A valid config file of an unencrypted repository with `ID_KEY`.
