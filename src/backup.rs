@@ -80,8 +80,10 @@ struct Read {
 }
 
 /// Reads blocks into buffers that are reused: a block's buffer comes back
-/// once it is hashed (and compressed). How many buffers exist is bounded
-/// by the channels between the stages, not here.
+/// once it is hashed (and compressed). Reader threads and workers share
+/// the pool in `free`; a worker that reads its own blocks keeps its one
+/// buffer, warm in its core's cache. How many buffers exist is bounded by
+/// the channels between the stages, not here.
 struct BlockReader<'a> {
     source: &'a dyn Source,
     cs: u64,
@@ -90,9 +92,7 @@ struct BlockReader<'a> {
 }
 
 impl BlockReader<'_> {
-    fn read(&self, idx: u64, len: u64) -> Read {
-        let reused = self.free.lock().expect("buffer pool lock").pop();
-        let mut buf = reused.unwrap_or_default();
+    fn read(&self, mut buf: Vec<u8>, idx: u64, len: u64) -> Read {
         let n = usize::try_from(len).expect("a block fits in memory");
         buf.resize(n, 0);
         let data = self.source.read_at(&mut buf, idx * self.cs).map(|()| {
@@ -102,21 +102,30 @@ impl BlockReader<'_> {
         Read { idx, len, data }
     }
 
-    fn give_back(&self, buf: Vec<u8>) {
-        self.free.lock().expect("buffer pool lock").push(buf);
+    fn take(&self) -> Vec<u8> {
+        let reused = self.free.lock().expect("buffer pool lock").pop();
+        reused.unwrap_or_default()
     }
 }
 
 /// Where a worker gets its blocks: from reader threads, or by reading
 /// them itself (see `Source::read_threads`).
 enum Feed<'a> {
-    Reads(Receiver<Read>),
-    /// Runs of neighbouring blocks, and what is left of the current one.
+    Reads(Receiver<Read>, &'a BlockReader<'a>),
+    /// Runs of neighbouring blocks to read.
     Jobs(
         Receiver<Vec<(u64, u64)>>,
         &'a BlockReader<'a>,
-        RefCell<std::vec::IntoIter<(u64, u64)>>,
+        RefCell<OwnReads>,
     ),
+}
+
+/// A worker that reads its own blocks: what is left of its current run,
+/// and its one buffer.
+#[derive(Default)]
+struct OwnReads {
+    run: std::vec::IntoIter<(u64, u64)>,
+    buf: Vec<u8>,
 }
 
 enum Next {
@@ -139,20 +148,28 @@ impl Feed<'_> {
             }
         }
         let got = match self {
-            Feed::Reads(rx) => recv(rx, deadline),
-            Feed::Jobs(jobs, reader, run) => {
-                let mut run = run.borrow_mut();
-                match run.next() {
-                    Some((idx, len)) => Ok(reader.read(idx, len)),
+            Feed::Reads(rx, _) => recv(rx, deadline),
+            Feed::Jobs(jobs, reader, state) => {
+                let OwnReads { run, buf } = &mut *state.borrow_mut();
+                let next = match run.next() {
+                    Some(block) => Ok(block),
                     None => recv(jobs, deadline).map(|r| {
                         *run = r.into_iter();
-                        let (idx, len) = run.next().expect("runs are not empty");
-                        reader.read(idx, len)
+                        run.next().expect("runs are not empty")
                     }),
-                }
+                };
+                next.map(|(idx, len)| reader.read(std::mem::take(buf), idx, len))
             }
         };
         got.map_or_else(|n| n, Next::Block)
+    }
+
+    /// A block's buffer, done with.
+    fn give_back(&self, buf: Vec<u8>) {
+        match self {
+            Feed::Reads(_, reader) => reader.free.lock().expect("buffer pool lock").push(buf),
+            Feed::Jobs(_, _, state) => state.borrow_mut().buf = buf,
+        }
     }
 }
 
@@ -464,12 +481,12 @@ impl<'r> Session<'r> {
             drop(read_tx);
             for _ in 0..threads {
                 let feed = if readers > 0 {
-                    Feed::Reads(read_rx.clone())
+                    Feed::Reads(read_rx.clone(), reader)
                 } else {
                     Feed::Jobs(job_rx.clone(), reader, RefCell::default())
                 };
                 let res_tx = res_tx.clone();
-                scope.spawn(move || this.worker(&feed, &res_tx, reader));
+                scope.spawn(move || this.worker(&feed, &res_tx));
             }
             drop(job_rx);
             drop(res_tx);
@@ -511,7 +528,7 @@ impl<'r> Session<'r> {
     /// (a slow source must not hold finished chunks back), and the worker
     /// never holds more than `SEAL_BYTES` of them, so memory stays bounded
     /// per worker whatever the chunk size.
-    fn worker(&self, feed: &Feed<'_>, out: &Sender<Msg>, reader: &BlockReader<'_>) {
+    fn worker(&self, feed: &Feed<'_>, out: &Sender<Msg>) {
         let mut comp = chunk::Compressor::new(self.repo.config().compression_level);
         // The new chunks waiting to be sealed, and where they go.
         let mut held: Vec<(u64, u64)> = Vec::new();
@@ -555,7 +572,7 @@ impl<'r> Session<'r> {
                         None
                     })
                 };
-                reader.give_back(buf);
+                feed.give_back(buf);
                 r
             });
             let outcome = match outcome {
@@ -685,7 +702,8 @@ fn read_ahead(
     cancel: &AtomicBool,
 ) {
     for (idx, len) in jobs.iter().flatten() {
-        if cancel.load(Ordering::Relaxed) || out.send(reader.read(idx, len)).is_err() {
+        if cancel.load(Ordering::Relaxed) || out.send(reader.read(reader.take(), idx, len)).is_err()
+        {
             return;
         }
     }
