@@ -83,6 +83,51 @@ impl ChunkCache {
     }
 }
 
+/// A decoded block, as `DiskReader::decode_run` hands it over: bytes
+/// already decoded (a chunk that several blocks share, or one read
+/// alone), or a chunk opened and not yet decompressed.
+pub enum Plain<'a> {
+    Bytes(&'a [u8]),
+    Opened(
+        &'a crate::chunk::Opened<'a>,
+        &'a mut crate::chunk::Decompressor,
+    ),
+}
+
+impl Plain<'_> {
+    /// The block's length.
+    pub fn len(&self) -> usize {
+        match self {
+            Plain::Bytes(b) => b.len(),
+            Plain::Opened(o, _) => o.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Write the block's bytes to `out`, which is `len()` bytes long.
+    pub fn write_to(self, out: &mut [u8]) -> Result<()> {
+        match self {
+            Plain::Bytes(b) => {
+                out.copy_from_slice(b);
+                Ok(())
+            }
+            Plain::Opened(o, dec) => dec.into_slice(o, out),
+        }
+    }
+
+    /// Call `f` with the block's bytes (decompressing into a new buffer
+    /// if need be).
+    pub fn with_bytes<T>(self, f: impl FnOnce(&[u8]) -> Result<T>) -> Result<T> {
+        match self {
+            Plain::Bytes(b) => f(b),
+            Plain::Opened(o, dec) => f(&dec.to_vec(o)?),
+        }
+    }
+}
+
 /// Neighbouring chunks of one pack, fetched with one ranged read, and the
 /// blocks of the disk they fill. See `DiskReader::plan`.
 pub struct PackRun {
@@ -213,12 +258,16 @@ impl DiskReader {
     /// A decoded block must be exactly as long as the disk says.
     fn check_len(&self, idx: u64, data: &[u8]) -> Result<()> {
         if u64::try_from(data.len()).ok() != Some(self.block_len(idx)) {
-            return Err(Error::corrupt(
-                format!("snapshot {} disk {}", self.snapshot_id, self.disk.name),
-                format!("block {idx} has the wrong length"),
-            ));
+            return Err(self.wrong_len(idx));
         }
         Ok(())
+    }
+
+    fn wrong_len(&self, idx: u64) -> Error {
+        Error::corrupt(
+            format!("snapshot {} disk {}", self.snapshot_id, self.disk.name),
+            format!("block {idx} has the wrong length"),
+        )
     }
 
     /// True when the repository's store answers few large reads much
@@ -286,12 +335,14 @@ impl DiskReader {
 
     /// Decode the blocks of `run` from `fetched` (see `fetch_run`), handing
     /// each to `each` with its block index. Chunks are opened in place,
-    /// several at a time, which is faster than one by one (see `siv`).
+    /// several at a time, which is faster than one by one (see `siv`); a
+    /// block is decompressed only when `each` asks for its bytes, so that
+    /// it can go straight into the caller's buffer.
     pub fn decode_run(
         &self,
         run: &PackRun,
         fetched: Option<&mut [u8]>,
-        mut each: impl FnMut(u64, Vec<u8>) -> Result<()>,
+        mut each: impl FnMut(u64, Plain<'_>) -> Result<()>,
     ) -> Result<()> {
         let pname = crate::pack::pack_name(&run.pack);
         // Blocks that hold the same chunk are neighbours (the run is sorted
@@ -301,6 +352,7 @@ impl DiskReader {
             .chunk_by(|a, b| a.2.offset == b.2.offset)
             .collect();
         let mut cutter = crate::chunk::Cutter::new(fetched.unwrap_or_default(), run.start);
+        let mut dec = crate::chunk::Decompressor::default();
         for group in chunks.chunks(crate::chunk::BATCH) {
             // Cut each chunk's sealed bytes from the fetched run; `None` if
             // the run was not fetched or does not hold them.
@@ -314,22 +366,28 @@ impl DiskReader {
                 .zip(sealed)
                 .filter_map(|(blocks, s)| Some((&blocks[0].1, &blocks[0].2, s?)))
                 .collect();
-            let mut opened = crate::chunk::decode_many(self.repo.keys(), &pname, blobs);
+            let mut opened = crate::chunk::open_many(self.repo.keys(), &pname, blobs).into_iter();
             for (blocks, have) in group.iter().zip(have) {
                 let (_, id, loc) = &blocks[0];
                 let plain = if have {
-                    opened.next().expect("one per fetched blob")?
+                    let o = opened.next().expect("one per fetched blob")?;
+                    if let [(idx, _, _)] = blocks {
+                        // The usual case: one block for the chunk.
+                        if u64::try_from(o.len()).ok() != Some(self.block_len(*idx)) {
+                            return Err(self.wrong_len(*idx));
+                        }
+                        each(*idx, Plain::Opened(&o, &mut dec))?;
+                        continue;
+                    }
+                    dec.to_vec(&o)?
                 } else {
                     // Not fetched: read it alone, so that an error names it.
                     self.repo.read_chunk_at(id, loc)?
                 };
-                let (last, others) = blocks.split_last().expect("at least one block");
-                for (idx, _, _) in others {
+                for (idx, _, _) in blocks.iter() {
                     self.check_len(*idx, &plain)?;
-                    each(*idx, plain.clone())?;
+                    each(*idx, Plain::Bytes(&plain))?;
                 }
-                self.check_len(last.0, &plain)?;
-                each(last.0, plain)?;
             }
         }
         Ok(())

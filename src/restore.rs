@@ -227,9 +227,10 @@ pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Res
         }
         Ok(())
     };
-    // Direct writes: decoders copy a block into a free aligned buffer and
-    // queue it; writer threads write it and hand the buffer back. So the
-    // device has several writes in flight while the cores decode.
+    // Direct writes: decoders decompress a block into a free aligned
+    // buffer and queue it; writer threads write it and hand the buffer
+    // back. So the device has several writes in flight while the cores
+    // decode.
     let block = usize::try_from(cs).expect("fits");
     let direct_ok = |at: u64, len: usize| direct.is_some() && aligned::fits(at, len);
     let (free_tx, free_rx) = bounded::<AlignedBuf>(DIRECT_BUFFERS);
@@ -303,9 +304,11 @@ pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Res
                 });
             }
         }
+        let free_back = free_tx.clone();
         drop((queue_rx, free_tx));
         for _ in 0..decoders {
             let (got_rx, free_rx, queue_tx) = (got_rx.clone(), free_rx.clone(), queue_tx.clone());
+            let free_back = free_back.clone();
             scope.spawn(move || {
                 for (run, mut fetched) in got_rx {
                     if stopped() {
@@ -313,14 +316,21 @@ pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Res
                     }
                     let r = reader.decode_run(&run, fetched.as_deref_mut(), |idx, plain| {
                         let at = idx * cs;
-                        if direct_ok(at, plain.len()) {
+                        let n = plain.len();
+                        if direct_ok(at, n) {
+                            // Decompressed straight into the aligned buffer.
                             let mut buf = free_rx.recv().map_err(|_| Error::Interrupted)?;
-                            buf.fill(&plain);
+                            if let Err(e) = plain.write_to(buf.get_mut(n)) {
+                                // The buffer goes back, so that no decoder
+                                // waits for it forever.
+                                let _ = free_back.send(buf);
+                                return Err(e);
+                            }
                             queue_tx
-                                .send((at, plain.len(), buf))
+                                .send((at, n, buf))
                                 .map_err(|_| Error::Interrupted)?;
                         } else {
-                            write(idx, &plain)?;
+                            plain.with_bytes(|b| write(idx, b))?;
                         }
                         let len = reader.block_len(idx);
                         data.fetch_add(len, Ordering::Relaxed);
@@ -333,7 +343,7 @@ pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Res
                 }
             });
         }
-        drop(queue_tx);
+        drop((queue_tx, free_back));
     });
     if let Some(e) = failure.into_inner().expect("failure lock") {
         return Err(e);
