@@ -41,11 +41,6 @@ impl AlignedBuf {
     pub fn get(&self, len: usize) -> &[u8] {
         &self.buf[self.start..self.start + len]
     }
-
-    /// Copy `data` to the aligned start.
-    pub fn fill(&mut self, data: &[u8]) {
-        self.get_mut(data.len()).copy_from_slice(data);
-    }
 }
 
 #[cfg(test)]
@@ -56,7 +51,7 @@ mod tests {
     fn buffers_are_aligned_and_grow() {
         let mut b = AlignedBuf::new(10_000);
         assert_eq!(b.get_mut(10_000).as_ptr().align_offset(ALIGN), 0);
-        b.fill(&[7u8; 20_000]);
+        b.get_mut(20_000).fill(7);
         assert_eq!(b.get(20_000).as_ptr().align_offset(ALIGN), 0);
         assert!(b.get(20_000).iter().all(|&x| x == 7));
         assert!(fits(8192, 4096) && !fits(100, 4096) && !fits(0, 100) && !fits(0, 0));

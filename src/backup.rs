@@ -106,6 +106,10 @@ impl BlockReader<'_> {
         let reused = self.free.lock().expect("buffer pool lock").pop();
         reused.unwrap_or_default()
     }
+
+    fn give_back(&self, buf: Vec<u8>) {
+        self.free.lock().expect("buffer pool lock").push(buf);
+    }
 }
 
 /// Where a worker gets its blocks: from reader threads, or by reading
@@ -167,7 +171,7 @@ impl Feed<'_> {
     /// A block's buffer, done with.
     fn give_back(&self, buf: Vec<u8>) {
         match self {
-            Feed::Reads(_, reader) => reader.free.lock().expect("buffer pool lock").push(buf),
+            Feed::Reads(_, reader) => reader.give_back(buf),
             Feed::Jobs(_, _, state) => state.borrow_mut().buf = buf,
         }
     }

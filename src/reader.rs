@@ -251,23 +251,19 @@ impl DiskReader {
             .chunks
             .0
             .get_or_insert_with(&id, || self.repo.read_chunk(&id).map(Arc::new))?;
-        self.check_len(idx, &data)?;
+        self.check_len(idx, data.len())?;
         Ok(Some(data))
     }
 
     /// A decoded block must be exactly as long as the disk says.
-    fn check_len(&self, idx: u64, data: &[u8]) -> Result<()> {
-        if u64::try_from(data.len()).ok() != Some(self.block_len(idx)) {
-            return Err(self.wrong_len(idx));
+    fn check_len(&self, idx: u64, len: usize) -> Result<()> {
+        if u64::try_from(len).ok() != Some(self.block_len(idx)) {
+            return Err(Error::corrupt(
+                format!("snapshot {} disk {}", self.snapshot_id, self.disk.name),
+                format!("block {idx} has the wrong length"),
+            ));
         }
         Ok(())
-    }
-
-    fn wrong_len(&self, idx: u64) -> Error {
-        Error::corrupt(
-            format!("snapshot {} disk {}", self.snapshot_id, self.disk.name),
-            format!("block {idx} has the wrong length"),
-        )
     }
 
     /// True when the repository's store answers few large reads much
@@ -373,9 +369,7 @@ impl DiskReader {
                     let o = opened.next().expect("one per fetched blob")?;
                     if let [(idx, _, _)] = blocks {
                         // The usual case: one block for the chunk.
-                        if u64::try_from(o.len()).ok() != Some(self.block_len(*idx)) {
-                            return Err(self.wrong_len(*idx));
-                        }
+                        self.check_len(*idx, o.len())?;
                         each(*idx, Plain::Opened(&o, &mut dec))?;
                         continue;
                     }
@@ -385,7 +379,7 @@ impl DiskReader {
                     self.repo.read_chunk_at(id, loc)?
                 };
                 for (idx, _, _) in blocks.iter() {
-                    self.check_len(*idx, &plain)?;
+                    self.check_len(*idx, plain.len())?;
                     each(*idx, Plain::Bytes(&plain))?;
                 }
             }
