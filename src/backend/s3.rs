@@ -189,6 +189,15 @@ pub struct S3Backend {
 
 /// Full chain of an error, `a: b: c`, without repeating a cause that the
 /// outer message already contains.
+/// Whether an error's text says a range lay past the object's end: the
+/// status line of a 416, or S3's error code for it. Not any "416": the
+/// text carries the request's URL, whose port may hold those digits (a
+/// connection lost mid-restore on port 41637 was once reported as a
+/// damaged pack).
+fn range_past_end(chain: &str) -> bool {
+    chain.contains("416 Range Not Satisfiable") || chain.contains("<Code>InvalidRange</Code>")
+}
+
 fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
@@ -531,12 +540,10 @@ impl Backend for S3Backend {
             )),
             // A range past the end (416) or a short object: damage, as
             // locally.
-            Err(e) if chain(&e).contains("416") || chain(&e).contains("InvalidRange") => {
-                Err(Error::corrupt(
-                    name,
-                    format!("truncated: {len} bytes at offset {offset} are past its end"),
-                ))
-            }
+            Err(e) if range_past_end(&chain(&e)) => Err(Error::corrupt(
+                name,
+                format!("truncated: {len} bytes at offset {offset} are past its end"),
+            )),
             Err(object_store::Error::Generic { source, .. })
                 if source.to_string().contains("range") =>
             {
@@ -648,6 +655,22 @@ impl Backend for S3Backend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only a 416 (or S3's InvalidRange) is a range past the end; a lost
+    /// connection whose URL holds "416" in its port is not (the message
+    /// is the one a CI run reported as a damaged pack).
+    #[test]
+    fn only_a_416_status_is_a_range_past_the_end() {
+        assert!(range_past_end(
+            "Error performing GET http://127.0.0.1:8080/b/packs/0c/x in 2ms - Server returned non-2xx status code: 416 Range Not Satisfiable: "
+        ));
+        assert!(range_past_end(
+            "Error performing GET http://127.0.0.1:8080/b/p in 2ms - Server returned error response: <?xml version='1.0'?><Error><Code>InvalidRange</Code></Error>"
+        ));
+        assert!(!range_past_end(
+            "Error performing GET http://127.0.0.1:41637/b/packs/0c/0c77 in 3ms - error sending request: connection closed before message completed"
+        ));
+    }
 
     #[test]
     fn payloads_are_signed_unless_tls_or_loopback() {
