@@ -102,6 +102,43 @@ impl BlockReader<'_> {
         Read { idx, len, data }
     }
 
+    /// Read neighbouring blocks with one request into `scratch`, then
+    /// hand each block its own buffer. Small blocks read one by one cost a
+    /// round trip each, and interleaved small requests defeat the read-ahead
+    /// of the server's disk. If the joint read fails, every block is read
+    /// alone, so that each error names its own block.
+    fn read_joined(&self, scratch: &mut Vec<u8>, blocks: &[(u64, u64)]) -> Vec<Read> {
+        let total: u64 = blocks.iter().map(|&(_, len)| len).sum();
+        let n = usize::try_from(total).expect("a few blocks fit in memory");
+        scratch.resize(n, 0);
+        let Some(&(first, _)) = blocks.first() else {
+            return Vec::new();
+        };
+        if self.source.read_at(scratch, first * self.cs).is_err() {
+            return blocks
+                .iter()
+                .map(|&(idx, len)| self.read(self.take(), idx, len))
+                .collect();
+        }
+        self.bytes_read.fetch_add(total, Ordering::Relaxed);
+        let mut at = 0usize;
+        blocks
+            .iter()
+            .map(|&(idx, len)| {
+                let l = usize::try_from(len).expect("a block fits in memory");
+                let mut buf = self.take();
+                buf.clear();
+                buf.extend_from_slice(&scratch[at..at + l]);
+                at += l;
+                Read {
+                    idx,
+                    len,
+                    data: Ok(buf),
+                }
+            })
+            .collect()
+    }
+
     fn take(&self) -> Vec<u8> {
         let reused = self.free.lock().expect("buffer pool lock").pop();
         reused.unwrap_or_default()
@@ -705,13 +742,49 @@ fn read_ahead(
     out: &Sender<Read>,
     cancel: &AtomicBool,
 ) {
-    for (idx, len) in jobs.iter().flatten() {
-        if cancel.load(Ordering::Relaxed) || out.send(reader.read(reader.take(), idx, len)).is_err()
-        {
-            return;
+    let per_read = usize::try_from(JOINED_READ_BYTES / reader.cs)
+        .unwrap_or(1)
+        .max(1);
+    let mut scratch = Vec::new();
+    for job in jobs.iter() {
+        for group in neighbours(&job, per_read) {
+            if cancel.load(Ordering::Relaxed) {
+                return;
+            }
+            let reads = match group {
+                [(idx, len)] => vec![reader.read(reader.take(), *idx, *len)],
+                _ => reader.read_joined(&mut scratch, group),
+            };
+            for r in reads {
+                if out.send(r).is_err() {
+                    return;
+                }
+            }
         }
     }
 }
+
+/// Split a job into groups of at most `most` blocks with consecutive
+/// indices, each of which can be read with one request.
+fn neighbours(job: &[(u64, u64)], most: usize) -> impl Iterator<Item = &[(u64, u64)]> {
+    let mut rest = job;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut n = 1;
+        while n < rest.len().min(most) && rest[n].0 == rest[n - 1].0 + 1 {
+            n += 1;
+        }
+        let (group, tail) = rest.split_at(n);
+        rest = tail;
+        Some(group)
+    })
+}
+
+/// Reader threads join neighbouring blocks into requests of up to this
+/// many bytes (blocks this size or larger are read one by one).
+const JOINED_READ_BYTES: u64 = 1 << 20;
 
 /// How far ahead of the workers the dispatcher asks the source to fetch.
 const READ_AHEAD_BYTES: u64 = 32 << 20;
@@ -783,5 +856,21 @@ fn dispatch(
             from: next,
             to: nchunks,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::neighbours;
+
+    #[test]
+    fn neighbours_split_at_gaps_and_at_the_limit() {
+        let job = [(3, 8), (4, 8), (5, 8), (7, 8), (8, 8), (9, 8), (10, 5)];
+        let groups: Vec<Vec<u64>> = neighbours(&job, 3)
+            .map(|g| g.iter().map(|&(i, _)| i).collect())
+            .collect();
+        assert_eq!(groups, vec![vec![3, 4, 5], vec![7, 8, 9], vec![10]]);
+        assert_eq!(neighbours(&job, 1).count(), job.len());
+        assert_eq!(neighbours(&[], 4).count(), 0);
     }
 }

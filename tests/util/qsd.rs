@@ -128,17 +128,22 @@ impl Qsd {
 
     /// A guest write: `len` bytes of `pattern` at `offset`.
     pub fn write(&self, disk: &str, pattern: u8, offset: u64, len: u64) {
-        let out = run(Command::new("qemu-io").args([
-            "-f",
-            "raw",
-            "-c",
-            &format!("write -P 0x{pattern:02x} {offset} {len}"),
-            &self.rw_uri(disk),
-        ]));
-        assert!(
-            String::from_utf8_lossy(&out).contains("wrote"),
-            "qemu-io did not write: {}",
-            String::from_utf8_lossy(&out)
+        self.write_each(disk, &[(pattern, offset, len)]);
+    }
+
+    /// Guest writes, `(pattern, offset, len)` each, in one qemu-io run.
+    pub fn write_each(&self, disk: &str, writes: &[(u8, u64, u64)]) {
+        let mut cmd = Command::new("qemu-io");
+        cmd.args(["-f", "raw"]);
+        for (pattern, offset, len) in writes {
+            cmd.arg("-c")
+                .arg(format!("write -P 0x{pattern:02x} {offset} {len}"));
+        }
+        let out = String::from_utf8_lossy(&run(cmd.arg(self.rw_uri(disk)))).into_owned();
+        assert_eq!(
+            out.matches("wrote").count(),
+            writes.len(),
+            "qemu-io did not write them all: {out}"
         );
     }
 
