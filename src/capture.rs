@@ -61,7 +61,6 @@ use crate::repo::Repository;
 use crate::snapshot::{self, Capture, CaptureMode, Disk, Snapshot};
 use crate::source::{NbdSource, Range, Source};
 
-#[cfg(feature = "libvirt")]
 pub mod libvirt;
 
 /// Where fleecing images go unless told otherwise: a disk-backed directory

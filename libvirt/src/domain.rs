@@ -1,38 +1,54 @@
 //! A libvirt connection and a domain's backup-related calls.
 //!
-//! The safe `virt` API covers connecting, lookups and XML; checkpoints,
-//! backup jobs, job abort and fsfreeze go through `virt::sys`, each call in
-//! one small `unsafe` block with the pointer rules stated.
+//! Each call into libvirt (loaded by `ffi`) sits in one small `unsafe`
+//! block, with the pointer rules stated.
 
-use std::ffi::{CStr, CString};
-use std::os::raw::c_char;
+use std::ffi::{c_char, CStr, CString};
 use std::time::{Duration, Instant};
 
-use virt::connect::Connect;
-use virt::error::ErrorNumber;
-use virt::sys;
-
 use crate::error::Error;
+use crate::ffi::{self, api, Api, Ptr};
 use crate::xml::{self, BackupJob, CheckpointInfo, DomainInfo};
 use crate::Result;
 
 /// A connection to libvirtd.
 pub struct Connection {
-    conn: Connect,
+    api: &'static Api,
+    conn: Ptr,
     uri: String,
+}
+
+// SAFETY: libvirt's connection and domain objects are reference counted
+// and locked inside libvirt, and its API may be called from any thread.
+unsafe impl Send for Connection {}
+unsafe impl Sync for Connection {}
+unsafe impl Send for Domain {}
+unsafe impl Sync for Domain {}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // SAFETY: `conn` came from virConnectOpen and is released once.
+        unsafe { (self.api.connect_close)(self.conn) };
+    }
 }
 
 impl Connection {
     pub fn open(uri: &str) -> Result<Connection> {
-        // libvirt prints every error to stderr by default, even those we
-        // expect and handle (no backup job, no such checkpoint); ours carry
-        // libvirt's message instead.
-        virt::error::clear_error_callback();
-        let conn = Connect::open(Some(uri)).map_err(|e| Error::Connect {
+        let api = api().map_err(|message| Error::Load { message })?;
+        let c = CString::new(uri).map_err(|_| Error::Connect {
             uri: uri.to_string(),
-            message: e.message().to_string(),
+            message: "the URI contains a NUL byte".into(),
         })?;
+        // SAFETY: a NUL-terminated URI; the result is NULL or owned by us.
+        let conn = unsafe { (api.connect_open)(c.as_ptr()) };
+        if conn.is_null() {
+            return Err(Error::Connect {
+                uri: uri.to_string(),
+                message: ffi::last_error(api).1,
+            });
+        }
         Ok(Connection {
+            api,
             conn,
             uri: uri.to_string(),
         })
@@ -43,48 +59,61 @@ impl Connection {
     }
 
     pub fn domain(&self, name: &str) -> Result<Domain> {
-        match self.conn.lookup_domain_by_name(name) {
-            Ok(dom) => Ok(Domain {
-                dom,
-                name: name.to_string(),
-            }),
-            Err(e) if e.code().is(ErrorNumber::NoDomain) => Err(Error::NoDomain {
-                uri: self.uri.clone(),
-                domain: name.to_string(),
-            }),
-            Err(e) => Err(Error::libvirt(name, "looking it up", &e)),
+        let c = cstring(name, "domain name", name)?;
+        // SAFETY: a live connection and a NUL-terminated name; the result is
+        // NULL or a domain reference we own.
+        let dom = unsafe { (self.api.lookup_by_name)(self.conn, c.as_ptr()) };
+        if dom.is_null() {
+            let e = ffi::last_error(self.api);
+            if e.0 == ffi::VIR_ERR_NO_DOMAIN {
+                return Err(Error::NoDomain {
+                    uri: self.uri.clone(),
+                    domain: name.to_string(),
+                });
+            }
+            return Err(Error::libvirt(name, "looking it up", e));
         }
+        Ok(Domain {
+            api: self.api,
+            dom,
+            name: name.to_string(),
+        })
     }
 }
 
 /// A domain of a [`Connection`].
 pub struct Domain {
-    dom: virt::domain::Domain,
+    api: &'static Api,
+    dom: Ptr,
     name: String,
 }
 
-/// An owned `virDomainCheckpointPtr`.
-struct Checkpoint(sys::virDomainCheckpointPtr);
-
-impl Drop for Checkpoint {
+impl Drop for Domain {
     fn drop(&mut self) {
-        // SAFETY: we own one reference, obtained from libvirt.
-        unsafe { sys::virDomainCheckpointFree(self.0) };
+        // SAFETY: `dom` came from a lookup and is released once.
+        unsafe { (self.api.domain_free)(self.dom) };
     }
 }
 
-/// Takes a string libvirt allocated for us.
+/// An owned `virDomainCheckpointPtr`.
+struct Checkpoint<'a>(&'a Api, Ptr);
+
+impl Drop for Checkpoint<'_> {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from libvirt and is released once.
+        unsafe { (self.0.checkpoint_free)(self.1) };
+    }
+}
+
+/// Takes ownership of a string libvirt allocated: copies it, frees it.
 ///
 /// # Safety
-/// `p` is null or a NUL-terminated string allocated with malloc that the
-/// caller owns.
+/// `p` is NULL or a NUL-terminated string from libvirt's allocator.
 unsafe fn take_string(p: *mut c_char) -> Option<String> {
     if p.is_null() {
         return None;
     }
-    // SAFETY: per the contract above.
     let s = unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
-    // SAFETY: libvirt allocates returned strings with malloc.
     unsafe { libc::free(p.cast()) };
     Some(s)
 }
@@ -103,23 +132,25 @@ impl Domain {
         &self.name
     }
 
+    /// The error of the libvirt call that just failed on this thread.
     fn err(&self, action: &str) -> Error {
-        Error::libvirt(&self.name, action, &virt::error::Error::last_error())
+        Error::libvirt(&self.name, action, ffi::last_error(self.api))
     }
 
     pub fn is_active(&self) -> Result<bool> {
-        self.dom
-            .is_active()
-            .map_err(|e| Error::libvirt(&self.name, "asking whether it runs", &e))
+        // SAFETY: a live domain.
+        match unsafe { (self.api.is_active)(self.dom) } {
+            n if n < 0 => Err(self.err("asking whether it runs")),
+            n => Ok(n == 1),
+        }
     }
 
     /// The live definition of a running domain, the persistent one of a
     /// stopped domain.
     pub fn info(&self) -> Result<DomainInfo> {
-        let x = self
-            .dom
-            .xml_desc(0)
-            .map_err(|e| Error::libvirt(&self.name, "reading its XML", &e))?;
+        // SAFETY: a live domain; the result is NULL or ours to free.
+        let x = unsafe { take_string((self.api.xml_desc)(self.dom, 0)) }
+            .ok_or_else(|| self.err("reading its XML"))?;
         xml::parse_domain(&x).map_err(|e| match e {
             Error::Xml { what, reason, .. } => Error::Xml {
                 domain: self.name.clone(),
@@ -132,28 +163,30 @@ impl Domain {
 
     /// A disk's virtual size, as the running QEMU sees it.
     pub fn capacity(&self, target: &str) -> Result<u64> {
-        self.dom
-            .block_info(target, 0)
-            .map(|b| b.capacity)
-            .map_err(|e| Error::libvirt(&self.name, format!("reading the size of {target}"), &e))
+        let t = cstring(&self.name, "disk target", target)?;
+        let mut info = ffi::BlockInfo::default();
+        // SAFETY: a live domain, a NUL-terminated target, and a struct of
+        // the header's layout for libvirt to fill.
+        if unsafe { (self.api.block_info)(self.dom, t.as_ptr(), &mut info, 0) } < 0 {
+            return Err(self.err(&format!("reading the size of {target}")));
+        }
+        Ok(info.capacity)
     }
 
     /// The names of all checkpoints of the domain.
     pub fn checkpoints(&self) -> Result<Vec<String>> {
-        let mut list: *mut sys::virDomainCheckpointPtr = std::ptr::null_mut();
-        // SAFETY: the domain pointer is valid while `self` lives; libvirt
-        // fills `list` with an array it allocated, of `n` owned pointers.
-        let n = unsafe { sys::virDomainListAllCheckpoints(self.dom.as_ptr(), &mut list, 0) };
+        let mut list: *mut Ptr = std::ptr::null_mut();
+        // SAFETY: a live domain; on success `list` holds `n` checkpoint
+        // references and the array is ours to free.
+        let n = unsafe { (self.api.list_checkpoints)(self.dom, &mut list, 0) };
         let n = usize::try_from(n).map_err(|_| self.err("listing its checkpoints"))?;
         let mut names = Vec::with_capacity(n);
         for i in 0..n {
-            // SAFETY: `i < n` elements were returned; each is owned by us
-            // and freed by `Checkpoint`'s drop.
-            let cp = Checkpoint(unsafe { *list.add(i) });
-            // SAFETY: valid checkpoint; the name belongs to the object.
-            let name = unsafe { sys::virDomainCheckpointGetName(cp.0) };
+            // SAFETY: `i < n` entries were filled in.
+            let cp = Checkpoint(self.api, unsafe { *list.add(i) });
+            // SAFETY: the name belongs to the checkpoint, which is alive.
+            let name = unsafe { (self.api.checkpoint_name)(cp.1) };
             if !name.is_null() {
-                // SAFETY: a NUL-terminated string owned by `cp`.
                 names.push(
                     unsafe { CStr::from_ptr(name) }
                         .to_string_lossy()
@@ -162,28 +195,28 @@ impl Domain {
             }
         }
         if !list.is_null() {
-            // SAFETY: the array itself was malloc'd by libvirt.
+            // SAFETY: the array came from libvirt's allocator.
             unsafe { libc::free(list.cast()) };
         }
         Ok(names)
     }
 
-    fn lookup_checkpoint(&self, name: &str) -> Result<Option<Checkpoint>> {
+    fn lookup_checkpoint(&self, name: &str) -> Result<Option<Checkpoint<'static>>> {
         let c = cstring(&self.name, "checkpoint name", name)?;
-        // SAFETY: valid domain pointer and C string.
-        let p = unsafe { sys::virDomainCheckpointLookupByName(self.dom.as_ptr(), c.as_ptr(), 0) };
+        // SAFETY: a live domain and a NUL-terminated name.
+        let p = unsafe { (self.api.checkpoint_lookup)(self.dom, c.as_ptr(), 0) };
         if p.is_null() {
-            let e = virt::error::Error::last_error();
-            if e.code().is(ErrorNumber::NoDomainCheckpoint) {
+            let e = ffi::last_error(self.api);
+            if e.0 == ffi::VIR_ERR_NO_DOMAIN_CHECKPOINT {
                 return Ok(None);
             }
             return Err(Error::libvirt(
                 &self.name,
                 format!("looking up checkpoint {name}"),
-                &e,
+                e,
             ));
         }
-        Ok(Some(Checkpoint(p)))
+        Ok(Some(Checkpoint(self.api, p)))
     }
 
     /// A checkpoint's definition, or `None` if the domain has no such
@@ -192,11 +225,11 @@ impl Domain {
         let Some(cp) = self.lookup_checkpoint(name)? else {
             return Ok(None);
         };
-        // SAFETY: valid checkpoint; the returned string is ours to free.
+        // SAFETY: a live checkpoint; the result is NULL or ours to free.
         let x = unsafe {
-            take_string(sys::virDomainCheckpointGetXMLDesc(
-                cp.0,
-                sys::VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN,
+            take_string((self.api.checkpoint_xml)(
+                cp.1,
+                ffi::VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN,
             ))
         }
         .ok_or_else(|| self.err(&format!("reading checkpoint {name}")))?;
@@ -209,8 +242,8 @@ impl Domain {
         let Some(cp) = self.lookup_checkpoint(name)? else {
             return Ok(false);
         };
-        // SAFETY: valid checkpoint pointer.
-        if unsafe { sys::virDomainCheckpointDelete(cp.0, 0) } < 0 {
+        // SAFETY: a live checkpoint.
+        if unsafe { (self.api.checkpoint_delete)(cp.1, 0) } < 0 {
             return Err(self.err(&format!("deleting checkpoint {name}")));
         }
         Ok(true)
@@ -224,8 +257,8 @@ impl Domain {
             .map(|c| cstring(&self.name, "checkpoint XML", c))
             .transpose()?;
         let cptr = c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
-        // SAFETY: valid domain pointer; C strings live across the call.
-        if unsafe { sys::virDomainBackupBegin(self.dom.as_ptr(), b.as_ptr(), cptr, 0) } < 0 {
+        // SAFETY: a live domain; NUL-terminated XML, or NULL for none.
+        if unsafe { (self.api.backup_begin)(self.dom, b.as_ptr(), cptr, 0) } < 0 {
             return Err(self.err("starting the backup job"));
         }
         Ok(())
@@ -233,18 +266,16 @@ impl Domain {
 
     /// The running backup job, or `None` when there is none.
     pub fn backup_job(&self) -> Result<Option<BackupJob>> {
-        // SAFETY: valid domain pointer; the string is ours to free.
-        let x = unsafe { take_string(sys::virDomainBackupGetXMLDesc(self.dom.as_ptr(), 0)) };
+        // SAFETY: a live domain; the result is NULL or ours to free.
+        let x = unsafe { take_string((self.api.backup_xml)(self.dom, 0)) };
         match x {
             Some(x) => xml::parse_backup(&self.name, &x).map(Some),
             None => {
-                let e = virt::error::Error::last_error();
-                if e.code().is(ErrorNumber::NoDomainBackup)
-                    || e.code().is(ErrorNumber::OperationInvalid)
-                {
+                let e = ffi::last_error(self.api);
+                if e.0 == ffi::VIR_ERR_NO_DOMAIN_BACKUP || e.0 == ffi::VIR_ERR_OPERATION_INVALID {
                     Ok(None)
                 } else {
-                    Err(Error::libvirt(&self.name, "reading its backup job", &e))
+                    Err(Error::libvirt(&self.name, "reading its backup job", e))
                 }
             }
         }
@@ -254,8 +285,8 @@ impl Domain {
     /// waits until libvirt has torn it down: the abort itself returns
     /// before that, and until then the checkpoints cannot be changed.
     pub fn abort_job(&self, wait: Duration) -> Result<()> {
-        // SAFETY: valid domain pointer.
-        if unsafe { sys::virDomainAbortJob(self.dom.as_ptr()) } < 0 {
+        // SAFETY: a live domain.
+        if unsafe { (self.api.abort_job)(self.dom) } < 0 {
             return Err(self.err("ending the backup job"));
         }
         let deadline = Instant::now() + wait;
@@ -282,24 +313,25 @@ impl Domain {
 
     /// Whether the domain has any job (of any kind) running.
     pub fn has_job(&self) -> Result<bool> {
-        let info = self
-            .dom
-            .job_info()
-            .map_err(|e| Error::libvirt(&self.name, "reading its job info", &e))?;
-        Ok(i64::from(info.r#type) != i64::from(sys::VIR_DOMAIN_JOB_NONE))
+        let mut info = ffi::JobInfo::default();
+        // SAFETY: a live domain and a struct of the header's layout.
+        if unsafe { (self.api.job_info)(self.dom, &mut info) } < 0 {
+            return Err(self.err("reading its job info"));
+        }
+        Ok(info.kind != ffi::VIR_DOMAIN_JOB_NONE)
     }
 
     /// Freezes every guest file system through the guest agent; returns
     /// how many were frozen.
     pub fn fs_freeze(&self) -> Result<u32> {
-        // SAFETY: valid domain pointer; no mount point list.
-        let n = unsafe { sys::virDomainFSFreeze(self.dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
+        // SAFETY: a live domain; no mount point list.
+        let n = unsafe { (self.api.fs_freeze)(self.dom, std::ptr::null_mut(), 0, 0) };
         u32::try_from(n).map_err(|_| self.err("freezing the guest file systems"))
     }
 
     pub fn fs_thaw(&self) -> Result<u32> {
-        // SAFETY: valid domain pointer; no mount point list.
-        let n = unsafe { sys::virDomainFSThaw(self.dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
+        // SAFETY: a live domain; no mount point list.
+        let n = unsafe { (self.api.fs_thaw)(self.dom, std::ptr::null_mut(), 0, 0) };
         u32::try_from(n).map_err(|_| self.err("thawing the guest file systems"))
     }
 }

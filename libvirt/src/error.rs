@@ -5,6 +5,9 @@
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    #[error("{message}")]
+    Load { message: String },
+
     #[error("cannot connect to libvirt at {uri}: {message}; is libvirtd running, and may this user use {uri}?")]
     Connect { uri: String, message: String },
 
@@ -29,16 +32,13 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn libvirt(
-        domain: &str,
-        action: impl Into<String>,
-        e: &virt::error::Error,
-    ) -> Error {
+    /// From a failed call's `(code, message)`, see `ffi::last_error`.
+    pub(crate) fn libvirt(domain: &str, action: impl Into<String>, e: (i32, String)) -> Error {
         Error::Libvirt {
             domain: domain.to_string(),
             action: action.into(),
-            message: e.message().to_string(),
-            code: i32::try_from(e.code().to_raw()).unwrap_or(-1),
+            message: e.1,
+            code: e.0,
         }
     }
 

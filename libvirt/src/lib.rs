@@ -1,7 +1,6 @@
 //! libvirt for Ekko: a domain's disks and metadata, its checkpoints, and
-//! pull-mode backup jobs, through libvirt's own API (the official `virt`
-//! crate, plus its raw `virt::sys` bindings where the safe API stops: 0.5
-//! has no checkpoints, backups, job abort or fsfreeze).
+//! pull-mode backup jobs, through libvirt's own C API, loaded from
+//! `libvirt.so.0` on first use (see `ffi` for why it is not linked).
 //!
 //! This crate knows nothing of repositories. It does what a libvirt client
 //! may do: `virDomainBackupBegin` in pull mode with a checkpoint, look up,
@@ -11,6 +10,7 @@
 
 mod domain;
 mod error;
+mod ffi;
 pub mod xml;
 
 pub use domain::{Connection, Domain};

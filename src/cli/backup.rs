@@ -249,7 +249,6 @@ fn vm(a: &BackupArgs) -> &str {
 
 /// A libvirt domain through libvirt's backup API; see
 /// `ekko::capture::libvirt`.
-#[cfg(feature = "libvirt")]
 fn run_domain(g: &Global, a: &BackupArgs, domain: String) -> Result<ExitCode> {
     use ekko::capture::libvirt::{self, DomainBackup, DomainOptions};
     let start = Instant::now();
@@ -333,13 +332,7 @@ fn run_domain(g: &Global, a: &BackupArgs, domain: String) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-#[cfg(not(feature = "libvirt"))]
-fn run_domain(_g: &Global, _a: &BackupArgs, _domain: String) -> Result<ExitCode> {
-    bail!("this ekko was built without libvirt support (cargo feature \"libvirt\"); rebuild it with default features to use --domain")
-}
-
 /// Keeps repository damage recognisable (exit code 3) through anyhow.
-#[cfg(feature = "libvirt")]
 fn domain_error(e: ekko::capture::libvirt::Error) -> anyhow::Error {
     use ekko::capture::libvirt::Error;
     match e {
