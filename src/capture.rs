@@ -649,6 +649,8 @@ impl<'r> LiveBackup<'r> {
         if opts.cancel.load(Ordering::Relaxed) {
             return Err(Error::Interrupted);
         }
+        // Reading the exports needs libnbd: fail before QEMU is touched.
+        ekko_libnbd::load().map_err(|e| Error::Repo(e.into()))?;
         let qmp = self.qmp.take().expect("prepared with a connection");
         let mut time = crate::time::now_rfc3339_nanos();
         let mut session = match FleeceSession::start(qmp, &specs, &self.session_config()) {

@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -883,4 +884,75 @@ pub(crate) fn overlapping_backups_share_progress(new_repo: impl Fn() -> Env) {
             assert_eq!(sha256_file(&out), sha256_file(img));
         }
     }
+}
+
+/// ekko links neither libnbd nor libvirt. With both unreadable (a private
+/// mount namespace binds /dev/null over them), a raw image backs up and
+/// restores, and a qcow2 image or a libvirt domain fails saying what to
+/// install, leaving the repository as it was.
+#[test]
+fn without_libnbd_or_libvirt_installed_only_what_needs_them_fails() {
+    require("unshare");
+    let env = Env::init(&[]);
+    let img = env.path("d.img");
+    make_image(&img, 4 * MIB, &[(0, &random_bytes(40, MIB as usize))]);
+    let qcow = env.path("d.qcow2");
+    run_tool(
+        Command::new("qemu-img")
+            .args(["convert", "-q", "-O", "qcow2"])
+            .arg(&img)
+            .arg(&qcow),
+    );
+    let libs: Vec<String> = ["libnbd.so.0", "libvirt.so.0"]
+        .iter()
+        .map(|l| {
+            let p = Path::new("/lib/x86_64-linux-gnu").join(l);
+            let real = fs::canonicalize(&p).unwrap_or_else(|e| {
+                panic!("{} missing (scripts/setup installs it): {e}", p.display())
+            });
+            real.display().to_string()
+        })
+        .collect();
+    let hidden = |args: &str| {
+        let mut script = String::new();
+        for l in &libs {
+            script += &format!("mount --bind /dev/null {l} && ");
+        }
+        script += &format!("exec {} {args}", ekko_bin().display());
+        // ekko's environment (repository, passphrase, cache), run by unshare.
+        let ekko = env.cmd();
+        let mut c = Command::new("unshare");
+        for (k, v) in ekko.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        c.args(["--mount", "sh", "-c", &script])
+            .output()
+            .expect("running unshare")
+    };
+    let out = hidden(&format!(
+        "backup -q --vm plain --disk sda={}",
+        img.display()
+    ));
+    assert_success(&out, &["backup of a raw image (libnbd and libvirt hidden)"]);
+    let snap = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let to = env.path("restored.img");
+    let out = hidden(&format!("restore -q {snap} --to {}", to.display()));
+    assert_success(&out, &["restore (libnbd and libvirt hidden)"]);
+    assert_eq!(sha256_file(&to), sha256_file(&img));
+
+    let before = env.repo_state();
+    let out = hidden(&format!("backup --vm q --disk sda={}", qcow.display()));
+    let err = assert_clean_failure(&out, "apt install libnbd0");
+    assert!(err.contains("libnbd.so.0"), "{err}");
+    let out = hidden("backup --domain ekko-test-anything");
+    let err = assert_clean_failure(&out, "apt install libvirt0");
+    assert!(err.contains("libvirt.so.0"), "{err}");
+    assert_eq!(
+        env.repo_state(),
+        before,
+        "a failed backup changed the repository"
+    );
 }

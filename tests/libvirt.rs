@@ -520,52 +520,6 @@ fn unknown_domain_unknown_disk_and_foreign_job_fail_cleanly() {
     let _ = virsh(&["destroy", &dom.name]);
 }
 
-/// ekko does not link libvirt: with `libvirt.so.0` unreadable (a private
-/// mount namespace binds /dev/null over it), every other command works,
-/// and `--domain` fails saying what to install, leaving the repository as
-/// it was.
-#[test]
-fn without_libvirt_installed_only_domain_backups_fail_and_say_why() {
-    require("unshare");
-    let env = Env::init(&[]);
-    let img = env.path("d.img");
-    make_image(&img, 4 * MIB, &[(0, &random_bytes(40, MIB as usize))]);
-    let snap = env.backup("plain", &[("sda", &img)]);
-    let lib = std::fs::canonicalize("/lib/x86_64-linux-gnu/libvirt.so.0")
-        .expect("libvirt0 is installed (scripts/setup)");
-    let before = env.repo_state();
-    let hidden = |args: &str| {
-        let script = format!(
-            "mount --bind /dev/null {} && exec {} {args}",
-            lib.display(),
-            ekko_bin().display()
-        );
-        // ekko's environment (repository, passphrase, cache), run by unshare.
-        let ekko = env.cmd();
-        let mut c = std::process::Command::new("unshare");
-        for (k, v) in ekko.get_envs() {
-            match v {
-                Some(v) => c.env(k, v),
-                None => c.env_remove(k),
-            };
-        }
-        c.args(["--mount", "sh", "-c", &script])
-            .output()
-            .expect("running unshare")
-    };
-    let out = hidden("snapshots --json");
-    assert_success(&out, &["snapshots (libvirt hidden)"]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&snap));
-    let out = hidden("backup --domain ekko-test-anything");
-    let err = assert_clean_failure(&out, "apt install libvirt0");
-    assert!(err.contains("libvirt.so.0"), "{err}");
-    assert_eq!(
-        env.repo_state(),
-        before,
-        "a failed --domain changed the repository"
-    );
-}
-
 /// A QEMU that dies holding the image leaves its bitmaps marked in use:
 /// `qemu-io` opens it read-write, writes, and kills itself.
 fn crash_while_writing(dom: &Domain, target: &str, pattern: u8, offset: u64) {

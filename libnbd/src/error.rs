@@ -2,7 +2,7 @@
 
 use std::ffi::CStr;
 
-use crate::ffi;
+use crate::ffi::Api;
 
 /// Everything that can go wrong when talking to an NBD server via libnbd.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +19,14 @@ pub enum Error {
         message: String,
         /// The errno reported by libnbd, 0 if none.
         errno: i32,
+    },
+
+    /// libnbd is not installed (or too old): `libnbd.so.0` could not be
+    /// loaded, or lacks a function.
+    #[error("{message}")]
+    Load {
+        /// What failed, and what to install.
+        message: String,
     },
 
     /// A string argument contained a NUL byte and cannot be passed to C.
@@ -67,18 +75,18 @@ impl Error {
     ///
     /// Must be called on the same thread, immediately after the failing
     /// call, before any other libnbd function (libnbd(3), ERROR HANDLING).
-    pub(crate) fn last(call: &'static str) -> Error {
+    pub(crate) fn last(api: &Api, call: &'static str) -> Error {
         // SAFETY: nbd_get_error/nbd_get_errno only read thread-local state and
         // may be called at any time.  The returned string is valid until the
         // next libnbd call on this thread; we copy it immediately.
         let (message, errno) = unsafe {
-            let msg = ffi::nbd_get_error();
+            let msg = (api.get_error)();
             let message = if msg.is_null() {
                 "unknown error".to_owned()
             } else {
                 CStr::from_ptr(msg).to_string_lossy().into_owned()
             };
-            (message, ffi::nbd_get_errno())
+            (message, (api.get_errno)())
         };
         Error::Nbd {
             call,

@@ -1,8 +1,10 @@
 //! Raw declarations for the subset of `<libnbd.h>` (libnbd 1.14) used by
-//! this crate.  Signatures mirror the header exactly; see the libnbd(3) and
-//! per-function man pages for semantics.  Nothing here is public.
+//! this crate, resolved from `libnbd.so.0` on first use.  Signatures mirror
+//! the header exactly; see the libnbd(3) and per-function man pages for
+//! semantics.  Nothing here is public.
 
 use std::ffi::{c_char, c_int, c_void};
+use std::sync::OnceLock;
 
 /// Opaque `struct nbd_handle`.
 #[repr(C)]
@@ -34,49 +36,47 @@ pub(crate) struct nbd_extent_callback {
 /// `LIBNBD_SIZE_MAXIMUM` for `nbd_get_block_size`.
 pub(crate) const LIBNBD_SIZE_MAXIMUM: c_int = 2;
 
-#[link(name = "nbd")]
-extern "C" {
-    pub(crate) fn nbd_create() -> *mut nbd_handle;
-    pub(crate) fn nbd_close(h: *mut nbd_handle);
-    pub(crate) fn nbd_get_error() -> *const c_char;
-    pub(crate) fn nbd_get_errno() -> c_int;
+ekko_dl::api! {
+    pub(crate) struct Api {
+        create = "nbd_create": fn() -> *mut nbd_handle;
+        close = "nbd_close": fn(*mut nbd_handle);
+        get_error = "nbd_get_error": fn() -> *const c_char;
+        get_errno = "nbd_get_errno": fn() -> c_int;
+        set_export_name = "nbd_set_export_name": fn(*mut nbd_handle, *const c_char) -> c_int;
+        add_meta_context = "nbd_add_meta_context": fn(*mut nbd_handle, *const c_char) -> c_int;
+        connect_uri = "nbd_connect_uri": fn(*mut nbd_handle, *const c_char) -> c_int;
+        connect_unix = "nbd_connect_unix": fn(*mut nbd_handle, *const c_char) -> c_int;
+        connect_systemd_socket_activation = "nbd_connect_systemd_socket_activation":
+            fn(*mut nbd_handle, *mut *mut c_char) -> c_int;
+        is_read_only = "nbd_is_read_only": fn(*mut nbd_handle) -> c_int;
+        can_multi_conn = "nbd_can_multi_conn": fn(*mut nbd_handle) -> c_int;
+        can_meta_context = "nbd_can_meta_context": fn(*mut nbd_handle, *const c_char) -> c_int;
+        get_size = "nbd_get_size": fn(*mut nbd_handle) -> i64;
+        get_block_size = "nbd_get_block_size": fn(*mut nbd_handle, c_int) -> i64;
+        pread = "nbd_pread": fn(*mut nbd_handle, *mut c_void, usize, u64, u32) -> c_int;
+        pwrite = "nbd_pwrite": fn(*mut nbd_handle, *const c_void, usize, u64, u32) -> c_int;
+        block_status = "nbd_block_status":
+            fn(*mut nbd_handle, u64, u64, nbd_extent_callback, u32) -> c_int;
+        shutdown = "nbd_shutdown": fn(*mut nbd_handle, u32) -> c_int;
+    }
+}
 
-    pub(crate) fn nbd_set_export_name(h: *mut nbd_handle, export_name: *const c_char) -> c_int;
-    pub(crate) fn nbd_add_meta_context(h: *mut nbd_handle, name: *const c_char) -> c_int;
+/// The shared library: its soname, as Debian's `libnbd0` installs it.
+const LIBRARY: &str = "libnbd.so.0";
 
-    pub(crate) fn nbd_connect_uri(h: *mut nbd_handle, uri: *const c_char) -> c_int;
-    pub(crate) fn nbd_connect_unix(h: *mut nbd_handle, unixsocket: *const c_char) -> c_int;
-    pub(crate) fn nbd_connect_systemd_socket_activation(
-        h: *mut nbd_handle,
-        argv: *mut *mut c_char,
-    ) -> c_int;
-
-    pub(crate) fn nbd_is_read_only(h: *mut nbd_handle) -> c_int;
-    pub(crate) fn nbd_can_multi_conn(h: *mut nbd_handle) -> c_int;
-    pub(crate) fn nbd_can_meta_context(h: *mut nbd_handle, metacontext: *const c_char) -> c_int;
-    pub(crate) fn nbd_get_size(h: *mut nbd_handle) -> i64;
-    pub(crate) fn nbd_get_block_size(h: *mut nbd_handle, size_type: c_int) -> i64;
-
-    pub(crate) fn nbd_pread(
-        h: *mut nbd_handle,
-        buf: *mut c_void,
-        count: usize,
-        offset: u64,
-        flags: u32,
-    ) -> c_int;
-    pub(crate) fn nbd_pwrite(
-        h: *mut nbd_handle,
-        buf: *const c_void,
-        count: usize,
-        offset: u64,
-        flags: u32,
-    ) -> c_int;
-    pub(crate) fn nbd_block_status(
-        h: *mut nbd_handle,
-        count: u64,
-        offset: u64,
-        extent_callback: nbd_extent_callback,
-        flags: u32,
-    ) -> c_int;
-    pub(crate) fn nbd_shutdown(h: *mut nbd_handle, flags: u32) -> c_int;
+/// libnbd's functions, loaded on first use (see `ekko_dl` for why it is
+/// not linked).
+pub(crate) fn api() -> Result<&'static Api, String> {
+    static API: OnceLock<Result<Api, String>> = OnceLock::new();
+    API.get_or_init(|| {
+        let lib = ekko_dl::Library::open(LIBRARY).map_err(|why| {
+            format!(
+                "cannot load {LIBRARY} ({why}); reading NBD exports, qcow2 images and running VMs needs libnbd (Debian: apt install libnbd0)"
+            )
+        })?;
+        // SAFETY: the table declares the signatures of <libnbd.h>.
+        unsafe { Api::load(&lib) }.map_err(|e| format!("{e}: libnbd 1.14 or newer is needed"))
+    })
+    .as_ref()
+    .map_err(Clone::clone)
 }

@@ -7,7 +7,8 @@ use std::path::Path;
 use std::ptr::{self, NonNull};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::{ffi, Error, Extent};
+use crate::ffi::{self, Api};
+use crate::{Error, Extent};
 
 /// Largest range asked for in one `nbd_block_status` call.  The protocol
 /// allows up to 4 GiB - 1, but not all servers cope with that (see
@@ -30,6 +31,7 @@ const DEFAULT_MAX_REQUEST: usize = 32 << 20;
 ///
 /// All methods are synchronous and block the calling thread.
 pub struct Handle {
+    api: &'static Api,
     h: NonNull<ffi::nbd_handle>,
 }
 
@@ -57,14 +59,14 @@ impl Drop for Handle {
     fn drop(&mut self) {
         // SAFETY: `h` came from nbd_create, is closed exactly once, and we
         // own the only reference.
-        unsafe { ffi::nbd_close(self.h.as_ptr()) }
+        unsafe { (self.api.close)(self.h.as_ptr()) }
     }
 }
 
 /// Convert a libnbd status return (`-1` = error) into a `Result`.
-fn check(call: &'static str, rc: c_int) -> Result<c_int, Error> {
+fn check(api: &Api, call: &'static str, rc: c_int) -> Result<c_int, Error> {
     if rc == -1 {
-        Err(Error::last(call))
+        Err(Error::last(api, call))
     } else {
         Ok(rc)
     }
@@ -86,13 +88,15 @@ fn range_end(call: &'static str, offset: u64, len: usize) -> Result<u64, Error> 
 }
 
 impl Handle {
-    /// Create a new, unconnected handle (`nbd_create`).
+    /// Create a new, unconnected handle (`nbd_create`). The first handle
+    /// loads libnbd.
     pub fn new() -> Result<Handle, Error> {
+        let api = ffi::api().map_err(|message| Error::Load { message })?;
         // SAFETY: nbd_create has no preconditions; NULL means failure.
-        let h = unsafe { ffi::nbd_create() };
+        let h = unsafe { (api.create)() };
         NonNull::new(h)
-            .map(|h| Handle { h })
-            .ok_or_else(|| Error::last("nbd_create"))
+            .map(|h| Handle { api, h })
+            .ok_or_else(|| Error::last(api, "nbd_create"))
     }
 
     fn raw(&self) -> *mut ffi::nbd_handle {
@@ -106,7 +110,7 @@ impl Handle {
         f: unsafe extern "C" fn(*mut ffi::nbd_handle) -> c_int,
     ) -> Result<bool, Error> {
         // SAFETY: the handle is valid; `f` only takes the handle.
-        check(call, unsafe { f(self.raw()) }).map(|r| r != 0)
+        check(self.api, call, unsafe { f(self.raw()) }).map(|r| r != 0)
     }
 
     /// Select the export to open (default `""`).  Must be called before
@@ -114,8 +118,8 @@ impl Handle {
     pub fn set_export_name(&self, name: &str) -> Result<(), Error> {
         let name = cstring("export name", name)?;
         // SAFETY: valid handle and NUL-terminated string; libnbd copies it.
-        check("nbd_set_export_name", unsafe {
-            ffi::nbd_set_export_name(self.raw(), name.as_ptr())
+        check(self.api, "nbd_set_export_name", unsafe {
+            (self.api.set_export_name)(self.raw(), name.as_ptr())
         })
         .map(drop)
     }
@@ -126,8 +130,8 @@ impl Handle {
     pub fn add_meta_context(&self, name: &str) -> Result<(), Error> {
         let name = cstring("metadata context name", name)?;
         // SAFETY: valid handle and NUL-terminated string; libnbd copies it.
-        check("nbd_add_meta_context", unsafe {
-            ffi::nbd_add_meta_context(self.raw(), name.as_ptr())
+        check(self.api, "nbd_add_meta_context", unsafe {
+            (self.api.add_meta_context)(self.raw(), name.as_ptr())
         })
         .map(drop)
     }
@@ -137,8 +141,8 @@ impl Handle {
     pub fn connect_uri(&self, uri: &str) -> Result<(), Error> {
         let uri = cstring("URI", uri)?;
         // SAFETY: valid handle and NUL-terminated string.
-        check("nbd_connect_uri", unsafe {
-            ffi::nbd_connect_uri(self.raw(), uri.as_ptr())
+        check(self.api, "nbd_connect_uri", unsafe {
+            (self.api.connect_uri)(self.raw(), uri.as_ptr())
         })
         .map(drop)
     }
@@ -147,8 +151,8 @@ impl Handle {
     pub fn connect_unix(&self, path: &Path) -> Result<(), Error> {
         let path = cstring("socket path", path.as_os_str().as_bytes())?;
         // SAFETY: valid handle and NUL-terminated string.
-        check("nbd_connect_unix", unsafe {
-            ffi::nbd_connect_unix(self.raw(), path.as_ptr())
+        check(self.api, "nbd_connect_unix", unsafe {
+            (self.api.connect_unix)(self.raw(), path.as_ptr())
         })
         .map(drop)
     }
@@ -176,8 +180,8 @@ impl Handle {
         // SAFETY: `ptrs` is a NULL-terminated array of NUL-terminated strings
         // that outlive the call.  libnbd copies argv and never writes through
         // it (the `char **` type is only for execvp compatibility).
-        check("nbd_connect_systemd_socket_activation", unsafe {
-            ffi::nbd_connect_systemd_socket_activation(self.raw(), ptrs.as_mut_ptr())
+        check(self.api, "nbd_connect_systemd_socket_activation", unsafe {
+            (self.api.connect_systemd_socket_activation)(self.raw(), ptrs.as_mut_ptr())
         })
         .map(drop)
     }
@@ -185,9 +189,9 @@ impl Handle {
     /// Size of the export in bytes.
     pub fn size(&self) -> Result<u64, Error> {
         // SAFETY: valid handle.
-        let size = unsafe { ffi::nbd_get_size(self.raw()) };
+        let size = unsafe { (self.api.get_size)(self.raw()) };
         if size == -1 {
-            return Err(Error::last("nbd_get_size"));
+            return Err(Error::last(self.api, "nbd_get_size"));
         }
         u64::try_from(size).map_err(|_| Error::InvalidArgument {
             call: "nbd_get_size",
@@ -197,7 +201,7 @@ impl Handle {
 
     /// Whether the export is read-only.
     pub fn is_read_only(&self) -> Result<bool, Error> {
-        self.flag("nbd_is_read_only", ffi::nbd_is_read_only)
+        self.flag("nbd_is_read_only", self.api.is_read_only)
     }
 
     /// Whether the server negotiated metadata context `name` (only contexts
@@ -205,8 +209,8 @@ impl Handle {
     pub fn can_meta_context(&self, name: &str) -> Result<bool, Error> {
         let name = cstring("metadata context name", name)?;
         // SAFETY: valid handle and NUL-terminated string.
-        check("nbd_can_meta_context", unsafe {
-            ffi::nbd_can_meta_context(self.raw(), name.as_ptr())
+        check(self.api, "nbd_can_meta_context", unsafe {
+            (self.api.can_meta_context)(self.raw(), name.as_ptr())
         })
         .map(|r| r != 0)
     }
@@ -214,14 +218,14 @@ impl Handle {
     /// Whether the server allows several connections to the same export
     /// with consistent results (safe to read in parallel over N handles).
     pub fn can_multi_conn(&self) -> Result<bool, Error> {
-        self.flag("nbd_can_multi_conn", ffi::nbd_can_multi_conn)
+        self.flag("nbd_can_multi_conn", self.api.can_multi_conn)
     }
 
     /// Largest request to send at once: the server's advertised maximum
     /// block size, capped at libnbd's 64 MiB limit.
     fn max_request(&self) -> usize {
         // SAFETY: valid handle.  A failure (-1) only means "unknown".
-        let max = unsafe { ffi::nbd_get_block_size(self.raw(), ffi::LIBNBD_SIZE_MAXIMUM) };
+        let max = unsafe { (self.api.get_block_size)(self.raw(), ffi::LIBNBD_SIZE_MAXIMUM) };
         usize::try_from(max)
             .ok()
             .filter(|&m| m > 0)
@@ -236,8 +240,8 @@ impl Handle {
         for chunk in buf.chunks_mut(self.max_request()) {
             // SAFETY: `chunk` is a valid writable buffer of `chunk.len()` bytes
             // that outlives this synchronous call.
-            check("nbd_pread", unsafe {
-                ffi::nbd_pread(self.raw(), chunk.as_mut_ptr().cast(), chunk.len(), pos, 0)
+            check(self.api, "nbd_pread", unsafe {
+                (self.api.pread)(self.raw(), chunk.as_mut_ptr().cast(), chunk.len(), pos, 0)
             })?;
             pos = range_end("pread", pos, chunk.len())?;
         }
@@ -252,8 +256,8 @@ impl Handle {
         for chunk in buf.chunks(self.max_request()) {
             // SAFETY: `chunk` is a valid readable buffer of `chunk.len()` bytes
             // that outlives this synchronous call.
-            check("nbd_pwrite", unsafe {
-                ffi::nbd_pwrite(self.raw(), chunk.as_ptr().cast(), chunk.len(), pos, 0)
+            check(self.api, "nbd_pwrite", unsafe {
+                (self.api.pwrite)(self.raw(), chunk.as_ptr().cast(), chunk.len(), pos, 0)
             })?;
             pos = range_end("pwrite", pos, chunk.len())?;
         }
@@ -336,8 +340,8 @@ impl Handle {
         };
         // SAFETY: valid handle; `callback` upholds the libnbd closure contract
         // (see `extent_callback` and `extent_free`).
-        check("nbd_block_status", unsafe {
-            ffi::nbd_block_status(self.raw(), count, offset, callback, 0)
+        check(self.api, "nbd_block_status", unsafe {
+            (self.api.block_status)(self.raw(), count, offset, callback, 0)
         })?;
         let reply = state
             .lock()
@@ -351,7 +355,10 @@ impl Handle {
     /// cannot be used for I/O afterwards.
     pub fn shutdown(&self) -> Result<(), Error> {
         // SAFETY: valid handle; no flags.
-        check("nbd_shutdown", unsafe { ffi::nbd_shutdown(self.raw(), 0) }).map(drop)
+        check(self.api, "nbd_shutdown", unsafe {
+            (self.api.shutdown)(self.raw(), 0)
+        })
+        .map(drop)
     }
 }
 

@@ -28,7 +28,9 @@
 //! # }
 //! ```
 //!
-//! The crate links to the system `libnbd` (`libnbd-dev` at build time).
+//! The crate does not link libnbd: the first [`Handle::new`] loads the
+//! system's `libnbd.so.0` (Debian: `libnbd0`), and fails with
+//! [`Error::Load`] where it is missing (see the `ekko-dl` crate for why).
 
 mod error;
 mod ffi;
@@ -46,6 +48,14 @@ pub const STATE_HOLE: u32 = 1;
 pub const STATE_ZERO: u32 = 2;
 /// `qemu:dirty-bitmap:*` flag: the range is dirty (changed).
 pub const STATE_DIRTY: u32 = 1;
+
+/// Loads libnbd now, if it is not loaded yet: lets a caller fail before
+/// it sets up anything that would need undoing (`Handle::new` loads it too).
+pub fn load() -> Result<(), Error> {
+    ffi::api()
+        .map(drop)
+        .map_err(|message| Error::Load { message })
+}
 
 /// The metadata context name of QEMU dirty bitmap `bitmap`, as exported by
 /// `qemu-nbd -B bitmap` or the NBD server of QEMU / qemu-storage-daemon:

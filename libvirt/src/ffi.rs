@@ -52,74 +52,36 @@ pub(crate) const VIR_DOMAIN_JOB_NONE: c_int = 0;
 
 type ErrorFunc = unsafe extern "C" fn(*mut c_void, *mut VirError);
 
-/// Declares `Api`, a table of function pointers, and `Api::load`, which
-/// resolves each by its C name.
-macro_rules! api {
-    ($($field:ident = $sym:literal: fn($($arg:ty),*) $(-> $ret:ty)?;)*) => {
-        pub(crate) struct Api {
-            $(pub $field: unsafe extern "C" fn($($arg),*) $(-> $ret)?,)*
-        }
-
-        impl Api {
-            /// # Safety
-            /// `lib` is a handle from `dlopen` of libvirt, and each symbol
-            /// has the signature declared for it here.
-            unsafe fn load(lib: *mut c_void) -> Result<Api, String> {
-                Ok(Api {
-                    $($field: {
-                        let p = unsafe { symbol(lib, concat!($sym, "\0")) }?;
-                        // SAFETY: the C function has this signature.
-                        unsafe {
-                            std::mem::transmute::<*mut c_void, unsafe extern "C" fn($($arg),*) $(-> $ret)?>(p)
-                        }
-                    },)*
-                })
-            }
-        }
-    };
-}
-
-api! {
-    initialize = "virInitialize": fn() -> c_int;
-    set_error_func = "virSetErrorFunc": fn(*mut c_void, Option<ErrorFunc>);
-    get_last_error = "virGetLastError": fn() -> *mut VirError;
-    connect_open = "virConnectOpen": fn(*const c_char) -> Ptr;
-    connect_close = "virConnectClose": fn(Ptr) -> c_int;
-    lookup_by_name = "virDomainLookupByName": fn(Ptr, *const c_char) -> Ptr;
-    domain_free = "virDomainFree": fn(Ptr) -> c_int;
-    is_active = "virDomainIsActive": fn(Ptr) -> c_int;
-    xml_desc = "virDomainGetXMLDesc": fn(Ptr, c_uint) -> *mut c_char;
-    block_info = "virDomainGetBlockInfo": fn(Ptr, *const c_char, *mut BlockInfo, c_uint) -> c_int;
-    list_checkpoints = "virDomainListAllCheckpoints": fn(Ptr, *mut *mut Ptr, c_uint) -> c_int;
-    checkpoint_name = "virDomainCheckpointGetName": fn(Ptr) -> *const c_char;
-    checkpoint_free = "virDomainCheckpointFree": fn(Ptr) -> c_int;
-    checkpoint_lookup = "virDomainCheckpointLookupByName": fn(Ptr, *const c_char, c_uint) -> Ptr;
-    checkpoint_xml = "virDomainCheckpointGetXMLDesc": fn(Ptr, c_uint) -> *mut c_char;
-    checkpoint_delete = "virDomainCheckpointDelete": fn(Ptr, c_uint) -> c_int;
-    backup_begin = "virDomainBackupBegin": fn(Ptr, *const c_char, *const c_char, c_uint) -> c_int;
-    backup_xml = "virDomainBackupGetXMLDesc": fn(Ptr, c_uint) -> *mut c_char;
-    abort_job = "virDomainAbortJob": fn(Ptr) -> c_int;
-    job_info = "virDomainGetJobInfo": fn(Ptr, *mut JobInfo) -> c_int;
-    fs_freeze = "virDomainFSFreeze": fn(Ptr, *mut *const c_char, c_uint, c_uint) -> c_int;
-    fs_thaw = "virDomainFSThaw": fn(Ptr, *mut *const c_char, c_uint, c_uint) -> c_int;
+ekko_dl::api! {
+    pub(crate) struct Api {
+        initialize = "virInitialize": fn() -> c_int;
+        set_error_func = "virSetErrorFunc": fn(*mut c_void, Option<ErrorFunc>);
+        get_last_error = "virGetLastError": fn() -> *mut VirError;
+        connect_open = "virConnectOpen": fn(*const c_char) -> Ptr;
+        connect_close = "virConnectClose": fn(Ptr) -> c_int;
+        lookup_by_name = "virDomainLookupByName": fn(Ptr, *const c_char) -> Ptr;
+        domain_free = "virDomainFree": fn(Ptr) -> c_int;
+        is_active = "virDomainIsActive": fn(Ptr) -> c_int;
+        xml_desc = "virDomainGetXMLDesc": fn(Ptr, c_uint) -> *mut c_char;
+        block_info = "virDomainGetBlockInfo": fn(Ptr, *const c_char, *mut BlockInfo, c_uint) -> c_int;
+        list_checkpoints = "virDomainListAllCheckpoints": fn(Ptr, *mut *mut Ptr, c_uint) -> c_int;
+        checkpoint_name = "virDomainCheckpointGetName": fn(Ptr) -> *const c_char;
+        checkpoint_free = "virDomainCheckpointFree": fn(Ptr) -> c_int;
+        checkpoint_lookup = "virDomainCheckpointLookupByName": fn(Ptr, *const c_char, c_uint) -> Ptr;
+        checkpoint_xml = "virDomainCheckpointGetXMLDesc": fn(Ptr, c_uint) -> *mut c_char;
+        checkpoint_delete = "virDomainCheckpointDelete": fn(Ptr, c_uint) -> c_int;
+        backup_begin = "virDomainBackupBegin": fn(Ptr, *const c_char, *const c_char, c_uint) -> c_int;
+        backup_xml = "virDomainBackupGetXMLDesc": fn(Ptr, c_uint) -> *mut c_char;
+        abort_job = "virDomainAbortJob": fn(Ptr) -> c_int;
+        job_info = "virDomainGetJobInfo": fn(Ptr, *mut JobInfo) -> c_int;
+        fs_freeze = "virDomainFSFreeze": fn(Ptr, *mut *const c_char, c_uint, c_uint) -> c_int;
+        fs_thaw = "virDomainFSThaw": fn(Ptr, *mut *const c_char, c_uint, c_uint) -> c_int;
+    }
 }
 
 /// The shared library's name: its major version, as installed by Debian's
 /// `libvirt0` (no `-dev` package needed).
 const LIBRARY: &str = "libvirt.so.0";
-
-/// # Safety
-/// `name` ends with a NUL byte.
-unsafe fn symbol(lib: *mut c_void, name: &str) -> Result<*mut c_void, String> {
-    let p = unsafe { libc::dlsym(lib, name.as_ptr().cast()) };
-    if p.is_null() {
-        return Err(format!(
-            "{LIBRARY} has no function {}: libvirt 7.2 or newer is needed",
-            name.trim_end_matches('\0')
-        ));
-    }
-    Ok(p)
-}
 
 /// Errors are read with `virGetLastError` where they happen; this keeps
 /// libvirt's default handler from also printing them.
@@ -129,27 +91,15 @@ unsafe extern "C" fn silent(_: *mut c_void, _: *mut VirError) {}
 pub(crate) fn api() -> Result<&'static Api, String> {
     static API: OnceLock<Result<Api, String>> = OnceLock::new();
     API.get_or_init(|| {
-        let name = format!("{LIBRARY}\0");
-        // SAFETY: a NUL-terminated name; the handle is never closed, so the
-        // function pointers stay valid for the life of the process.
-        let lib = unsafe { libc::dlopen(name.as_ptr().cast(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-        if lib.is_null() {
-            // SAFETY: dlerror returns NULL or a NUL-terminated message.
-            let why = unsafe { libc::dlerror() };
-            let why = if why.is_null() {
-                "not found".to_string()
-            } else {
-                unsafe { CStr::from_ptr(why) }
-                    .to_string_lossy()
-                    .into_owned()
-            };
-            return Err(format!(
+        let lib = ekko_dl::Library::open(LIBRARY).map_err(|why| {
+            format!(
                 "cannot load {LIBRARY} ({why}); backing up libvirt domains needs libvirt's client library (Debian: apt install libvirt0)"
-            ));
-        }
-        // SAFETY: `lib` is libvirt; the table declares libvirt's signatures.
-        let api = unsafe { Api::load(lib) }?;
-        // SAFETY: no arguments; both are safe to call at any time.
+            )
+        })?;
+        // SAFETY: the table declares libvirt's own signatures.
+        let api = unsafe { Api::load(&lib) }
+            .map_err(|e| format!("{e}: libvirt 7.2 or newer is needed"))?;
+        // SAFETY: no arguments; both may be called at any time.
         if unsafe { (api.initialize)() } < 0 {
             return Err(format!("{LIBRARY}: virInitialize failed"));
         }
