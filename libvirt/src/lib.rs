@@ -20,4 +20,12 @@ pub use xml::{BackupJob, CheckpointDisk, CheckpointInfo, DiskInfo, DomainInfo, N
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The URI ekko connects to unless told otherwise.
+/// Loads libvirt now, if it is not loaded yet (`Connection::open` loads it
+/// too): lets a caller start the load early, on a thread of its own.
+pub fn load() -> Result<()> {
+    ffi::api()
+        .map(drop)
+        .map_err(|message| Error::Load { message })
+}
+
 pub const DEFAULT_URI: &str = "qemu:///system";

@@ -214,6 +214,30 @@ fn print_summary(
     Ok(())
 }
 
+/// Starts loading the C libraries this backup will use (libnbd for NBD
+/// sources, qcow2 images and live capture; libvirt for `--domain`) on a
+/// thread of its own. Loading them is mostly reading files from disk, so
+/// it overlaps with opening the repository (Argon2) instead of coming after
+/// it. Whoever uses a library first waits for the load to end, and reports
+/// its error.
+fn preload_libraries(a: &BackupArgs) {
+    let virt = a.domain.is_some();
+    let nbd = virt
+        || a.qmp.is_some()
+        || a.disks.iter().any(|d| {
+            d.split_once('=')
+                .is_some_and(|(_, spec)| ekko::source::needs_nbd(spec))
+        });
+    if nbd {
+        std::thread::spawn(move || {
+            if virt {
+                let _ = ekko_libvirt::load();
+            }
+            let _ = ekko_libnbd::load();
+        });
+    }
+}
+
 pub fn run(g: &Global, a: BackupArgs) -> Result<ExitCode> {
     if !a.normal_priority {
         lower_priority();
@@ -234,6 +258,7 @@ pub fn run(g: &Global, a: BackupArgs) -> Result<ExitCode> {
         (Some(_), None, None) => bail!("--fsfreeze needs --qmp or --domain"),
         _ => {}
     }
+    preload_libraries(&a);
     if let Some(d) = a.domain.clone() {
         return run_domain(g, &a, d);
     }

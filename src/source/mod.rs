@@ -83,6 +83,16 @@ pub fn open(spec: &str, bitmap: Option<&str>, connections: usize) -> Result<Box<
     )?))
 }
 
+/// Whether reading `spec` (as `open` takes it) goes through libnbd: an NBD
+/// URI, or an image that is not raw. Guesses `false` for what `open`
+/// would refuse.
+pub fn needs_nbd(spec: &str) -> bool {
+    spec.starts_with("nbd://")
+        || spec.starts_with("nbd+unix://")
+        || spec.starts_with("nbds://")
+        || image_format(std::path::Path::new(spec)).is_ok_and(|f| f != "raw")
+}
+
 /// Sniff the image format from its first bytes.
 fn image_format(path: &std::path::Path) -> Result<&'static str> {
     use std::io::Read;
