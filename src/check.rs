@@ -50,7 +50,7 @@ impl CheckReport {
 }
 
 pub fn check(repo: &Repository, read_data: bool, threads: usize) -> Result<CheckReport> {
-    let backend = repo.backend().as_ref();
+    let backend = repo.store().as_ref();
     let keys = repo.keys();
     let mut report = CheckReport::default();
     let mut damaged: HashMap<ChunkId, String> = HashMap::new();

@@ -83,7 +83,11 @@ fn decode_json_file<T: for<'de> Deserialize<'de>>(
 }
 
 pub struct Repository {
+    /// The repository's store, behind the local manifest cache when there
+    /// is a cache folder (see `backend::ManifestCache`).
     backend: Arc<dyn Backend>,
+    /// The store itself, for what must read the repository's own copies.
+    store: Arc<dyn Backend>,
     config: Config,
     keys: Keys,
     index: Index,
@@ -209,8 +213,17 @@ impl Repository {
             None
         };
         let index = Index::open(backend.as_ref(), &keys, cache.as_deref())?;
+        let store = Arc::clone(&backend);
+        let backend: Arc<dyn Backend> = match cache.as_deref().and_then(std::path::Path::parent) {
+            Some(dir) => Arc::new(crate::backend::ManifestCache::new(
+                backend,
+                dir.join("snapshots"),
+            )),
+            None => backend,
+        };
         Ok(Repository {
             backend,
+            store,
             config,
             keys,
             index,
@@ -296,6 +309,12 @@ impl Repository {
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
+    }
+
+    /// The store without the local manifest cache: what `check` reads, so
+    /// that it judges the repository's own files.
+    pub fn store(&self) -> &Arc<dyn Backend> {
+        &self.store
     }
 
     pub fn config(&self) -> &Config {

@@ -956,3 +956,49 @@ fn without_libnbd_or_libvirt_installed_only_what_needs_them_fails() {
         "a failed backup changed the repository"
     );
 }
+
+/// A backup keeps a copy of each manifest in the local cache folder, so
+/// that finding a VM's latest snapshot does not fetch every manifest of the
+/// repository again. The copy never hides damage from `check`: with a bit
+/// flipped in the repository's manifest, the restore (from the verified
+/// copy) still equals the source, and `check` names the manifest and exits
+/// 3. Truncation is caught everywhere (see the test above).
+#[test]
+fn a_cached_manifest_never_hides_a_damaged_one_from_check() {
+    let env = Env::init(&[]);
+    let img = env.path("d.img");
+    make_image(&img, 3 * MIB, &[(0, &random_bytes(17, 3 * MIB as usize))]);
+    let id = env.backup("vm", &[("sda", &img)]);
+    let copies: Vec<_> = fs::read_dir(&env.cache)
+        .unwrap()
+        .flatten()
+        .map(|repo| repo.path().join("snapshots").join(&id))
+        .filter(|p| p.exists())
+        .collect();
+    assert_eq!(copies.len(), 1, "the backup left no copy of its manifest");
+
+    let snap = env.repo.join("snapshots").join(&id);
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .read(true)
+        .open(&snap)
+        .unwrap();
+    let at = f.metadata().unwrap().len() / 2;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 0x04;
+    f.write_all_at(&b, at).unwrap();
+    drop(f);
+
+    let out = env.restore(&id, "sda");
+    assert_eq!(sha256_file(&out), sha256_file(&img));
+    let out = env.run(&["check"]);
+    assert_eq!(out.status.code(), Some(3), "check must see the damage");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains(&format!("snapshots/{id}")), "{report}");
+
+    // Without the cache folder the damage is reported by every reader.
+    fs::remove_dir_all(&env.cache).unwrap();
+    let out = env.run(&["restore", &id, "--to", env.path("r2.img").to_str().unwrap()]);
+    assert_clean_failure(&out, "damaged");
+}

@@ -6,9 +6,11 @@
 //! relative, `/`-separated paths such as `packs/3f/3f9c….pack`.
 
 mod local;
+mod manifest_cache;
 mod s3;
 
 pub use local::{LocalBackend, LocalWriter};
+pub use manifest_cache::ManifestCache;
 pub use s3::{S3Backend, S3Location, S3Writer};
 
 use std::ffi::OsStr;
