@@ -188,13 +188,47 @@ pub fn list_ids(backend: &dyn Backend) -> Result<Vec<String>> {
         .collect())
 }
 
+/// Manifests fetched at once from an object store, where each GET is a
+/// round trip (a local folder reads them one by one).
+const PARALLEL_GETS: usize = 16;
+
 /// Load every snapshot, sorted by time. Damaged manifests are returned
 /// separately so that listing still works around them.
 pub fn load_all(backend: &dyn Backend, keys: &Keys) -> Result<(Vec<Snapshot>, Vec<Error>)> {
+    let ids = list_ids(backend)?;
+    let threads = if backend.prefers_large_reads() {
+        PARALLEL_GETS.min(ids.len())
+    } else {
+        1
+    };
+    let loaded: Vec<Result<Snapshot>> = if threads > 1 {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let mut slots: Vec<Option<Result<Snapshot>>> = Vec::new();
+        slots.resize_with(ids.len(), || None);
+        let slots = std::sync::Mutex::new(slots);
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(id) = ids.get(i) else { break };
+                    let r = load(backend, keys, id);
+                    slots.lock().expect("slots lock")[i] = Some(r);
+                });
+            }
+        });
+        slots
+            .into_inner()
+            .expect("slots lock")
+            .into_iter()
+            .map(|r| r.expect("every slot is filled"))
+            .collect()
+    } else {
+        ids.iter().map(|id| load(backend, keys, id)).collect()
+    };
     let mut ok = Vec::new();
     let mut bad = Vec::new();
-    for id in list_ids(backend)? {
-        match load(backend, keys, &id) {
+    for r in loaded {
+        match r {
             Ok(s) => ok.push(s),
             // Forgotten since the listing.
             Err(Error::NotFound { .. }) => {}
