@@ -343,10 +343,32 @@ impl FleeceSession {
 
     fn setup(&mut self) -> Result<()> {
         self.setup_nbd_server()?;
+        // One qemu-img per disk, all running at once: a VM's disks wait for
+        // one start-up of qemu-img, not one each.
+        let created: Vec<Result<()>> = std::thread::scope(|s| {
+            let runs: Vec<_> = self
+                .disks
+                .iter()
+                .map(|d| s.spawn(|| create_fleece_image(&d.fleece_path, d.size)))
+                .collect();
+            runs.into_iter()
+                .map(|r| r.join().expect("qemu-img thread panicked"))
+                .collect()
+        });
+        let mut first_err = None;
+        for (d, r) in self.disks.iter_mut().zip(created) {
+            match r {
+                Ok(()) => d.file_created = true,
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
         let qmp = self.qmp.as_mut().expect("qmp");
         for d in &mut self.disks {
-            create_fleece_image(&d.fleece_path, d.size)?;
-            d.file_created = true;
             qmp.execute(
                 "blockdev-add",
                 json!({
