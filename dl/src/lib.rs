@@ -10,6 +10,7 @@
 //! its absence is an error that command can explain.
 
 use std::ffi::{c_void, CStr, CString};
+use std::sync::OnceLock;
 
 /// A library opened with `dlopen`. It is never closed: the function
 /// pointers taken from it stay valid for the life of the process.
@@ -54,6 +55,27 @@ impl Library {
         }
         Ok(p)
     }
+}
+
+/// The function table of library `soname`, built by `load` the first time
+/// and kept in `cell`; or why it cannot be: a missing library is an error
+/// that says what it is needed for (`needed_for`) and which Debian
+/// `package` provides it.
+pub fn once<T>(
+    cell: &'static OnceLock<Result<T, String>>,
+    soname: &str,
+    needed_for: &str,
+    package: &str,
+    load: impl FnOnce(&Library) -> Result<T, String>,
+) -> Result<&'static T, String> {
+    cell.get_or_init(|| {
+        let lib = Library::open(soname).map_err(|why| {
+            format!("cannot load {soname} ({why}); {needed_for} (Debian: apt install {package})")
+        })?;
+        load(&lib)
+    })
+    .as_ref()
+    .map_err(Clone::clone)
 }
 
 fn last_dl_error() -> String {
@@ -127,6 +149,35 @@ mod tests {
         // SAFETY: strlen has this signature.
         let api = unsafe { Libc::load(&lib) }.unwrap();
         assert_eq!(unsafe { (api.strlen)(c"hello".as_ptr()) }, 5);
+    }
+
+    #[test]
+    fn once_loads_once_and_says_what_to_install() {
+        static LIBC: OnceLock<Result<Libc, String>> = OnceLock::new();
+        let mut calls = 0;
+        for _ in 0..2 {
+            // SAFETY: strlen has this signature.
+            let api = once(&LIBC, "libc.so.6", "", "libc6", |lib| {
+                calls += 1;
+                unsafe { Libc::load(lib) }
+            })
+            .unwrap();
+            assert_eq!(unsafe { (api.strlen)(c"abc".as_ptr()) }, 3);
+        }
+        assert_eq!(calls, 1);
+        static MISSING: OnceLock<Result<(), String>> = OnceLock::new();
+        let e = once(
+            &MISSING,
+            "libekko-none.so.0",
+            "X needs it",
+            "ekko-none",
+            |_| Ok(()),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("X needs it (Debian: apt install ekko-none)"),
+            "{e}"
+        );
     }
 
     #[test]

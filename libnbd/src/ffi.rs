@@ -68,15 +68,14 @@ const LIBRARY: &str = "libnbd.so.0";
 /// not linked).
 pub(crate) fn api() -> Result<&'static Api, String> {
     static API: OnceLock<Result<Api, String>> = OnceLock::new();
-    API.get_or_init(|| {
-        let lib = ekko_dl::Library::open(LIBRARY).map_err(|why| {
-            format!(
-                "cannot load {LIBRARY} ({why}); reading NBD exports, qcow2 images and running VMs needs libnbd (Debian: apt install libnbd0)"
-            )
-        })?;
-        // SAFETY: the table declares the signatures of <libnbd.h>.
-        unsafe { Api::load(&lib) }.map_err(|e| format!("{e}: libnbd 1.14 or newer is needed"))
-    })
-    .as_ref()
-    .map_err(Clone::clone)
+    ekko_dl::once(
+        &API,
+        LIBRARY,
+        "reading NBD exports, qcow2 images and running VMs needs libnbd",
+        "libnbd0",
+        |lib| {
+            // SAFETY: the table declares the signatures of <libnbd.h>.
+            unsafe { Api::load(lib) }.map_err(|e| format!("{e}: libnbd 1.14 or newer is needed"))
+        },
+    )
 }

@@ -90,24 +90,23 @@ unsafe extern "C" fn silent(_: *mut c_void, _: *mut VirError) {}
 /// libvirt's functions, loaded on first use.
 pub(crate) fn api() -> Result<&'static Api, String> {
     static API: OnceLock<Result<Api, String>> = OnceLock::new();
-    API.get_or_init(|| {
-        let lib = ekko_dl::Library::open(LIBRARY).map_err(|why| {
-            format!(
-                "cannot load {LIBRARY} ({why}); backing up libvirt domains needs libvirt's client library (Debian: apt install libvirt0)"
-            )
-        })?;
-        // SAFETY: the table declares libvirt's own signatures.
-        let api = unsafe { Api::load(&lib) }
-            .map_err(|e| format!("{e}: libvirt 7.2 or newer is needed"))?;
-        // SAFETY: no arguments; both may be called at any time.
-        if unsafe { (api.initialize)() } < 0 {
-            return Err(format!("{LIBRARY}: virInitialize failed"));
-        }
-        unsafe { (api.set_error_func)(std::ptr::null_mut(), Some(silent)) };
-        Ok(api)
-    })
-    .as_ref()
-    .map_err(Clone::clone)
+    ekko_dl::once(
+        &API,
+        LIBRARY,
+        "backing up libvirt domains needs libvirt's client library",
+        "libvirt0",
+        |lib| {
+            // SAFETY: the table declares libvirt's own signatures.
+            let api = unsafe { Api::load(lib) }
+                .map_err(|e| format!("{e}: libvirt 7.2 or newer is needed"))?;
+            // SAFETY: no arguments; both may be called at any time.
+            if unsafe { (api.initialize)() } < 0 {
+                return Err(format!("{LIBRARY}: virInitialize failed"));
+            }
+            unsafe { (api.set_error_func)(std::ptr::null_mut(), Some(silent)) };
+            Ok(api)
+        },
+    )
 }
 
 /// This thread's last libvirt error: its code and message.
