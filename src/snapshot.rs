@@ -201,29 +201,22 @@ pub fn load_all(backend: &dyn Backend, keys: &Keys) -> Result<(Vec<Snapshot>, Ve
     } else {
         1
     };
-    let loaded: Vec<Result<Snapshot>> = if threads > 1 {
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let mut slots: Vec<Option<Result<Snapshot>>> = Vec::new();
-        slots.resize_with(ids.len(), || None);
-        let slots = std::sync::Mutex::new(slots);
-        std::thread::scope(|s| {
-            for _ in 0..threads {
-                s.spawn(|| loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(id) = ids.get(i) else { break };
-                    let r = load(backend, keys, id);
-                    slots.lock().expect("slots lock")[i] = Some(r);
-                });
-            }
-        });
-        slots
-            .into_inner()
-            .expect("slots lock")
-            .into_iter()
-            .map(|r| r.expect("every slot is filled"))
-            .collect()
-    } else {
+    let load_each = |ids: &[String]| -> Vec<Result<Snapshot>> {
         ids.iter().map(|id| load(backend, keys, id)).collect()
+    };
+    let loaded: Vec<Result<Snapshot>> = if threads > 1 {
+        std::thread::scope(|s| {
+            let parts: Vec<_> = ids
+                .chunks(ids.len().div_ceil(threads))
+                .map(|part| s.spawn(move || load_each(part)))
+                .collect();
+            parts
+                .into_iter()
+                .flat_map(|p| p.join().expect("manifest loader panicked"))
+                .collect()
+        })
+    } else {
+        load_each(&ids)
     };
     let mut ok = Vec::new();
     let mut bad = Vec::new();

@@ -41,10 +41,6 @@ impl Library {
         })
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// The address of the function `symbol`.
     pub fn symbol(&self, symbol: &str) -> Result<*mut c_void, String> {
         let c = CString::new(symbol).map_err(|_| format!("{symbol:?} contains a NUL byte"))?;

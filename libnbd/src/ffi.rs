@@ -66,7 +66,7 @@ const LIBRARY: &str = "libnbd.so.0";
 
 /// libnbd's functions, loaded on first use (see `ekko_dl` for why it is
 /// not linked).
-pub(crate) fn api() -> Result<&'static Api, String> {
+pub(crate) fn api() -> Result<&'static Api, crate::Error> {
     static API: OnceLock<Result<Api, String>> = OnceLock::new();
     ekko_dl::once(
         &API,
@@ -78,4 +78,5 @@ pub(crate) fn api() -> Result<&'static Api, String> {
             unsafe { Api::load(lib) }.map_err(|e| format!("{e}: libnbd 1.14 or newer is needed"))
         },
     )
+    .map_err(|message| crate::Error::Load { message })
 }

@@ -91,7 +91,7 @@ impl Handle {
     /// Create a new, unconnected handle (`nbd_create`). The first handle
     /// loads libnbd.
     pub fn new() -> Result<Handle, Error> {
-        let api = ffi::api().map_err(|message| Error::Load { message })?;
+        let api = ffi::api()?;
         // SAFETY: nbd_create has no preconditions; NULL means failure.
         let h = unsafe { (api.create)() };
         NonNull::new(h)

@@ -52,9 +52,7 @@ pub const STATE_DIRTY: u32 = 1;
 /// Loads libnbd now, if it is not loaded yet: lets a caller fail before
 /// it sets up anything that would need undoing (`Handle::new` loads it too).
 pub fn load() -> Result<(), Error> {
-    ffi::api()
-        .map(drop)
-        .map_err(|message| Error::Load { message })
+    ffi::api().map(drop)
 }
 
 /// The metadata context name of QEMU dirty bitmap `bitmap`, as exported by

@@ -34,7 +34,7 @@ impl Drop for Connection {
 
 impl Connection {
     pub fn open(uri: &str) -> Result<Connection> {
-        let api = api().map_err(|message| Error::Load { message })?;
+        let api = api()?;
         let c = CString::new(uri).map_err(|_| Error::Connect {
             uri: uri.to_string(),
             message: "the URI contains a NUL byte".into(),

@@ -88,7 +88,7 @@ const LIBRARY: &str = "libvirt.so.0";
 unsafe extern "C" fn silent(_: *mut c_void, _: *mut VirError) {}
 
 /// libvirt's functions, loaded on first use.
-pub(crate) fn api() -> Result<&'static Api, String> {
+pub(crate) fn api() -> Result<&'static Api, crate::Error> {
     static API: OnceLock<Result<Api, String>> = OnceLock::new();
     ekko_dl::once(
         &API,
@@ -107,6 +107,7 @@ pub(crate) fn api() -> Result<&'static Api, String> {
             Ok(api)
         },
     )
+    .map_err(|message| crate::Error::Load { message })
 }
 
 /// This thread's last libvirt error: its code and message.

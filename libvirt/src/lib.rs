@@ -23,9 +23,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Loads libvirt now, if it is not loaded yet (`Connection::open` loads it
 /// too): lets a caller start the load early, on a thread of its own.
 pub fn load() -> Result<()> {
-    ffi::api()
-        .map(drop)
-        .map_err(|message| Error::Load { message })
+    ffi::api().map(drop)
 }
 
 pub const DEFAULT_URI: &str = "qemu:///system";

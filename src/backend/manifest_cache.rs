@@ -118,15 +118,13 @@ impl Backend for ManifestCache {
         let Some(id) = Self::id(name) else {
             return self.inner.get(name);
         };
-        let listed = self.listed.lock().expect("listing lock").get(id).copied();
-        let copy = self.read(id);
-        match (&copy, listed) {
-            (Some(c), Some(size)) if u64::try_from(c.len()).ok() != Some(size) => {
-                // The repository's manifest changed size: read it as it is.
-                return self.inner.get(name);
+        if let Some(copy) = self.read(id) {
+            let listed = self.listed.lock().expect("listing lock").get(id).copied();
+            if listed.is_none_or(|size| u64::try_from(copy.len()).ok() == Some(size)) {
+                return Ok(copy);
             }
-            (Some(_), _) => return Ok(copy.expect("matched")),
-            (None, _) => {}
+            // The repository's manifest changed size: read it as it is.
+            return self.inner.get(name);
         }
         let data = self.inner.get(name)?;
         self.write(id, &data);

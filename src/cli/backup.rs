@@ -224,10 +224,10 @@ fn preload_libraries(a: &BackupArgs) {
     let virt = a.domain.is_some();
     let nbd = virt
         || a.qmp.is_some()
-        || a.disks.iter().any(|d| {
-            d.split_once('=')
-                .is_some_and(|(_, spec)| ekko::source::needs_nbd(spec))
-        });
+        || parse_disks(&a.disks)
+            .unwrap_or_default()
+            .iter()
+            .any(|(_, spec)| ekko::source::needs_nbd(spec));
     if nbd {
         std::thread::spawn(move || {
             if virt {

@@ -50,8 +50,7 @@ pub trait Source: Send + Sync {
 /// Open `spec`: an `nbd://`/`nbd+unix://` URI, or an image path. qcow2 and
 /// other formats go through qemu-nbd; `bitmap` names a dirty bitmap to use.
 pub fn open(spec: &str, bitmap: Option<&str>, connections: usize) -> Result<Box<dyn Source>> {
-    if spec.starts_with("nbd://") || spec.starts_with("nbd+unix://") || spec.starts_with("nbds://")
-    {
+    if is_nbd_uri(spec) {
         return Ok(Box::new(NbdSource::connect_uri(spec, bitmap, connections)?));
     }
     let path = std::path::Path::new(spec);
@@ -87,10 +86,13 @@ pub fn open(spec: &str, bitmap: Option<&str>, connections: usize) -> Result<Box<
 /// URI, or an image that is not raw. Guesses `false` for what `open`
 /// would refuse.
 pub fn needs_nbd(spec: &str) -> bool {
-    spec.starts_with("nbd://")
-        || spec.starts_with("nbd+unix://")
-        || spec.starts_with("nbds://")
-        || image_format(std::path::Path::new(spec)).is_ok_and(|f| f != "raw")
+    is_nbd_uri(spec) || image_format(std::path::Path::new(spec)).is_ok_and(|f| f != "raw")
+}
+
+fn is_nbd_uri(spec: &str) -> bool {
+    ["nbd://", "nbd+unix://", "nbds://"]
+        .iter()
+        .any(|p| spec.starts_with(p))
 }
 
 /// Sniff the image format from its first bytes.
