@@ -79,15 +79,11 @@ pub enum Error {
     #[error("invalid backup session configuration: {0}")]
     Config(String),
 
-    /// An external program (qemu-img) failed.
-    #[error("{program} failed: {detail}")]
-    Tool { program: String, detail: String },
-
     /// Another process owns the NBD server and its socket could not be located.
     #[error("QEMU already runs an NBD server and its Unix socket could not be located ({reason}); pass the server's socket path in SessionConfig::nbd_socket")]
     NbdServerUnknown { reason: String },
 
-    /// A local file operation (workdir, fleece image) failed.
+    /// A local file operation (workdir, fleece file) failed.
     #[error("{context} {path}: {source}")]
     File {
         context: &'static str,

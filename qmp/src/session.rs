@@ -4,14 +4,14 @@
 //!
 //! # The recipe (QEMU ≥ 7.0; tested with 10.0.2)
 //!
-//! For each disk an empty qcow2 "fleece" image is created in the work
-//! directory and attached. Then **one** `transaction` covering all disks, so
+//! For each disk an empty, sparse raw "fleece" file of the disk's size is
+//! created in the work directory and attached. Then **one** `transaction` covering all disks, so
 //! that every disk is captured at the same instant:
 //!
 //! * `block-dirty-bitmap-add` of the next generation (persistent),
 //! * `block-dirty-bitmap-disable` of the previous generation (if any): it now
 //!   holds exactly the writes between the previous backup and this instant,
-//! * `blockdev-backup sync=none` into the fleece image with a named
+//! * `blockdev-backup sync=none` into the fleece file with a named
 //!   copy-before-write filter: old data is copied aside before the guest
 //!   overwrites it.
 //!
@@ -53,21 +53,26 @@
 //! `ekko-<pid>-<4 hex>`, so concurrent sessions never collide and leftovers
 //! of a killed process can be found and removed by [`cleanup_stale`].
 //!
-//! The fleece images grow by the data the guest overwrites during the
+//! The fleece files grow by the data the guest overwrites during the
 //! session (at most the disk size): the work directory needs that space, and
-//! QEMU must be able to open files in it. If writing a fleece image fails,
+//! QEMU must be able to open files in it. If writing a fleece file fails,
 //! QEMU's copy-before-write filter fails the guest write (blockdev-backup does
 //! not expose `on-cbw-error`), so keep sessions short and the space ample.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::guest_agent::GuestAgent;
+
+/// Ends the name of every fleece file.
+const FLEECE_SUFFIX: &str = "fleece.raw";
+/// Ended the names of fleece images before they became raw files; kept so
+/// that leftovers of an older ekko are still cleaned up.
+const OLD_FLEECE_SUFFIX: &str = "fleece.qcow2";
 use crate::inventory::{self, DiskInfo, NodeInfo};
 use crate::qmp::Qmp;
 use crate::util;
@@ -98,7 +103,7 @@ impl From<&DiskInfo> for DiskSpec {
 /// How to run a session.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
-    /// Directory for the fleece images and the NBD socket; created if
+    /// Directory for the fleece files and the NBD socket; created if
     /// missing. QEMU must be able to open files in it.
     pub workdir: PathBuf,
     /// Name of the bitmap generation that starts at this backup's instant.
@@ -226,7 +231,7 @@ impl FleeceSession {
             .map(|(i, (d, size))| DiskState {
                 spec: d.clone(),
                 size,
-                fleece_path: workdir.join(format!("{tag}-{i}.fleece.qcow2")),
+                fleece_path: workdir.join(format!("{tag}-{i}.{FLEECE_SUFFIX}")),
                 fleece_node: format!("{tag}-fl{i}"),
                 cbw_node: format!("{tag}-cbw{i}"),
                 job_id: format!("{tag}-job{i}"),
@@ -343,36 +348,16 @@ impl FleeceSession {
 
     fn setup(&mut self) -> Result<()> {
         self.setup_nbd_server()?;
-        // One qemu-img per disk, all running at once: a VM's disks wait for
-        // one start-up of qemu-img, not one each.
-        let created: Vec<Result<()>> = std::thread::scope(|s| {
-            let runs: Vec<_> = self
-                .disks
-                .iter()
-                .map(|d| s.spawn(|| create_fleece_image(&d.fleece_path, d.size)))
-                .collect();
-            runs.into_iter()
-                .map(|r| r.join().expect("qemu-img thread panicked"))
-                .collect()
-        });
-        let mut first_err = None;
-        for (d, r) in self.disks.iter_mut().zip(created) {
-            match r {
-                Ok(()) => d.file_created = true,
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
-            }
-        }
-        if let Some(e) = first_err {
-            return Err(e);
+        for d in &mut self.disks {
+            create_fleece_file(&d.fleece_path, d.size)?;
+            d.file_created = true;
         }
         let qmp = self.qmp.as_mut().expect("qmp");
         for d in &mut self.disks {
             qmp.execute(
                 "blockdev-add",
                 json!({
-                    "driver": "qcow2",
+                    "driver": "raw",
                     "node-name": d.fleece_node,
                     "file": { "driver": "file", "filename": d.fleece_path },
                     "discard": "unmap",
@@ -577,7 +562,7 @@ impl FleeceSession {
                 }
             }
         }
-        // A fleece image still attached to a live QEMU is left in place
+        // A fleece file still attached to a live QEMU is left in place
         // (cleanup_stale removes it later); if QEMU is gone it is garbage.
         let qemu_gone = qmp.peer_alive() == Some(false);
         for d in &mut self.disks {
@@ -586,13 +571,13 @@ impl FleeceSession {
                     Ok(()) => d.file_created = false,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => d.file_created = false,
                     Err(source) => errors.push(Error::File {
-                        context: "cannot delete the fleece image",
+                        context: "cannot delete the fleece file",
                         path: d.fleece_path.clone(),
                         source,
                     }),
                 }
             } else if d.file_created {
-                tracing::warn!(file = %d.fleece_path.display(), "fleece image left in place: still attached to QEMU");
+                tracing::warn!(file = %d.fleece_path.display(), "fleece file left in place: still attached to QEMU");
             }
         }
 
@@ -768,27 +753,26 @@ fn check_disk(d: &DiskSpec, node: Option<&NodeInfo>, cfg: &SessionConfig) -> Res
     Ok(node.size)
 }
 
-fn create_fleece_image(path: &Path, size: u64) -> Result<()> {
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(path)
-        .arg(size.to_string())
-        .output()
-        .map_err(|e| Error::Tool {
-            program: "qemu-img".into(),
-            detail: format!("cannot run it ({e}); is qemu-utils installed?"),
-        })?;
-    if !out.status.success() {
+/// Creates the fleece file: empty and sparse, so it takes disk space only
+/// for the old data copied into it. A raw file needs no qemu-img process
+/// (30–50 ms with a cold page cache), and the copy-before-write filter
+/// keeps its own record of what it copied, so no image format is needed.
+/// `create_new` never truncates a file that is not ours.
+fn create_fleece_file(path: &Path, size: u64) -> Result<()> {
+    let file_error = |context, source| Error::File {
+        context,
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| file_error("cannot create the fleece file", e))?;
+    if let Err(e) = f.set_len(size) {
+        drop(f);
         let _ = std::fs::remove_file(path);
-        return Err(Error::Tool {
-            program: "qemu-img create".into(),
-            detail: format!(
-                "{} for {}: {}",
-                out.status,
-                path.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        });
+        return Err(file_error("cannot size the fleece file", e));
     }
     Ok(())
 }
@@ -1019,7 +1003,10 @@ pub fn cleanup_stale_if(qmp: &mut Qmp, owner_dead: impl Fn(u32) -> bool) -> Resu
             let ours = path
                 .file_name()
                 .map(|f| f.to_string_lossy().to_string())
-                .is_some_and(|f| f.starts_with(tag) && f.ends_with(".fleece.qcow2"));
+                .is_some_and(|f| {
+                    f.starts_with(tag)
+                        && (f.ends_with(FLEECE_SUFFIX) || f.ends_with(OLD_FLEECE_SUFFIX))
+                });
             if ours && std::fs::remove_file(&path).is_ok() {
                 report.files.push(path);
             }

@@ -74,7 +74,7 @@ fn full_session_is_point_in_time_and_cleans_up() {
     assert_eq!(
         files_in(&workdir)
             .iter()
-            .filter(|f| f.ends_with(".fleece.qcow2"))
+            .filter(|f| f.ends_with(".fleece.raw"))
             .count(),
         2
     );
@@ -434,6 +434,40 @@ fn cleanup_removes_leftovers_of_dead_sessions() {
     assert!(ekko_qmp::cleanup_stale(&mut qi).unwrap().is_empty());
     // The dead session's bitmap generation is an orphan the caller removes.
     assert!(bitmap(&mut qi, "disk0", "gen1").is_some());
+}
+
+#[test]
+fn cleanup_removes_a_qcow2_fleece_image_left_by_an_older_ekko() {
+    // Before fleece files became raw, a session attached a qcow2 image
+    // named `<tag>-<i>.fleece.qcow2`. A dead session's such image must
+    // still be detached and deleted; an image not named like ours is only
+    // detached.
+    let qsd = Qsd::start(false);
+    let work = qsd.workdir("work");
+    let old = work.join("ekko-4000000-beef-0.fleece.qcow2");
+    let foreign = work.join("keep-me.qcow2");
+    let mut qi = qsd.qmp("i");
+    for (i, path) in [&old, &foreign].into_iter().enumerate() {
+        run(std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(path)
+            .arg(DISK_SIZE.to_string()));
+        qi.execute(
+            "blockdev-add",
+            json!({
+                "driver": "qcow2",
+                "node-name": format!("ekko-4000000-beef-fl{i}"),
+                "file": { "driver": "file", "filename": path },
+            }),
+        )
+        .unwrap();
+    }
+    let r = ekko_qmp::cleanup_stale_if(&mut qi, |pid| pid == 4_000_000).unwrap();
+    assert_eq!(r.nodes.len(), 2, "{r:?}");
+    assert_eq!(r.files, vec![old.clone()], "{r:?}");
+    assert!(!old.exists());
+    assert!(foreign.exists());
+    assert_eq!(leftovers(&mut qi), Vec::<String>::new());
 }
 
 #[test]
