@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::id::ChunkId;
+use crate::kdf_memory::KdfMemory;
 use crate::siv::Aes256Siv;
 
 pub const TAG_LEN: usize = crate::siv::TAG_LEN;
@@ -159,11 +160,14 @@ const ARGON_P: u32 = 1;
 fn kek(passphrase: &[u8], salt: &[u8], m: u32, t: u32, p: u32) -> Result<[u8; 64]> {
     let params = Params::new(m, t, p, Some(64))
         .map_err(|e| Error::corrupt("key file", format!("bad Argon2 parameters: {e}")))?;
+    let memory = KdfMemory::new(params.block_count());
     let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
     let mut out = [0u8; 64];
-    argon
-        .hash_password_into(passphrase, salt, &mut out)
-        .map_err(|e| Error::corrupt("key file", format!("Argon2 failed: {e}")))?;
+    match memory {
+        Some(memory) => argon.hash_password_into_with_memory(passphrase, salt, &mut out, memory),
+        None => argon.hash_password_into(passphrase, salt, &mut out),
+    }
+    .map_err(|e| Error::corrupt("key file", format!("Argon2 failed: {e}")))?;
     Ok(out)
 }
 

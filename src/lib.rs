@@ -18,6 +18,7 @@ pub mod format;
 pub mod gc;
 pub mod id;
 pub mod index;
+mod kdf_memory;
 pub mod lock;
 pub mod pack;
 pub mod prune;
