@@ -15,7 +15,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -76,6 +78,28 @@ pub struct Index {
     store: Store,
     /// Entries stored by this process and not yet written to an index file.
     pending: RwLock<HashMap<ChunkId, Location>>,
+    /// The cache as one read transaction saw it, shared by every lookup
+    /// until `generation` moves on. A read transaction of a multi-process
+    /// redb takes and drops file locks (`fcntl`), which cost lookups more
+    /// than the search itself; see `lookup`.
+    view: RwLock<Option<Arc<ReadView>>>,
+    /// Moves on whenever this process may see more in the cache: after
+    /// `flush` and after every `refresh` (which takes in what other
+    /// processes added).
+    generation: AtomicU64,
+}
+
+/// How long one read view serves lookups at most. An open read
+/// transaction keeps every process sharing the cache from reusing the pages
+/// freed after it, so a long-lived reader (a mount, an NBD server) must not
+/// hold one for long.
+const VIEW_MAX_AGE: Duration = Duration::from_secs(1);
+
+struct ReadView {
+    generation: u64,
+    opened: Instant,
+    /// `None` while the cache has no chunk table yet.
+    chunks: Option<redb::ReadOnlyTable<&'static [u8], &'static [u8]>>,
 }
 
 pub fn index_name(id: &ObjectId) -> String {
@@ -109,10 +133,7 @@ impl Index {
         if let Some(path) = cache_path {
             match Self::open_cache(path) {
                 Ok(db) => {
-                    let idx = Index {
-                        store: Store::Redb(db),
-                        pending: RwLock::default(),
-                    };
+                    let idx = Index::with_store(Store::Redb(db));
                     idx.refresh(backend, keys)?;
                     return Ok(idx);
                 }
@@ -122,12 +143,18 @@ impl Index {
                 ),
             }
         }
-        let idx = Index {
-            store: Store::Memory(RwLock::default()),
-            pending: RwLock::default(),
-        };
+        let idx = Index::with_store(Store::Memory(RwLock::default()));
         idx.refresh(backend, keys)?;
         Ok(idx)
+    }
+
+    fn with_store(store: Store) -> Index {
+        Index {
+            store,
+            pending: RwLock::default(),
+            view: RwLock::default(),
+            generation: AtomicU64::new(0),
+        }
     }
 
     /// Take in index files written since this index was opened (by other
@@ -143,6 +170,9 @@ impl Index {
                 Store::Redb(_) => self.sync_cache(backend, keys, &listed),
                 Store::Memory(_) => self.load_new_into_memory(backend, keys, &listed),
             };
+            // Even when this process added nothing, another may have
+            // brought the shared cache further: later lookups look afresh.
+            self.generation.fetch_add(1, Ordering::AcqRel);
             match r {
                 Err(Error::NotFound { name }) if attempt < 5 && name.starts_with("index/") => {
                     tracing::debug!("index file {name} vanished while loading; listing again");
@@ -273,16 +303,47 @@ impl Index {
         match &self.store {
             Store::Memory(m) => Ok(m.read().expect("index lock").0.get(id).copied()),
             Store::Redb(db) => {
-                let tx = db.begin_read().map_err(cache_err)?;
-                let t = match tx.open_table(CHUNKS) {
-                    Ok(t) => t,
-                    Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-                    Err(e) => return Err(cache_err(e)),
+                let view = self.read_view(db)?;
+                let Some(chunks) = &view.chunks else {
+                    return Ok(None);
                 };
-                let v = t.get(id.0.as_slice()).map_err(cache_err)?;
+                let v = chunks.get(id.0.as_slice()).map_err(cache_err)?;
                 Ok(v.and_then(|g| loc_from(g.value())))
             }
         }
+    }
+
+    /// The current read view of the cache, opened again if the generation
+    /// moved on or it is older than `VIEW_MAX_AGE`. Sound because `flush` moves the generation on after its
+    /// commit and before it takes its entries out of `pending`: a lookup
+    /// that misses them in `pending` sees the new generation.
+    fn read_view(&self, db: &redb::Database) -> Result<Arc<ReadView>> {
+        let generation = self.generation.load(Ordering::Acquire);
+        if let Some(v) = self.view.read().expect("index lock").as_ref() {
+            if v.generation == generation && v.opened.elapsed() < VIEW_MAX_AGE {
+                return Ok(Arc::clone(v));
+            }
+        }
+        let tx = db.begin_read().map_err(cache_err)?;
+        let chunks = match tx.open_table(CHUNKS) {
+            Ok(t) => Some(t),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(cache_err(e)),
+        };
+        let view = Arc::new(ReadView {
+            generation,
+            opened: Instant::now(),
+            chunks,
+        });
+        let mut slot = self.view.write().expect("index lock");
+        // Another thread may have opened a newer view meanwhile: keep that.
+        if slot
+            .as_ref()
+            .is_none_or(|v| (v.generation, v.opened) < (generation, view.opened))
+        {
+            *slot = Some(Arc::clone(&view));
+        }
+        Ok(view)
     }
 
     pub fn contains(&self, id: &ChunkId) -> Result<bool> {
@@ -333,6 +394,7 @@ impl Index {
                 tx.commit().map_err(cache_err)?;
             }
         }
+        self.generation.fetch_add(1, Ordering::AcqRel);
         let mut p = self.pending.write().expect("index lock");
         for (id, _) in &entries {
             p.remove(id);
@@ -382,6 +444,43 @@ mod tests {
             reader.refresh(&backend, &keys).unwrap();
             assert_eq!(reader.lookup(&id).unwrap(), Some(loc(1)));
         }
+    }
+
+    #[test]
+    fn a_flushed_chunk_is_never_missed_by_concurrent_lookups() {
+        // Lookups share one read view of the cache; flush must make them
+        // open a new one before its entries leave `pending`.
+        let dir = tempfile::tempdir().unwrap();
+        let backend = LocalBackend::new(dir.path().join("repo"));
+        let keys = Keys::from_master(&[8; 64]);
+        let cache = dir.path().join("cache/index.redb");
+        let index = Index::open(&backend, &keys, Some(&cache)).unwrap();
+        assert!(matches!(index.store, Store::Redb(_)));
+        let id = |n: u64| {
+            let mut a = [0u8; 32];
+            a[..8].copy_from_slice(&(n + 1).to_le_bytes());
+            ChunkId(a)
+        };
+        let added = AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..3 {
+                s.spawn(|| loop {
+                    let n = added.load(Ordering::Acquire);
+                    for k in n.saturating_sub(3)..n {
+                        assert_eq!(index.lookup(&id(k)).unwrap(), Some(loc(1)), "chunk {k}");
+                    }
+                    if n == 300 {
+                        return;
+                    }
+                });
+            }
+            for n in 0..300 {
+                index.add_pending(vec![(id(n), loc(1))]);
+                added.store(n + 1, Ordering::Release);
+                index.flush(&backend, &keys).unwrap();
+            }
+        });
+        assert_eq!(index.lookup(&id(300)).unwrap(), None);
     }
 
     fn rand_byte(second: bool) -> u8 {
