@@ -460,8 +460,14 @@ impl<'r> DomainBackup<'r> {
                 disk: d.name.clone(),
                 source,
             };
-            let src = NbdSource::qemu_nbd(Path::new(&path), "qcow2", bitmap, self.opts.connections)
-                .map_err(disk_err)?;
+            let src = NbdSource::qemu_nbd(
+                Path::new(&path),
+                "qcow2",
+                bitmap,
+                self.opts.connections,
+                false,
+            )
+            .map_err(disk_err)?;
             let read = ExportRead {
                 name: &d.name,
                 source: Box::new(src),

@@ -70,6 +70,11 @@ pub struct BackupArgs {
     /// Read everything, even when an incremental is possible.
     #[arg(long)]
     full: bool,
+    /// Read image files even when a running QEMU has them open for
+    /// writing. The backup may then be torn (blocks from different
+    /// moments); prefer --qmp or --domain for a running VM.
+    #[arg(long, conflicts_with_all = ["qmp", "domain"])]
+    allow_in_use: bool,
     /// Worker threads (and twice as many NBD connections, up to 8).
     #[arg(long, default_value_t = super::default_threads())]
     threads: usize,
@@ -468,7 +473,14 @@ fn run_offline(g: &Global, a: &BackupArgs) -> Result<ExitCode> {
     let sources: Vec<(String, Box<dyn source::Source>)> = specs
         .iter()
         .map(|(n, s)| {
-            let src = source::open(s, a.bitmap.as_deref(), connections(a.threads))?;
+            let src = source::open(
+                s,
+                &source::OpenOptions {
+                    bitmap: a.bitmap.as_deref(),
+                    connections: connections(a.threads),
+                    allow_in_use: a.allow_in_use,
+                },
+            )?;
             Ok((n.clone(), RateLimited::wrap(src, limiter.as_ref())))
         })
         .collect::<Result<_>>()?;

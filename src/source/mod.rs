@@ -47,9 +47,29 @@ pub trait Source: Send + Sync {
     }
 }
 
+/// How to open a source; see [`open`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenOptions<'a> {
+    /// A dirty bitmap to read changes from.
+    pub bitmap: Option<&'a str>,
+    /// NBD connections (for NBD sources and qcow2 images).
+    pub connections: usize,
+    /// Read an image although a running QEMU has it open for writing.
+    pub allow_in_use: bool,
+}
+
 /// Open `spec`: an `nbd://`/`nbd+unix://` URI, or an image path. qcow2 and
-/// other formats go through qemu-nbd; `bitmap` names a dirty bitmap to use.
-pub fn open(spec: &str, bitmap: Option<&str>, connections: usize) -> Result<Box<dyn Source>> {
+/// other formats go through qemu-nbd.
+///
+/// An image that a running QEMU (a VM, qemu-storage-daemon, qemu-nbd) has
+/// open for writing is refused unless `allow_in_use`: blocks read from it
+/// would come from different moments, a torn disk that may not even mount.
+pub fn open(spec: &str, opts: &OpenOptions<'_>) -> Result<Box<dyn Source>> {
+    let OpenOptions {
+        bitmap,
+        connections,
+        allow_in_use,
+    } = *opts;
     if is_nbd_uri(spec) {
         return Ok(Box::new(NbdSource::connect_uri(spec, bitmap, connections)?));
     }
@@ -62,6 +82,16 @@ pub fn open(spec: &str, bitmap: Option<&str>, connections: usize) -> Result<Box<
         return Err(Error::Source {
             source_name: spec.into(),
             reason: "is a directory, not a disk image".into(),
+        });
+    }
+    if !allow_in_use && held_open_for_writing(path) {
+        return Err(Error::Source {
+            source_name: spec.into(),
+            reason: "a running QEMU has this image open for writing (it holds QEMU's write \
+                     lock), so a backup read from the file would mix blocks from different \
+                     moments. Back the VM up live with --qmp SOCKET or --domain NAME, or shut \
+                     it down first; --allow-in-use reads the file anyway"
+                .into(),
         });
     }
     let format = image_format(path)?;
@@ -79,7 +109,41 @@ pub fn open(spec: &str, bitmap: Option<&str>, connections: usize) -> Result<Box<
         format,
         bitmap,
         connections,
+        allow_in_use,
     )?))
+}
+
+/// QEMU locks byte `100 + i` of every image it opens with permission bit
+/// `i` (file-posix's `RAW_LOCK_PERM_BASE`), with open file description
+/// locks; bit 1 is write. See QEMU's docs/devel/image-locking.
+const QEMU_WRITE_LOCK_BYTE: libc::off_t = 101;
+
+/// Whether another process holds QEMU's write lock on the image at `path`:
+/// a VM, qemu-storage-daemon or qemu-nbd that may be writing it right now.
+/// `false` when it cannot be known (the file system has no OFD locks).
+fn held_open_for_writing(path: &std::path::Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = std::fs::File::open(path) else {
+        return false;
+    };
+    // SAFETY: flock is plain data; all-zero is a valid value.
+    let mut probe: libc::flock = unsafe { std::mem::zeroed() };
+    probe.l_type = libc::c_short::try_from(libc::F_WRLCK).expect("a lock type fits");
+    probe.l_whence = libc::c_short::try_from(libc::SEEK_SET).expect("a whence fits");
+    probe.l_start = QEMU_WRITE_LOCK_BYTE;
+    probe.l_len = 1;
+    // SAFETY: F_OFD_GETLK reads and writes the flock it is given, which
+    // lives on this stack frame; the descriptor is open.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut probe) };
+    if r == -1 {
+        tracing::debug!(
+            path = %path.display(),
+            "cannot test QEMU's image lock: {}",
+            std::io::Error::last_os_error()
+        );
+        return false;
+    }
+    i32::from(probe.l_type) != libc::F_UNLCK
 }
 
 /// Whether reading `spec` (as `open` takes it) goes through libnbd: an NBD

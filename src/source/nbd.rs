@@ -87,22 +87,27 @@ impl NbdSource {
         format: &str,
         bitmap: Option<&str>,
         connections: usize,
+        force_share: bool,
     ) -> Result<NbdSource> {
         let p = path
             .to_str()
             .ok_or_else(|| Error::Invalid(format!("{} is not UTF-8", path.display())))?;
-        let mut argv = vec![
-            "qemu-nbd",
-            "-r",
-            "-f",
-            format,
-            "--cache=none",
-            "--aio=threads",
-        ];
+        // Without QEMU's image locks (to read an image that another QEMU
+        // holds for writing), the image is named by options, in which a
+        // comma is written twice.
+        let unlocked = format!(
+            "driver={format},file.driver=file,file.filename={},file.locking=off",
+            p.replace(',', ",,")
+        );
+        let mut argv = vec!["qemu-nbd", "-r", "--cache=none", "--aio=threads"];
         if let Some(b) = bitmap {
             argv.extend(["-B", b]);
         }
-        argv.push(p);
+        if force_share {
+            argv.extend(["--image-opts", &unlocked]);
+        } else {
+            argv.extend(["-f", format, p]);
+        }
         Self::from_connector(path.display().to_string(), bitmap, connections, &|h| {
             h.connect_systemd_socket_activation(&argv)
                 .map_err(|e| Error::Source {
