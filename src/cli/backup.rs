@@ -447,9 +447,30 @@ fn live_error(e: capture::Error) -> anyhow::Error {
 
 fn run_offline(g: &Global, a: &BackupArgs) -> Result<ExitCode> {
     let start = Instant::now();
+    // The sources open first and start fetching their first blocks, so
+    // that the disk works while the repository opens (Argon2, the index).
+    let specs = parse_disks(&a.disks)?;
+    let opened: Vec<(String, Box<dyn source::Source>)> = specs
+        .iter()
+        .map(|(n, s)| {
+            let src = source::open(
+                s,
+                &source::OpenOptions {
+                    bitmap: a.bitmap.as_deref(),
+                    connections: connections(a.threads),
+                    allow_in_use: a.allow_in_use,
+                },
+            )?;
+            // A rate-limited source gets no read-ahead hints (RateLimited
+            // passes none on), so it gets none here either.
+            if a.rate_limit.is_none() {
+                src.start_reading();
+            }
+            Ok((n.clone(), src))
+        })
+        .collect::<Result<_>>()?;
     let repo = g.open()?;
     let cancel = super::cancel_flag()?;
-    let specs = parse_disks(&a.disks)?;
     let limiter = limiter(a, &cancel)?;
     let _lock =
         ekko::lock::Lock::shared(repo.backend(), repo.keys(), &format!("backup of {}", vm(a)))?;
@@ -470,20 +491,10 @@ fn run_offline(g: &Global, a: &BackupArgs) -> Result<ExitCode> {
         }
         None => ekko::time::now_rfc3339_nanos(),
     };
-    let sources: Vec<(String, Box<dyn source::Source>)> = specs
-        .iter()
-        .map(|(n, s)| {
-            let src = source::open(
-                s,
-                &source::OpenOptions {
-                    bitmap: a.bitmap.as_deref(),
-                    connections: connections(a.threads),
-                    allow_in_use: a.allow_in_use,
-                },
-            )?;
-            Ok((n.clone(), RateLimited::wrap(src, limiter.as_ref())))
-        })
-        .collect::<Result<_>>()?;
+    let sources: Vec<(String, Box<dyn source::Source>)> = opened
+        .into_iter()
+        .map(|(n, src)| (n, RateLimited::wrap(src, limiter.as_ref())))
+        .collect();
 
     let mut session = Session::new(&repo)?;
     let opts_base = BackupOptions {

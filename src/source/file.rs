@@ -30,6 +30,10 @@ impl FileSource {
     }
 }
 
+/// How much of an image `start_reading` asks the kernel for: what the
+/// backup's own read-ahead would ask for first.
+const START_READING_BYTES: u64 = 32 << 20;
+
 fn lseek(fd: i32, off: u64, whence: i32) -> Option<u64> {
     let off = libc::off_t::try_from(off).ok()?;
     // SAFETY: lseek on a valid descriptor with plain integer arguments.
@@ -61,6 +65,14 @@ impl Source for FileSource {
         unsafe {
             libc::posix_fadvise(self.file.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED);
         }
+    }
+
+    fn start_reading(&self) {
+        let first = lseek(self.file.as_raw_fd(), 0, libc::SEEK_DATA).unwrap_or(0);
+        self.will_need(
+            first,
+            START_READING_BYTES.min(self.size.saturating_sub(first)),
+        );
     }
 
     fn data_ranges(&self) -> Result<Vec<Range>> {

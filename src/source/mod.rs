@@ -32,6 +32,9 @@ pub trait Source: Send + Sync {
     /// source can start fetching it (deep I/O queues are what make
     /// virtualised and networked disks fast).
     fn will_need(&self, _offset: u64, _len: u64) {}
+    /// A hint, given before the backup starts (while the repository is
+    /// being opened), to start fetching the first blocks it will read.
+    fn start_reading(&self) {}
     /// Threads that should read this source ahead of the workers that hash
     /// and compress, so that the two overlap. 0 (the default): each worker
     /// reads its own blocks, which suits sources the kernel reads ahead
