@@ -33,6 +33,29 @@ pub fn probe_nbd(path: &Path) -> bool {
 /// Finds the NBD server socket of process `pid`, skipping `exclude` (the QMP
 /// socket).
 pub fn find_nbd_socket(pid: u32, exclude: &Path) -> Result<PathBuf, String> {
+    let exclude = exclude
+        .canonicalize()
+        .unwrap_or_else(|_| exclude.to_path_buf());
+    let mut candidates: Vec<PathBuf> = listening_sockets(pid)?
+        .into_iter()
+        .filter(|p| *p != exclude)
+        .collect();
+    // Likely names first: fewer pointless probes of other sockets (a
+    // socket that does not greet, such as a monitor busy with another
+    // client, costs the probe's whole timeout).
+    candidates.sort_by_key(|p| !p.to_string_lossy().contains("nbd"));
+    let n = candidates.len();
+    candidates
+        .into_iter()
+        .find(|p| probe_nbd(p))
+        .ok_or_else(|| {
+            format!("none of the {n} listening Unix socket(s) of QEMU PID {pid} is an NBD server")
+        })
+}
+
+/// The paths of the Unix sockets process `pid` listens on (not abstract
+/// ones), absolute.
+pub fn listening_sockets(pid: u32) -> Result<Vec<PathBuf>, String> {
     let fd_dir = format!("/proc/{pid}/fd");
     let mut inodes = HashSet::new();
     let entries = std::fs::read_dir(&fd_dir).map_err(|e| format!("cannot list {fd_dir}: {e}"))?;
@@ -75,17 +98,9 @@ pub fn find_nbd_socket(pid: u32, exclude: &Path) -> Result<PathBuf, String> {
                 None => continue,
             }
         }
-        if p != exclude && !candidates.contains(&p) {
+        if !candidates.contains(&p) {
             candidates.push(p);
         }
     }
-    // Likely names first: fewer pointless probes of other sockets.
-    candidates.sort_by_key(|p| !p.to_string_lossy().contains("nbd"));
-    let n = candidates.len();
-    candidates
-        .into_iter()
-        .find(|p| probe_nbd(p))
-        .ok_or_else(|| {
-            format!("none of the {n} listening Unix socket(s) of QEMU PID {pid} is an NBD server")
-        })
+    Ok(candidates)
 }

@@ -449,11 +449,7 @@ impl FleeceSession {
                 reason: format!("nbd-server-start said \"{desc}\" and QEMU's PID is unknown"),
             });
         };
-        let exclude = qmp
-            .path()
-            .canonicalize()
-            .unwrap_or_else(|_| qmp.path().to_path_buf());
-        match crate::nbd::find_nbd_socket(pid, &exclude) {
+        match crate::nbd::find_nbd_socket(pid, qmp.path()) {
             Ok(p) => {
                 tracing::info!(socket = %p.display(), "reusing the running NBD server");
                 self.socket = p;
@@ -1015,18 +1011,24 @@ pub fn cleanup_stale_if(qmp: &mut Qmp, owner_dead: impl Fn(u32) -> bool) -> Resu
     }
 
     // An NBD server started by a dead session listens on `<tag>.nbd.sock`.
+    // Only sockets so named are probed: probing any other (a monitor busy
+    // with another client does not greet) would cost its whole timeout on
+    // every backup.
     if let Some(pid) = qmp.peer_pid() {
-        let exclude = qmp.path().to_path_buf();
-        if let Ok(sock) = crate::nbd::find_nbd_socket(pid, &exclude) {
-            let name = sock
-                .file_name()
-                .map(|f| f.to_string_lossy().to_string())
-                .unwrap_or_default();
-            if let Some(tag) = name.strip_suffix(".nbd.sock") {
-                if stale(&format!("{tag}-x")) && stop_server_if_unused(qmp)? {
-                    let _ = std::fs::remove_file(&sock);
-                    report.nbd_server_stopped = true;
-                }
+        let ours = crate::nbd::listening_sockets(pid)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|sock| {
+                sock.file_name()
+                    .and_then(|f| f.to_str())
+                    .and_then(|f| f.strip_suffix(".nbd.sock"))
+                    .is_some_and(|tag| stale(&format!("{tag}-x")))
+                    && crate::nbd::probe_nbd(sock)
+            });
+        if let Some(sock) = ours {
+            if stop_server_if_unused(qmp)? {
+                let _ = std::fs::remove_file(&sock);
+                report.nbd_server_stopped = true;
             }
         }
     }
