@@ -82,7 +82,7 @@ pub struct Index {
     /// until `generation` moves on. A read transaction of a multi-process
     /// redb takes and drops file locks (`fcntl`), which cost lookups more
     /// than the search itself; see `lookup`.
-    view: RwLock<Option<Arc<ReadView>>>,
+    view: Arc<RwLock<ViewSlot>>,
     /// Moves on whenever this process may see more in the cache: after
     /// `flush` and after every `refresh` (which takes in what other
     /// processes added).
@@ -94,6 +94,15 @@ pub struct Index {
 /// freed after it, so a long-lived reader (a mount, an NBD server) must not
 /// hold one for long.
 const VIEW_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// The shared read view, and whether a thread watches it to drop it once
+/// it is older than `VIEW_MAX_AGE`, so that an idle process (a mount, an
+/// NBD server) holds no read transaction.
+#[derive(Default)]
+struct ViewSlot {
+    view: Option<Arc<ReadView>>,
+    watched: bool,
+}
 
 struct ReadView {
     generation: u64,
@@ -152,7 +161,7 @@ impl Index {
         Index {
             store,
             pending: RwLock::default(),
-            view: RwLock::default(),
+            view: Arc::default(),
             generation: AtomicU64::new(0),
         }
     }
@@ -172,7 +181,7 @@ impl Index {
             };
             // Even when this process added nothing, another may have
             // brought the shared cache further: later lookups look afresh.
-            self.generation.fetch_add(1, Ordering::AcqRel);
+            self.move_on();
             match r {
                 Err(Error::NotFound { name }) if attempt < 5 && name.starts_with("index/") => {
                     tracing::debug!("index file {name} vanished while loading; listing again");
@@ -314,12 +323,13 @@ impl Index {
     }
 
     /// The current read view of the cache, opened again if the generation
-    /// moved on or it is older than `VIEW_MAX_AGE`. Sound because `flush` moves the generation on after its
-    /// commit and before it takes its entries out of `pending`: a lookup
-    /// that misses them in `pending` sees the new generation.
+    /// moved on or it is older than `VIEW_MAX_AGE`. Sound because `flush`
+    /// moves the generation on after its commit and before it takes its
+    /// entries out of `pending`: a lookup that misses them in `pending`
+    /// sees the new generation.
     fn read_view(&self, db: &redb::Database) -> Result<Arc<ReadView>> {
         let generation = self.generation.load(Ordering::Acquire);
-        if let Some(v) = self.view.read().expect("index lock").as_ref() {
+        if let Some(v) = self.view.read().expect("index lock").view.as_ref() {
             if v.generation == generation && v.opened.elapsed() < VIEW_MAX_AGE {
                 return Ok(Arc::clone(v));
             }
@@ -338,12 +348,24 @@ impl Index {
         let mut slot = self.view.write().expect("index lock");
         // Another thread may have opened a newer view meanwhile: keep that.
         if slot
+            .view
             .as_ref()
             .is_none_or(|v| (v.generation, v.opened) < (generation, view.opened))
         {
-            *slot = Some(Arc::clone(&view));
+            slot.view = Some(Arc::clone(&view));
+            if !slot.watched {
+                slot.watched = true;
+                let weak = Arc::downgrade(&self.view);
+                std::thread::spawn(move || drop_old_views(&weak));
+            }
         }
         Ok(view)
+    }
+
+    /// Later lookups must open a new read view: the cache may hold more.
+    fn move_on(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.view.write().expect("index lock").view = None;
     }
 
     pub fn contains(&self, id: &ChunkId) -> Result<bool> {
@@ -394,12 +416,42 @@ impl Index {
                 tx.commit().map_err(cache_err)?;
             }
         }
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.move_on();
         let mut p = self.pending.write().expect("index lock");
         for (id, _) in &entries {
             p.remove(id);
         }
         Ok(())
+    }
+}
+
+impl Drop for Index {
+    fn drop(&mut self) {
+        // The read view's transaction must end before the database closes.
+        self.view.write().expect("index lock").view = None;
+    }
+}
+
+/// Every `VIEW_MAX_AGE`, drops the shared read view if it is that old;
+/// ends once there is none (a new view starts a new watcher) or the index
+/// is gone.
+fn drop_old_views(slot: &std::sync::Weak<RwLock<ViewSlot>>) {
+    loop {
+        std::thread::sleep(VIEW_MAX_AGE);
+        let Some(slot) = slot.upgrade() else {
+            return;
+        };
+        let mut s = slot.write().expect("index lock");
+        if s.view
+            .as_ref()
+            .is_some_and(|v| v.opened.elapsed() >= VIEW_MAX_AGE)
+        {
+            s.view = None;
+        }
+        if s.view.is_none() {
+            s.watched = false;
+            return;
+        }
     }
 }
 
@@ -481,6 +533,25 @@ mod tests {
             }
         });
         assert_eq!(index.lookup(&id(300)).unwrap(), None);
+    }
+
+    #[test]
+    fn an_idle_read_view_is_dropped() {
+        // An open read transaction keeps other processes from reusing the
+        // cache's freed pages: an idle reader must not keep one.
+        let dir = tempfile::tempdir().unwrap();
+        let backend = LocalBackend::new(dir.path().join("repo"));
+        let keys = Keys::from_master(&[8; 64]);
+        let index = Index::open(&backend, &keys, Some(&dir.path().join("c/index.redb"))).unwrap();
+        assert_eq!(index.lookup(&ChunkId([5; 32])).unwrap(), None);
+        assert!(index.view.read().unwrap().view.is_some());
+        std::thread::sleep(VIEW_MAX_AGE * 3);
+        let slot = index.view.read().unwrap();
+        assert!(slot.view.is_none() && !slot.watched);
+        drop(slot);
+        // And the next lookup opens one again.
+        assert_eq!(index.lookup(&ChunkId([5; 32])).unwrap(), None);
+        assert!(index.view.read().unwrap().view.is_some());
     }
 
     fn rand_byte(second: bool) -> u8 {
