@@ -1122,3 +1122,89 @@ fn an_image_a_running_qemu_writes_is_refused_unless_allowed() {
         env.backup("after", &[("sda", img)]);
     }
 }
+
+#[test]
+fn a_vm_cannot_start_writing_an_image_while_it_is_backed_up() {
+    require("qemu-storage-daemon");
+    let env = Env::init(&[]);
+    let raw = env.path("busy.raw");
+    make_image(&raw, 48 * MIB, &[(0, &random_bytes(31, 48 * MIB as usize))]);
+    let want = sha256_file(&raw);
+    // Slowed down so that the daemon starts while it runs (48 MB at
+    // 12 MB/s: about four seconds).
+    let mut backup = env
+        .cmd()
+        .args(["backup", "--vm", "busy", "--rate-limit", "12", "--disk"])
+        .arg(format!("sda={}", raw.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        backup.try_wait().unwrap().is_none(),
+        "the backup ended too soon"
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("ekw")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let qsd = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=f0,filename={}",
+            raw.display()
+        ))
+        .args(["--blockdev", "driver=raw,node-name=d0,file=f0"])
+        .arg("--nbd-server")
+        .arg(format!(
+            "addr.type=unix,addr.path={}",
+            dir.path().join("s").display()
+        ))
+        .args([
+            "--export",
+            "type=nbd,id=e0,node-name=d0,name=d0,writable=on",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut qsd = KillOnDrop(Some(qsd));
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = qsd.0.as_mut().unwrap().try_wait().unwrap() {
+            break Some(s);
+        }
+        if started.elapsed() > Duration::from_secs(3) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = qsd.0.as_mut().unwrap().stderr.take() {
+        if status.is_some() {
+            std::io::Read::read_to_string(&mut e, &mut err).unwrap();
+        }
+    }
+    assert!(
+        status.is_some_and(|s| !s.success()) && err.contains("lock"),
+        "a writer opened the image during the backup ({status:?}): {err}"
+    );
+    let out = backup.wait_with_output().unwrap();
+    assert_success(&out, &["backup (rate-limited)"]);
+    assert_eq!(sha256_file(&env.restore("busy@latest", "sda")), want);
+    // The lock ends with the backup.
+    drop(ImageHolder::start(&[(&raw, "raw")]));
+}
+
+/// Kills (by PID) a daemon that should not have started, if it did.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

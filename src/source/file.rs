@@ -18,7 +18,13 @@ pub struct FileSource {
 
 impl FileSource {
     pub fn open(path: &Path) -> Result<FileSource> {
-        let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        Self::from_file(path, file)
+    }
+
+    /// Reads `file`, opened from `path` (and kept open, with any locks
+    /// taken on it, as long as the source lives).
+    pub fn from_file(path: &Path, mut file: File) -> Result<FileSource> {
         let size = file
             .seek(SeekFrom::End(0))
             .map_err(|e| Error::io(path, e))?;

@@ -6,6 +6,7 @@
 
 mod file;
 mod nbd;
+mod qemu_lock;
 
 pub use file::FileSource;
 pub use nbd::NbdSource;
@@ -87,26 +88,43 @@ pub fn open(spec: &str, opts: &OpenOptions<'_>) -> Result<Box<dyn Source>> {
             reason: "is a directory, not a disk image".into(),
         });
     }
-    if !allow_in_use && held_open_for_writing(path) {
-        return Err(Error::Source {
-            source_name: spec.into(),
-            reason: "a running QEMU has this image open for writing (it holds QEMU's write \
-                     lock), so a backup read from the file would mix blocks from different \
-                     moments. Back the VM up live with --qmp SOCKET or --domain NAME, or shut \
-                     it down first; --allow-in-use reads the file anyway"
-                .into(),
-        });
-    }
     let format = image_format(path)?;
-    if format == "raw" && bitmap.is_none() {
-        return Ok(Box::new(FileSource::open(path)?));
-    }
-    if format == "raw" {
+    if format == "raw" && bitmap.is_some() {
         return Err(Error::Source {
             source_name: spec.into(),
             reason: "a raw image has no dirty bitmaps; drop --bitmap or use a qcow2 image".into(),
         });
     }
+    // Keep writers out first, then look for one already there: a QEMU
+    // starting in between fails to get its write lock. (qemu-nbd keeps
+    // writers out of a qcow2 image by itself, as long as it runs.)
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    if !allow_in_use {
+        if let Err(e) = qemu_lock::forbid_writers(&file) {
+            tracing::debug!(path = %path.display(), "cannot take QEMU's image lock: {e}");
+        }
+        match qemu_lock::open_for_writing(&file) {
+            Ok(false) => {}
+            Ok(true) => {
+                return Err(Error::Source {
+                    source_name: spec.into(),
+                    reason: "a running QEMU has this image open for writing (it holds \
+                             QEMU's write lock), so a backup read from the file would mix \
+                             blocks from different moments. Back the VM up live with --qmp \
+                             SOCKET or --domain NAME, or shut it down first; --allow-in-use \
+                             reads the file anyway"
+                        .into(),
+                })
+            }
+            Err(e) => {
+                tracing::debug!(path = %path.display(), "cannot test QEMU's image lock: {e}");
+            }
+        }
+    }
+    if format == "raw" {
+        return Ok(Box::new(FileSource::from_file(path, file)?));
+    }
+    drop(file);
     Ok(Box::new(NbdSource::qemu_nbd(
         path,
         format,
@@ -114,39 +132,6 @@ pub fn open(spec: &str, opts: &OpenOptions<'_>) -> Result<Box<dyn Source>> {
         connections,
         allow_in_use,
     )?))
-}
-
-/// QEMU locks byte `100 + i` of every image it opens with permission bit
-/// `i` (file-posix's `RAW_LOCK_PERM_BASE`), with open file description
-/// locks; bit 1 is write. See QEMU's docs/devel/image-locking.
-const QEMU_WRITE_LOCK_BYTE: libc::off_t = 101;
-
-/// Whether another process holds QEMU's write lock on the image at `path`:
-/// a VM, qemu-storage-daemon or qemu-nbd that may be writing it right now.
-/// `false` when it cannot be known (the file system has no OFD locks).
-fn held_open_for_writing(path: &std::path::Path) -> bool {
-    use std::os::fd::AsRawFd;
-    let Ok(file) = std::fs::File::open(path) else {
-        return false;
-    };
-    // SAFETY: flock is plain data; all-zero is a valid value.
-    let mut probe: libc::flock = unsafe { std::mem::zeroed() };
-    probe.l_type = libc::c_short::try_from(libc::F_WRLCK).expect("a lock type fits");
-    probe.l_whence = libc::c_short::try_from(libc::SEEK_SET).expect("a whence fits");
-    probe.l_start = QEMU_WRITE_LOCK_BYTE;
-    probe.l_len = 1;
-    // SAFETY: F_OFD_GETLK reads and writes the flock it is given, which
-    // lives on this stack frame; the descriptor is open.
-    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut probe) };
-    if r == -1 {
-        tracing::debug!(
-            path = %path.display(),
-            "cannot test QEMU's image lock: {}",
-            std::io::Error::last_os_error()
-        );
-        return false;
-    }
-    i32::from(probe.l_type) != libc::F_UNLCK
 }
 
 /// Whether reading `spec` (as `open` takes it) goes through libnbd: an NBD
