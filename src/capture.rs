@@ -63,7 +63,7 @@ use crate::source::{NbdSource, Range, Source};
 
 pub mod libvirt;
 
-/// Where fleecing images go unless told otherwise: a disk-backed directory
+/// Where fleecing files go unless told otherwise: a disk-backed directory
 /// (they grow by what the guest overwrites during the backup).
 pub const DEFAULT_WORKDIR: &str = "/var/tmp/ekko";
 
@@ -139,8 +139,8 @@ pub struct LiveOptions {
     pub full: bool,
     /// qemu-guest-agent socket: freeze guest file systems for the instant.
     pub freeze: Option<PathBuf>,
-    /// Directory for the fleecing images; QEMU must be able to create files
-    /// in it.
+    /// Directory for the fleecing files, which ekko creates and QEMU opens
+    /// for reading and writing.
     pub workdir: PathBuf,
     /// NBD connections per disk.
     pub connections: usize,

@@ -54,7 +54,8 @@ impl KdfMemory {
             return None;
         }
         let map = NonNull::new(p)?;
-        let offset = p.cast::<u8>().align_offset(HUGE_PAGE);
+        // Integer arithmetic, not `align_offset`, which may give up.
+        let offset = (HUGE_PAGE - p.addr() % HUGE_PAGE) % HUGE_PAGE;
         // SAFETY: offset < HUGE_PAGE, so start..start + bytes lies inside
         // the mapping of bytes + HUGE_PAGE.
         let start = unsafe { p.cast::<u8>().add(offset) };

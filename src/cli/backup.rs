@@ -62,9 +62,10 @@ pub struct BackupArgs {
     /// frozen.
     #[arg(long, requires = "domain")]
     require_fsfreeze: bool,
-    /// Directory for the temporary fleecing or scratch images and sockets
+    /// Directory for the temporary fleecing or scratch files and sockets
     /// (with --qmp or --domain). They grow by what the guest overwrites
-    /// during the backup; QEMU must be able to create files there.
+    /// during the backup. With --qmp ekko creates them and QEMU opens them
+    /// for writing; with --domain QEMU creates them.
     #[arg(long, value_name = "DIR")]
     workdir: Option<PathBuf>,
     /// Read everything, even when an incremental is possible.
