@@ -238,6 +238,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let b = LocalBackend::new(dir.path());
         let stop = std::sync::atomic::AtomicBool::new(false);
+        let rounds = std::sync::atomic::AtomicU64::new(0);
         std::thread::scope(|s| {
             s.spawn(|| {
                 let mut n = 0u64;
@@ -249,16 +250,24 @@ mod tests {
                         b.delete(&format!("index/{n}-{i}")).unwrap();
                     }
                     n += 1;
+                    rounds.store(n, std::sync::atomic::Ordering::Relaxed);
                 }
             });
-            let mut listed = 0;
-            for _ in 0..3000 {
+            // List while the writer goes through several rounds, however
+            // slow its fsyncs are on a loaded machine.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            let (mut lists, mut listed) = (0u64, 0usize);
+            while lists < 3000 || rounds.load(std::sync::atomic::Ordering::Relaxed) < 3 {
                 match b.list("index/") {
                     Ok(l) => listed += l.len(),
                     Err(e) => {
                         stop.store(true, std::sync::atomic::Ordering::Relaxed);
                         panic!("listing failed: {e}");
                     }
+                }
+                lists += 1;
+                if std::time::Instant::now() > deadline {
+                    break;
                 }
             }
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
