@@ -213,6 +213,11 @@ impl FleeceSession {
             path: cfg.workdir.clone(),
             source,
         })?;
+        let attached: HashSet<PathBuf> = nodes
+            .values()
+            .filter_map(|n| n.filename.as_ref().map(PathBuf::from))
+            .collect();
+        sweep_orphan_fleece_files(&workdir, &attached);
         let tag = util::session_tag();
         let socket = match &cfg.nbd_socket {
             Some(p) => p.clone(),
@@ -771,6 +776,30 @@ fn create_fleece_file(path: &Path, size: u64) -> Result<()> {
         return Err(file_error("cannot size the fleece file", e));
     }
     Ok(())
+}
+
+/// Deletes fleece files in `workdir` of sessions whose process is gone:
+/// those a process killed between creating the file and attaching it left
+/// behind. Files this QEMU has attached (`attached`) are left to
+/// [`cleanup_stale`]. (One attached to another QEMU sharing the folder
+/// only loses its name; its space returns when that QEMU's next backup
+/// detaches it.)
+fn sweep_orphan_fleece_files(workdir: &Path, attached: &HashSet<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(workdir) else {
+        return;
+    };
+    let me = std::process::id();
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        let ours = name.ends_with(FLEECE_SUFFIX) || name.ends_with(OLD_FLEECE_SUFFIX);
+        let dead = util::owner_pid(name).is_some_and(|pid| pid != me && !util::pid_alive(pid));
+        if ours && dead && !attached.contains(&e.path()) && std::fs::remove_file(e.path()).is_ok() {
+            tracing::info!(file = %e.path().display(), "removed the fleece file of a dead backup session");
+        }
+    }
 }
 
 /// Thaws, retrying once after re-synchronising the agent.

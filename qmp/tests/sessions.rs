@@ -471,6 +471,28 @@ fn cleanup_removes_a_qcow2_fleece_image_left_by_an_older_ekko() {
 }
 
 #[test]
+fn a_session_sweeps_unattached_fleece_files_of_dead_sessions() {
+    // A backup killed between creating its fleece file and attaching it
+    // leaves the file behind; the next session in that folder deletes it.
+    let qsd = Qsd::start(true);
+    let cfg = qsd.config("gen1", None);
+    std::fs::create_dir_all(&cfg.workdir).unwrap();
+    let dead = cfg.workdir.join("ekko-4194305-beef-0.fleece.raw"); // above PID_MAX_LIMIT
+    let old = cfg.workdir.join("ekko-4194305-beef-1.fleece.qcow2");
+    let alive = cfg
+        .workdir
+        .join(format!("ekko-{}-beef-0.fleece.raw", std::process::id()));
+    let other = cfg.workdir.join("ekko-4194305-beef-notes.txt");
+    for f in [&dead, &old, &alive, &other] {
+        std::fs::write(f, b"x").unwrap();
+    }
+    let s = FleeceSession::start(qsd.qmp("a"), &specs(), &cfg).unwrap();
+    assert!(!dead.exists() && !old.exists());
+    assert!(alive.exists() && other.exists());
+    s.finish(true).unwrap();
+}
+
+#[test]
 fn cleanup_spares_live_sessions_of_this_process() {
     let qsd = Qsd::start(true);
     let s = FleeceSession::start(qsd.qmp("a"), &specs(), &qsd.config("gen1", None)).unwrap();
