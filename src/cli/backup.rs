@@ -446,12 +446,13 @@ fn live_error(e: capture::Error) -> anyhow::Error {
     }
 }
 
-fn run_offline(g: &Global, a: &BackupArgs) -> Result<ExitCode> {
-    let start = Instant::now();
-    // The sources open first and start fetching their first blocks, so
-    // that the disk works while the repository opens (Argon2, the index).
-    let specs = parse_disks(&a.disks)?;
-    let opened: Vec<(String, Box<dyn source::Source>)> = specs
+/// Open the `--disk` sources of an offline backup, and have image files
+/// start fetching their first blocks.
+fn open_sources(
+    a: &BackupArgs,
+    specs: &[(String, String)],
+) -> Result<Vec<(String, Box<dyn source::Source>)>> {
+    specs
         .iter()
         .map(|(n, s)| {
             let src = source::open(
@@ -469,8 +470,23 @@ fn run_offline(g: &Global, a: &BackupArgs) -> Result<ExitCode> {
             }
             Ok((n.clone(), src))
         })
-        .collect::<Result<_>>()?;
-    let repo = g.open()?;
+        .collect()
+}
+
+fn run_offline(g: &Global, a: &BackupArgs) -> Result<ExitCode> {
+    let start = Instant::now();
+    // The repository opens (Argon2, the index) while the sources open
+    // (qemu-nbd for qcow2) and start fetching their first blocks. Its
+    // error, such as a wrong passphrase, comes first.
+    let specs = parse_disks(&a.disks)?;
+    let (repo, opened) = std::thread::scope(|s| {
+        let repo = s.spawn(|| g.open());
+        let opened = open_sources(a, &specs);
+        let repo = repo.join().expect("repository opening panicked");
+        (repo, opened)
+    });
+    let repo = repo?;
+    let opened = opened?;
     let cancel = super::cancel_flag()?;
     let limiter = limiter(a, &cancel)?;
     let _lock =
