@@ -18,7 +18,7 @@ const SO_ACCEPTCON: u64 = 0x10000;
 
 /// Whether a Unix socket greets like a newstyle NBD server.
 pub fn probe_nbd(path: &Path) -> bool {
-    let Ok(mut s) = UnixStream::connect(path) else {
+    let Some(mut s) = connect_without_waiting(path) else {
         return false;
     };
     if s.set_read_timeout(Some(Duration::from_millis(800)))
@@ -30,27 +30,77 @@ pub fn probe_nbd(path: &Path) -> bool {
     s.read_exact(&mut magic).is_ok() && &magic == b"NBDMAGICIHAVEOPT"
 }
 
+/// Connects to a Unix socket without waiting for room in its listener's
+/// queue. A socket whose owner does not accept (a QEMU monitor busy with
+/// another client) keeps every connection made to it queued, and once the
+/// queue is full a blocking `connect` waits for good; here it fails at
+/// once instead.
+fn connect_without_waiting(path: &Path) -> Option<UnixStream> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return None;
+    }
+    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).ok()?;
+    for (d, b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = libc::c_char::from_ne_bytes([*b]);
+    }
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>()).ok()?;
+    // SAFETY: plain socket(2) call.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` is a new socket that nothing else owns.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes on this stack
+    // frame; `fd` is open. A Unix stream connect completes at once or
+    // fails (EAGAIN when the queue is full).
+    let r = unsafe { libc::connect(fd, std::ptr::from_ref(&addr).cast::<libc::sockaddr>(), len) };
+    if r != 0 {
+        return None;
+    }
+    stream.set_nonblocking(false).ok()?;
+    Some(stream)
+}
+
 /// Finds the NBD server socket of process `pid`, skipping `exclude` (the QMP
 /// socket).
 pub fn find_nbd_socket(pid: u32, exclude: &Path) -> Result<PathBuf, String> {
     let exclude = exclude
         .canonicalize()
         .unwrap_or_else(|_| exclude.to_path_buf());
-    let mut candidates: Vec<PathBuf> = listening_sockets(pid)?
+    let candidates: Vec<PathBuf> = listening_sockets(pid)?
         .into_iter()
         .filter(|p| *p != exclude)
         .collect();
-    // Likely names first: fewer pointless probes of other sockets (a
-    // socket that does not greet, such as a monitor busy with another
-    // client, costs the probe's whole timeout).
-    candidates.sort_by_key(|p| !p.to_string_lossy().contains("nbd"));
+    // All at once: a socket that does not greet (a monitor busy with
+    // another client) costs its probe the whole timeout, and must not
+    // delay the answer of the one that does. QEMU runs one NBD server, so
+    // the first socket that greets is it; probes still running when it
+    // answers end on their own.
     let n = candidates.len();
-    candidates
-        .into_iter()
-        .find(|p| probe_nbd(p))
-        .ok_or_else(|| {
-            format!("none of the {n} listening Unix socket(s) of QEMU PID {pid} is an NBD server")
-        })
+    let (tx, rx) = std::sync::mpsc::channel();
+    for p in candidates {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let greets = probe_nbd(&p);
+            let _ = tx.send(greets.then_some(p));
+        });
+    }
+    drop(tx);
+    rx.iter().flatten().next().ok_or_else(|| {
+        format!("none of the {n} listening Unix socket(s) of QEMU PID {pid} is an NBD server")
+    })
 }
 
 /// The paths of the Unix sockets process `pid` listens on (not abstract
@@ -103,4 +153,34 @@ pub fn listening_sockets(pid: u32) -> Result<Vec<PathBuf>, String> {
         }
     }
     Ok(candidates)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn a_socket_that_never_accepts_is_not_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("busy.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        // The smallest queue, never accepted from: as a monitor that is
+        // busy with another client.
+        // SAFETY: listen(2) on the listener's own descriptor.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        let mut queued = Vec::new();
+        while let Some(c) = connect_without_waiting(&path) {
+            queued.push(c);
+            assert!(queued.len() < 1000, "the queue never filled");
+        }
+        assert!(!queued.is_empty());
+        // A blocking connect would now wait until the test is killed.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || tx.send(probe_nbd(&p)).unwrap());
+        let answer = rx.recv_timeout(Duration::from_secs(20));
+        assert_eq!(answer, Ok(false), "the probe waited on a full queue");
+    }
 }
