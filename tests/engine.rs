@@ -801,12 +801,15 @@ fn stale_locks_are_ignored_and_unlock_removes_them() {
         "lock not refreshed: {age:?} old"
     );
     assert_clean_failure(&env.run(&["index", "rebuild"]), "locked");
-    // --remove-all removes even a live lock.
+    // --remove-all removes even a lock that looks live (fresh, from another
+    // host). The holder is stopped first: running, it would write its lock
+    // again at its next refresh, a second later.
+    child.kill().unwrap();
+    child.wait().unwrap();
     let r: serde_json::Value =
         serde_json::from_str(&env.ok(&["unlock", "--remove-all", "--json"])).unwrap();
     assert_eq!(r["removed"].as_array().unwrap().len(), 1, "{r}");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    assert!(!lock.exists());
 
     // On this host, a lock whose process is gone is stale at once.
     let (mut child, lock) = slow_backup(&env, &img, &[]);
