@@ -1015,39 +1015,46 @@ fn a_cached_manifest_never_hides_a_damaged_one_from_check() {
 /// running VM would hold it: QEMU's write lock on every image. Killed (by
 /// PID) on drop.
 struct ImageHolder {
-    daemon: std::process::Child,
+    _daemon: KillOnDrop,
     /// Holds the NBD socket until the daemon is gone.
     _dir: tempfile::TempDir,
 }
 
+/// qemu-storage-daemon serving each image as a writable NBD export on the
+/// Unix socket `sock`.
+fn image_holder_command(images: &[(&Path, &str)], sock: &Path) -> Command {
+    require("qemu-storage-daemon");
+    let mut cmd = Command::new("qemu-storage-daemon");
+    for (i, (path, format)) in images.iter().enumerate() {
+        cmd.arg("--blockdev").arg(format!(
+            "driver=file,node-name=f{i},filename={}",
+            path.display().to_string().replace(',', ",,")
+        ));
+        cmd.arg("--blockdev")
+            .arg(format!("driver={format},node-name=d{i},file=f{i}"));
+    }
+    cmd.arg("--nbd-server")
+        .arg(format!("addr.type=unix,addr.path={}", sock.display()));
+    for i in 0..images.len() {
+        cmd.arg("--export").arg(format!(
+            "type=nbd,id=e{i},node-name=d{i},name=d{i},writable=on"
+        ));
+    }
+    cmd.stdout(Stdio::null());
+    cmd
+}
+
 impl ImageHolder {
     fn start(images: &[(&Path, &str)]) -> ImageHolder {
-        require("qemu-storage-daemon");
         let dir = tempfile::Builder::new()
             .prefix("ekh")
             .tempdir_in("/tmp")
             .unwrap();
         let sock = dir.path().join("nbd.sock");
-        let mut cmd = Command::new("qemu-storage-daemon");
-        for (i, (path, format)) in images.iter().enumerate() {
-            cmd.arg("--blockdev").arg(format!(
-                "driver=file,node-name=f{i},filename={}",
-                path.display().to_string().replace(',', ",,")
-            ));
-            cmd.arg("--blockdev")
-                .arg(format!("driver={format},node-name=d{i},file=f{i}"));
-        }
-        cmd.arg("--nbd-server")
-            .arg(format!("addr.type=unix,addr.path={}", sock.display()));
-        for i in 0..images.len() {
-            cmd.arg("--export").arg(format!(
-                "type=nbd,id=e{i},node-name=d{i},name=d{i},writable=on"
-            ));
-        }
-        let child = cmd
-            .stdout(Stdio::null())
+        let child = image_holder_command(images, &sock)
             .spawn()
             .expect("qemu-storage-daemon");
+        let child = KillOnDrop(child);
         let started = std::time::Instant::now();
         while !sock.exists() {
             assert!(
@@ -1057,16 +1064,9 @@ impl ImageHolder {
             std::thread::sleep(Duration::from_millis(20));
         }
         ImageHolder {
-            daemon: child,
+            _daemon: child,
             _dir: dir,
         }
-    }
-}
-
-impl Drop for ImageHolder {
-    fn drop(&mut self) {
-        let _ = self.daemon.kill();
-        let _ = self.daemon.wait();
     }
 }
 
@@ -1152,30 +1152,14 @@ fn a_vm_cannot_start_writing_an_image_while_it_is_backed_up() {
         .prefix("ekw")
         .tempdir_in("/tmp")
         .unwrap();
-    let qsd = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=f0,filename={}",
-            raw.display()
-        ))
-        .args(["--blockdev", "driver=raw,node-name=d0,file=f0"])
-        .arg("--nbd-server")
-        .arg(format!(
-            "addr.type=unix,addr.path={}",
-            dir.path().join("s").display()
-        ))
-        .args([
-            "--export",
-            "type=nbd,id=e0,node-name=d0,name=d0,writable=on",
-        ])
-        .stdout(Stdio::null())
+    let qsd = image_holder_command(&[(&raw, "raw")], &dir.path().join("s"))
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut qsd = KillOnDrop(Some(qsd));
+    let mut qsd = KillOnDrop(qsd);
     let started = std::time::Instant::now();
     let status = loop {
-        if let Some(s) = qsd.0.as_mut().unwrap().try_wait().unwrap() {
+        if let Some(s) = qsd.0.try_wait().unwrap() {
             break Some(s);
         }
         if started.elapsed() > Duration::from_secs(3) {
@@ -1184,7 +1168,7 @@ fn a_vm_cannot_start_writing_an_image_while_it_is_backed_up() {
         std::thread::sleep(Duration::from_millis(20));
     };
     let mut err = String::new();
-    if let Some(mut e) = qsd.0.as_mut().unwrap().stderr.take() {
+    if let Some(mut e) = qsd.0.stderr.take() {
         if status.is_some() {
             std::io::Read::read_to_string(&mut e, &mut err).unwrap();
         }
@@ -1200,14 +1184,12 @@ fn a_vm_cannot_start_writing_an_image_while_it_is_backed_up() {
     drop(ImageHolder::start(&[(&raw, "raw")]));
 }
 
-/// Kills (by PID) a daemon that should not have started, if it did.
-struct KillOnDrop(Option<std::process::Child>);
+/// Kills (by PID) and reaps a daemon a test started, if it still runs.
+struct KillOnDrop(std::process::Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        if let Some(c) = self.0.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
