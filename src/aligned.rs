@@ -10,7 +10,9 @@ pub fn fits(offset: u64, len: usize) -> bool {
     len > 0 && len % ALIGN == 0 && offset % ALIGN as u64 == 0
 }
 
-/// A buffer whose usable part starts at an `ALIGN` boundary.
+/// A buffer whose usable part starts at an `ALIGN` boundary. The default
+/// one is empty and allocates nothing until `get_mut` grows it.
+#[derive(Default)]
 pub struct AlignedBuf {
     buf: Vec<u8>,
     start: usize,

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 
+use crate::aligned::AlignedBuf;
 use crate::blockmap::{self, MapBuilder};
 use crate::chunk::{self, EncodedChunk};
 use crate::error::{Error, Result};
@@ -63,6 +64,10 @@ pub struct DiskPlan<'a> {
     /// For an incremental: the same disk in the parent snapshot. Only the
     /// source's dirty ranges are read; every other block comes from it.
     pub incremental_parent: Option<&'a Disk>,
+    /// No earlier backup of this disk exists, so most blocks will be new:
+    /// the backup is bound by compression, not by reading
+    /// (`Source::read_direct`).
+    pub first: bool,
     pub capture: Capture,
 }
 
@@ -72,79 +77,91 @@ enum Outcome {
     New(EncodedChunk),
 }
 
-/// A block read from the source, on its way to a worker.
+/// Neighbouring blocks read from the source with one request, on their way
+/// to a worker: block `first + j` is `block_len(j)` bytes at `j * cs` in
+/// the buffer.
 struct Read {
-    idx: u64,
-    len: u64,
-    data: Result<Vec<u8>>,
+    first: u64,
+    blocks: u64,
+    /// The blocks' total length: `cs` each, but perhaps the last.
+    bytes: u64,
+    data: Result<AlignedBuf>,
 }
 
-/// Reads blocks into buffers that are reused: a block's buffer comes back
-/// once it is hashed (and compressed). Reader threads and workers share
-/// the pool in `free`; a worker that reads its own blocks keeps its one
-/// buffer, warm in its core's cache. How many buffers exist is bounded by
-/// the channels between the stages, not here.
+impl Read {
+    /// The blocks, as (index, offset in the buffer, length).
+    fn blocks(&self, cs: u64) -> impl Iterator<Item = (u64, usize, usize)> + '_ {
+        (0..self.blocks).map(move |j| {
+            let at = j * cs;
+            let len = cs.min(self.bytes - at);
+            let fit = |n: u64| usize::try_from(n).expect("a block fits in memory");
+            (self.first + j, fit(at), fit(len))
+        })
+    }
+}
+
+/// Reads blocks into buffers that are reused: a buffer comes back once its
+/// blocks are hashed (and compressed). Buffers are aligned, so that a
+/// source can read into them with `O_DIRECT`. Reader threads and workers
+/// share the pool in `free`; a worker that reads its own blocks keeps its
+/// one buffer, warm in its core's cache. How many buffers exist is bounded
+/// by the channels between the stages, not here.
 struct BlockReader<'a> {
     source: &'a dyn Source,
     cs: u64,
-    free: Mutex<Vec<Vec<u8>>>,
+    free: Mutex<Vec<AlignedBuf>>,
     bytes_read: AtomicU64,
 }
 
 impl BlockReader<'_> {
-    fn read(&self, mut buf: Vec<u8>, idx: u64, len: u64) -> Read {
-        let n = usize::try_from(len).expect("a block fits in memory");
-        buf.resize(n, 0);
-        let data = self.source.read_at(&mut buf, idx * self.cs).map(|()| {
-            self.bytes_read.fetch_add(len, Ordering::Relaxed);
-            buf
-        });
-        Read { idx, len, data }
+    fn read(&self, buf: AlignedBuf, idx: u64, len: u64) -> Read {
+        self.read_run(buf, idx, 1, len)
     }
 
-    /// Read neighbouring blocks with one request into `scratch`, then
-    /// hand each block its own buffer. Small blocks read one by one cost a
-    /// round trip each, and interleaved small requests defeat the read-ahead
-    /// of the server's disk. If the joint read fails, every block is read
-    /// alone, so that each error names its own block.
-    fn read_joined(&self, scratch: &mut Vec<u8>, blocks: &[(u64, u64)]) -> Vec<Read> {
-        let total: u64 = blocks.iter().map(|&(_, len)| len).sum();
-        let n = usize::try_from(total).expect("a few blocks fit in memory");
-        scratch.resize(n, 0);
+    fn read_run(&self, mut buf: AlignedBuf, first: u64, blocks: u64, bytes: u64) -> Read {
+        let n = usize::try_from(bytes).expect("a few blocks fit in memory");
+        let data = self
+            .source
+            .read_at(buf.get_mut(n), first * self.cs)
+            .map(|()| {
+                self.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+                buf
+            });
+        Read {
+            first,
+            blocks,
+            bytes,
+            data,
+        }
+    }
+
+    /// Read neighbouring blocks with one request, into one buffer that the
+    /// worker takes whole. Small blocks read one by one cost a round trip
+    /// each, and interleaved small requests defeat the read-ahead of the
+    /// server's disk. If the joint read fails, every block is read alone,
+    /// so that each error names its own block.
+    fn read_joined(&self, blocks: &[(u64, u64)]) -> Vec<Read> {
         let Some(&(first, _)) = blocks.first() else {
             return Vec::new();
         };
-        if self.source.read_at(scratch, first * self.cs).is_err() {
-            return blocks
-                .iter()
-                .map(|&(idx, len)| self.read(self.take(), idx, len))
-                .collect();
+        let total: u64 = blocks.iter().map(|&(_, len)| len).sum();
+        let count = u64::try_from(blocks.len()).expect("a few blocks");
+        let joined = self.read_run(self.take(), first, count, total);
+        if joined.data.is_ok() {
+            return vec![joined];
         }
-        self.bytes_read.fetch_add(total, Ordering::Relaxed);
-        let mut at = 0usize;
         blocks
             .iter()
-            .map(|&(idx, len)| {
-                let l = usize::try_from(len).expect("a block fits in memory");
-                let mut buf = self.take();
-                buf.clear();
-                buf.extend_from_slice(&scratch[at..at + l]);
-                at += l;
-                Read {
-                    idx,
-                    len,
-                    data: Ok(buf),
-                }
-            })
+            .map(|&(idx, len)| self.read(self.take(), idx, len))
             .collect()
     }
 
-    fn take(&self) -> Vec<u8> {
+    fn take(&self) -> AlignedBuf {
         let reused = self.free.lock().expect("buffer pool lock").pop();
         reused.unwrap_or_default()
     }
 
-    fn give_back(&self, buf: Vec<u8>) {
+    fn give_back(&self, buf: AlignedBuf) {
         self.free.lock().expect("buffer pool lock").push(buf);
     }
 }
@@ -166,7 +183,7 @@ enum Feed<'a> {
 #[derive(Default)]
 struct OwnReads {
     run: std::vec::IntoIter<(u64, u64)>,
-    buf: Vec<u8>,
+    buf: AlignedBuf,
 }
 
 enum Next {
@@ -206,7 +223,7 @@ impl Feed<'_> {
     }
 
     /// A block's buffer, done with.
-    fn give_back(&self, buf: Vec<u8>) {
+    fn give_back(&self, buf: AlignedBuf) {
         match self {
             Feed::Reads(_, reader) => reader.give_back(buf),
             Feed::Jobs(_, _, state) => state.borrow_mut().buf = buf,
@@ -470,6 +487,7 @@ impl<'r> Session<'r> {
 
         let threads = opts.threads.max(1);
         let source = plan.source;
+        source.read_direct(plan.first);
         let readers = source.read_threads().min(MAX_READERS);
         let (job_tx, job_rx) = bounded::<Vec<(u64, u64)>>(threads.max(readers));
         let (read_tx, read_rx) = bounded::<Read>(threads);
@@ -586,6 +604,7 @@ impl<'r> Session<'r> {
                 .is_ok()
             })
         };
+        let cs = u64::from(self.repo.config().chunk_size);
         loop {
             let deadline = (!held.is_empty()).then(|| since + SEAL_WAIT);
             let read = match feed.next(deadline) {
@@ -598,10 +617,26 @@ impl<'r> Session<'r> {
                 }
                 Next::Done => break,
             };
-            let Read { idx, len, data } = read;
-            let outcome = data.and_then(|buf| {
-                let block = &buf[..];
-                let r = if chunk::is_zero(block) {
+            let buf = match &read.data {
+                Ok(buf) => buf,
+                Err(_) => {
+                    // Failed reads are single blocks (see `read_joined`).
+                    let Read {
+                        first, bytes, data, ..
+                    } = read;
+                    let outcome = Err(data.err().expect("a failed read"));
+                    let (idx, len) = (first, bytes);
+                    if out.send(Msg::Block { idx, len, outcome }).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let data = buf.get(usize::try_from(read.bytes).expect("blocks fit in memory"));
+            for (idx, at, n) in read.blocks(cs) {
+                let block = &data[at..at + n];
+                let len = u64::try_from(n).expect("a block length fits");
+                let outcome = if chunk::is_zero(block) {
                     Ok(Some(Outcome::Zero))
                 } else {
                     let id = self.repo.keys().chunk_id(block);
@@ -613,30 +648,31 @@ impl<'r> Session<'r> {
                         None
                     })
                 };
-                feed.give_back(buf);
-                r
-            });
-            let outcome = match outcome {
-                Ok(Some(o)) => Ok(o),
-                Err(e) => Err(e),
-                Ok(None) => {
-                    if held.is_empty() {
-                        since = Instant::now();
+                let outcome = match outcome {
+                    Ok(Some(o)) => Ok(o),
+                    Err(e) => Err(e),
+                    Ok(None) => {
+                        if held.is_empty() {
+                            since = Instant::now();
+                        }
+                        held.push((idx, len));
+                        let holding: usize = fresh.iter().map(chunk::Prepared::stored_len).sum();
+                        if (fresh.len() >= chunk::BATCH
+                            || holding >= SEAL_BYTES
+                            || since.elapsed() >= SEAL_WAIT)
+                            && !flush(&mut held, &mut fresh)
+                        {
+                            return;
+                        }
+                        continue;
                     }
-                    held.push((idx, len));
-                    let holding: usize = fresh.iter().map(chunk::Prepared::stored_len).sum();
-                    if (fresh.len() >= chunk::BATCH
-                        || holding >= SEAL_BYTES
-                        || since.elapsed() >= SEAL_WAIT)
-                        && !flush(&mut held, &mut fresh)
-                    {
-                        return;
-                    }
-                    continue;
+                };
+                if out.send(Msg::Block { idx, len, outcome }).is_err() {
+                    return;
                 }
-            };
-            if out.send(Msg::Block { idx, len, outcome }).is_err() {
-                return;
+            }
+            if let Ok(buf) = read.data {
+                feed.give_back(buf);
             }
         }
         flush(&mut held, &mut fresh);
@@ -745,16 +781,12 @@ fn read_ahead(
     let per_read = usize::try_from(JOINED_READ_BYTES / reader.cs)
         .unwrap_or(1)
         .max(1);
-    let mut scratch = Vec::new();
     for job in jobs.iter() {
         for group in neighbours(&job, per_read) {
             if cancel.load(Ordering::Relaxed) {
                 return;
             }
-            let reads = match group {
-                [(idx, len)] => vec![reader.read(reader.take(), *idx, *len)],
-                _ => reader.read_joined(&mut scratch, group),
-            };
+            let reads = reader.read_joined(group);
             for r in reads {
                 if out.send(r).is_err() {
                     return;

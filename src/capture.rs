@@ -881,6 +881,8 @@ pub(crate) fn read_export(
         name: read.name.to_string(),
         source: source.as_ref(),
         incremental_parent: read.parent,
+        // Only files read around the page cache; these are NBD exports.
+        first: false,
         capture: read.capture,
     };
     backup.backup_disk(plan, &disk_opts)?;
@@ -913,6 +915,10 @@ impl Source for Named {
 
     fn dirty_ranges(&self) -> crate::Result<Option<Vec<Range>>> {
         self.inner.dirty_ranges()
+    }
+
+    fn read_direct(&self, hint: bool) {
+        self.inner.read_direct(hint);
     }
 
     fn read_threads(&self) -> usize {

@@ -158,6 +158,10 @@ impl Source for RateLimited {
         self.inner.dirty_ranges()
     }
 
+    fn read_direct(&self, hint: bool) {
+        self.inner.read_direct(hint);
+    }
+
     fn read_threads(&self) -> usize {
         self.inner.read_threads()
     }

@@ -837,6 +837,7 @@ mod overlap {
                 name: "sda".into(),
                 source: &src,
                 incremental_parent: None,
+                first: true,
                 capture: Capture {
                     mode: CaptureMode::Full,
                     bitmap: None,

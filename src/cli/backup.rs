@@ -561,6 +561,7 @@ fn run_offline(g: &Global, a: &BackupArgs) -> Result<ExitCode> {
                 name: name.clone(),
                 source: src.as_ref(),
                 incremental_parent: if incremental { parent_disk } else { None },
+                first: parent_disk.is_none(),
                 capture,
             },
             &opts,

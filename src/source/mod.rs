@@ -36,6 +36,10 @@ pub trait Source: Send + Sync {
     /// A hint, given before the backup starts (while the repository is
     /// being opened), to start fetching the first blocks it will read.
     fn start_reading(&self) {}
+    /// A hint, given before a disk is read: whether most blocks will be new
+    /// to the repository, so that compressing them, not reading, bounds the
+    /// backup. A file then reads around the page cache (see `FileSource`).
+    fn read_direct(&self, _hint: bool) {}
     /// Threads that should read this source ahead of the workers that hash
     /// and compress, so that the two overlap. 0 (the default): each worker
     /// reads its own blocks, which suits sources the kernel reads ahead
