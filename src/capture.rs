@@ -62,6 +62,7 @@ use crate::snapshot::{self, Capture, CaptureMode, Disk, Snapshot};
 use crate::source::{NbdSource, Range, Source};
 
 pub mod libvirt;
+pub mod space;
 
 /// Where fleecing files go unless told otherwise: a disk-backed directory
 /// (they grow by what the guest overwrites during the backup).
@@ -111,6 +112,15 @@ pub enum Error {
     #[error("interrupted: nothing was committed, and QEMU was put back as it was (the last snapshot's bitmap generation keeps recording)")]
     Interrupted,
 
+    #[error("the fleecing directory {dir} has {} MiB free, below the {} MiB kept in reserve: {what}. Nothing was committed, and QEMU is as it was. QEMU copies every block the guest overwrites during a backup into this directory, and fails the guest's write when it cannot; give --workdir a directory with more room, or lower --workdir-reserve", .free >> 20, .reserve >> 20)]
+    WorkdirFull {
+        dir: PathBuf,
+        free: u64,
+        reserve: u64,
+        /// "the backup did not start", or how it stopped.
+        what: &'static str,
+    },
+
     #[error(transparent)]
     Repo(#[from] crate::Error),
 }
@@ -146,6 +156,8 @@ pub struct LiveOptions {
     pub connections: usize,
     /// Cap on bytes per second read from QEMU, shared by all workers.
     pub rate_limit: Option<u64>,
+    /// Free space to keep in `workdir` (see `space`); `None`: the default.
+    pub workdir_reserve: Option<u64>,
     /// How long to wait for each QMP answer.
     pub qmp_timeout: Duration,
 }
@@ -161,6 +173,7 @@ impl LiveOptions {
             workdir: PathBuf::from(DEFAULT_WORKDIR),
             connections: 4,
             rate_limit: None,
+            workdir_reserve: None,
             qmp_timeout: Duration::from_secs(60),
         }
     }
@@ -651,6 +664,15 @@ impl<'r> LiveBackup<'r> {
         }
         // Reading the exports needs libnbd: fail before QEMU is touched.
         ekko_libnbd::load().map_err(|e| Error::Repo(e.into()))?;
+        let reserve = space::reserve_for(&self.opts.workdir, self.opts.workdir_reserve);
+        let low_space = |low: space::LowSpace, what| Error::WorkdirFull {
+            dir: self.opts.workdir.clone(),
+            free: low.free,
+            reserve: low.reserve,
+            what,
+        };
+        space::check(&self.opts.workdir, reserve)
+            .map_err(|low| low_space(low, "the backup did not start"))?;
         let qmp = self.qmp.take().expect("prepared with a connection");
         let mut time = crate::time::now_rfc3339_nanos();
         let mut session = match FleeceSession::start(qmp, &specs, &self.session_config()) {
@@ -679,7 +701,13 @@ impl<'r> LiveBackup<'r> {
             Ok(b) => b,
             Err(e) => return Err(abort(session, e.into())),
         };
-        let read = self.read_disks(&mut session, &mut backup, limiter.as_ref(), opts, progress);
+        let (read, low) = space::watch(&self.opts.workdir, reserve, &opts.cancel, || {
+            self.read_disks(&mut session, &mut backup, limiter.as_ref(), opts, progress)
+        });
+        if let Some(low) = low {
+            let why = "the backup stopped before the directory filled up";
+            return Err(abort(session, low_space(low, why)));
+        }
         let reports = match read {
             Ok(r) if !opts.cancel.load(Ordering::Relaxed) => r,
             Ok(_) => return Err(abort(session, Error::Interrupted)),

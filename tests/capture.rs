@@ -725,3 +725,68 @@ fn fsfreeze_brackets_the_instant() {
     );
     assert_restores(&env, v["id"].as_str().unwrap(), &["disk0"], &refs);
 }
+
+/// QEMU copies each block the guest overwrites during a backup into the
+/// fleecing file, and fails the guest's write when it cannot. ekko keeps a
+/// reserve of free space in --workdir: below it a backup does not start,
+/// and a running backup stops (committing nothing) when the guest's
+/// overwrites eat into it, so the guest's writes keep succeeding.
+#[test]
+fn a_filling_workdir_stops_the_backup_not_the_guest() {
+    let env = Env::init(&[]);
+    let qsd = Qsd::start(1, 2 * SIZE);
+    qsd.write("disk0", 0x21, 0, 2 * SIZE);
+    let (first, _) = live(&env, &qsd, &[]);
+    let before = env.repo_state();
+    let work = env.path("small-work");
+    let _tmpfs = TmpfsGuard::mount(&work, "40m");
+    let work_s = work.display().to_string();
+    let mut args = live_args(&qsd, &["--full", "--rate-limit", "2"]);
+    let at = args.iter().position(|a| a == "--workdir").unwrap();
+    args[at + 1] = work_s.clone();
+
+    // More reserve than the directory has: the backup does not start.
+    let mut big = args.clone();
+    big.extend(["--workdir-reserve".into(), "64M".into()]);
+    let out = env.run(&big);
+    let err = assert_clean_failure(&out, "the backup did not start");
+    assert!(err.contains("--workdir-reserve"), "{err}");
+    assert_eq!(env.repo_state(), before);
+
+    // A running backup, and a guest that overwrites 60 MiB, 1 MiB at a
+    // time: the fleecing file would need more than the 40 MiB there are.
+    args.extend(["--workdir-reserve".into(), "12M".into()]);
+    let mut child = env
+        .cmd()
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_session(&qsd, &mut child);
+    for i in 0..60u64 {
+        // Each write must succeed: qsd.write checks qemu-io's answer.
+        qsd.write("disk0", 0x40 + u8::try_from(i % 64).unwrap(), i * MIB, MIB);
+    }
+    let out = finish(child);
+    let err = assert_clean_failure(&out, "the backup stopped before the directory filled up");
+    assert!(err.contains(&work_s), "{err}");
+    assert_eq!(
+        env.repo_state(),
+        before,
+        "a stopped backup changed the repository"
+    );
+    assert_no_leftovers(&qsd);
+    assert!(
+        std::fs::read_dir(&work).unwrap().next().is_none(),
+        "fleecing files left in {work_s}"
+    );
+
+    // QEMU is as it was: the next backup is an incremental of the first
+    // one's generation and restores the disk as the guest left it.
+    let refs = references(&qsd, &env, &["disk0"]);
+    let (v, _) = live(&env, &qsd, &[]);
+    assert_eq!(disk(&v, "disk0")["mode"], "incremental", "{v}");
+    assert_eq!(v["parent"], first["id"], "{v}");
+    assert_restores(&env, v["id"].as_str().unwrap(), &["disk0"], &refs);
+}

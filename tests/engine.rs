@@ -652,34 +652,6 @@ fn index_rebuilds_from_packs_alone() {
     env.ok(&["check", "--read-data"]);
 }
 
-/// Unmounts a tmpfs on drop.
-struct TmpfsGuard(std::path::PathBuf);
-
-impl TmpfsGuard {
-    /// Mount a tmpfs of `size` (as `mount -o size=` takes it) at `at`.
-    fn mount(at: &std::path::Path, size: &str) -> TmpfsGuard {
-        fs::create_dir_all(at).unwrap();
-        run_tool(
-            Command::new("mount")
-                .args([
-                    "-t",
-                    "tmpfs",
-                    "-o",
-                    &format!("size={size}"),
-                    "ekko-test-tmpfs",
-                ])
-                .arg(at),
-        );
-        TmpfsGuard(at.to_path_buf())
-    }
-}
-
-impl Drop for TmpfsGuard {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn full_disk_fails_cleanly_and_loses_nothing() {
     let env = Env::new();

@@ -121,6 +121,15 @@ pub enum Error {
     #[error("interrupted: nothing was committed; the backup job was ended and its checkpoint deleted, so the last snapshot's checkpoint keeps recording")]
     Interrupted,
 
+    #[error("the scratch directory {dir} has {} MiB free, below the {} MiB kept in reserve: {what}. Nothing was committed; the backup job was ended and its checkpoint deleted. QEMU copies every block the guest overwrites during a backup into the scratch files there, and fails the guest's write when it cannot; give --workdir a directory with more room, or lower --workdir-reserve", .free >> 20, .reserve >> 20)]
+    WorkdirFull {
+        dir: PathBuf,
+        free: u64,
+        reserve: u64,
+        /// "the backup did not start", or how it stopped.
+        what: &'static str,
+    },
+
     #[error(transparent)]
     Repo(#[from] crate::Error),
 }
@@ -155,6 +164,9 @@ pub struct DomainOptions {
     pub workdir: PathBuf,
     pub connections: usize,
     pub rate_limit: Option<u64>,
+    /// Free space to keep in `workdir` (see `super::space`); `None`: the
+    /// default.
+    pub workdir_reserve: Option<u64>,
 }
 
 impl DomainOptions {
@@ -169,6 +181,7 @@ impl DomainOptions {
             workdir: PathBuf::from(super::DEFAULT_WORKDIR),
             connections: 4,
             rate_limit: None,
+            workdir_reserve: None,
         }
     }
 }
@@ -507,6 +520,69 @@ impl<'r> DomainBackup<'r> {
         })
     }
 
+    /// Reads every disk of a running domain's backup job (its NBD server
+    /// listens on `socket`) into `backup`; returns each disk's dirty bytes.
+    fn read_running(
+        &self,
+        backup: &mut Session<'_>,
+        socket: &str,
+        checkpoint: &str,
+        limiter: Option<&Arc<RateLimiter>>,
+        opts: &BackupOptions,
+        progress: &dyn Fn(&PlannedDisk) -> Option<Progress>,
+    ) -> Result<Vec<Option<u64>>, Error> {
+        let mut dirty = Vec::new();
+        for d in &self.disks {
+            if opts.cancel.load(Ordering::Relaxed) {
+                return Err(Error::Interrupted);
+            }
+            let disk_err = |e: crate::Error| {
+                if matches!(e, crate::Error::Interrupted) {
+                    Error::Interrupted
+                } else {
+                    Error::Disk {
+                        disk: d.name.clone(),
+                        source: e,
+                    }
+                }
+            };
+            let uri = format!(
+                "nbd+unix:///{}?socket={}",
+                ekko_qmp::percent_encode(&d.name),
+                ekko_qmp::percent_encode(socket)
+            );
+            let context = format!("backup-{}", d.name);
+            let bitmap = d.decision.is_incremental().then_some(context.as_str());
+            let src =
+                NbdSource::connect_uri(&uri, bitmap, self.opts.connections).map_err(disk_err)?;
+            let read = ExportRead {
+                name: &d.name,
+                source: Box::new(src),
+                describe: format!(
+                    "disk {} of libvirt domain {} ({})",
+                    d.name,
+                    self.opts.domain,
+                    d.path.as_deref().unwrap_or("no file")
+                ),
+                size: d.size,
+                parent: self.parent_disk(d),
+                capture: Capture {
+                    mode: d.decision.mode(),
+                    bitmap: if d.decision.is_incremental() {
+                        self.base.clone()
+                    } else {
+                        None
+                    },
+                    next_bitmap: Some(checkpoint.to_string()),
+                    reason: d.decision.reason.clone(),
+                },
+            };
+            let b = read_export(backup, read, limiter, opts, progress(d)).map_err(disk_err)?;
+            dirty.push(b);
+        }
+        Ok(dirty)
+    }
+
     fn parent_disk(&self, d: &PlannedDisk) -> Option<&Disk> {
         match (&self.parent, d.decision.is_incremental()) {
             (Some(p), true) => Some(p.disk(&d.name).expect("decided with this parent")),
@@ -566,6 +642,16 @@ impl<'r> DomainBackup<'r> {
             path: self.opts.workdir.clone(),
             source,
         })?;
+        let reserve = super::space::reserve_for(&self.opts.workdir, self.opts.workdir_reserve);
+        let workdir = self.opts.workdir.clone();
+        let low_space = move |low: super::space::LowSpace, what| Error::WorkdirFull {
+            dir: workdir.clone(),
+            free: low.free,
+            reserve: low.reserve,
+            what,
+        };
+        super::space::check(&self.opts.workdir, reserve)
+            .map_err(|low| low_space(low, "the backup did not start"))?;
         let random = crate::id::ObjectId::random().to_hex();
         let dir = self.opts.workdir.join(format!(
             "{DIR_PREFIX}{}-{}",
@@ -668,55 +754,16 @@ impl<'r> DomainBackup<'r> {
 
         let mut backup = Session::new(self.repo)?;
         backup.set_domain(self.record());
-        let mut dirty = Vec::new();
-        for d in &self.disks {
-            if opts.cancel.load(Ordering::Relaxed) {
-                return Err(Error::Interrupted);
-            }
-            let disk_err = |e: crate::Error| {
-                if matches!(e, crate::Error::Interrupted) {
-                    Error::Interrupted
-                } else {
-                    Error::Disk {
-                        disk: d.name.clone(),
-                        source: e,
-                    }
-                }
-            };
-            let uri = format!(
-                "nbd+unix:///{}?socket={}",
-                ekko_qmp::percent_encode(&d.name),
-                ekko_qmp::percent_encode(&socket_s)
-            );
-            let context = format!("backup-{}", d.name);
-            let bitmap = d.decision.is_incremental().then_some(context.as_str());
-            let src =
-                NbdSource::connect_uri(&uri, bitmap, self.opts.connections).map_err(disk_err)?;
-            let read = ExportRead {
-                name: &d.name,
-                source: Box::new(src),
-                describe: format!(
-                    "disk {} of libvirt domain {} ({})",
-                    d.name,
-                    self.opts.domain,
-                    d.path.as_deref().unwrap_or("no file")
-                ),
-                size: d.size,
-                parent: self.parent_disk(d),
-                capture: Capture {
-                    mode: d.decision.mode(),
-                    bitmap: if d.decision.is_incremental() {
-                        self.base.clone()
-                    } else {
-                        None
-                    },
-                    next_bitmap: Some(checkpoint.clone()),
-                    reason: d.decision.reason.clone(),
-                },
-            };
-            let b = read_export(&mut backup, read, limiter, opts, progress(d)).map_err(disk_err)?;
-            dirty.push(b);
+        let read_all =
+            || self.read_running(&mut backup, &socket_s, &checkpoint, limiter, opts, progress);
+        let (read, low) = super::space::watch(&self.opts.workdir, reserve, &opts.cancel, read_all);
+        if let Some(low) = low {
+            return Err(low_space(
+                low,
+                "the backup stopped before the directory filled up",
+            ));
         }
+        let dirty = read?;
         if opts.cancel.load(Ordering::Relaxed) {
             return Err(Error::Interrupted);
         }

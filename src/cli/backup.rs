@@ -68,6 +68,12 @@ pub struct BackupArgs {
     /// for writing; with --domain QEMU creates them.
     #[arg(long, value_name = "DIR")]
     workdir: Option<PathBuf>,
+    /// With --qmp or --domain: free space to keep in --workdir (such as 512M or 2G). A
+    /// backup does not start with less, and stops (committing nothing)
+    /// when free space falls below it, before QEMU would fail the guest's
+    /// writes. Default: 1G, or a tenth of the file system if smaller.
+    #[arg(long, value_name = "SIZE", value_parser = super::parse_bytes)]
+    workdir_reserve: Option<u64>,
     /// Read everything, even when an incremental is possible.
     #[arg(long)]
     full: bool,
@@ -251,6 +257,9 @@ pub fn run(g: &Global, a: BackupArgs) -> Result<ExitCode> {
     if a.threads == 0 {
         bail!("--threads must be at least 1");
     }
+    if a.workdir_reserve.is_some() && a.qmp.is_none() && a.domain.is_none() {
+        bail!("--workdir-reserve needs --qmp or --domain");
+    }
     if a.workdir.is_some() && a.qmp.is_none() && a.domain.is_none() {
         bail!("--workdir needs --qmp or --domain");
     }
@@ -306,6 +315,7 @@ fn run_domain(g: &Global, a: &BackupArgs, domain: String) -> Result<ExitCode> {
     }
     opts.connections = connections(a.threads);
     opts.rate_limit = a.rate_limit;
+    opts.workdir_reserve = a.workdir_reserve;
     let _lock = ekko::lock::Lock::shared(
         repo.backend(),
         repo.keys(),
@@ -389,6 +399,7 @@ fn run_live(g: &Global, a: &BackupArgs, qmp: PathBuf) -> Result<ExitCode> {
     }
     opts.connections = connections(a.threads);
     opts.rate_limit = a.rate_limit;
+    opts.workdir_reserve = a.workdir_reserve;
     let _lock = ekko::lock::Lock::shared(
         repo.backend(),
         repo.keys(),

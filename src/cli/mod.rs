@@ -208,13 +208,19 @@ pub fn default_threads() -> usize {
 
 /// Parse sizes such as `1M`, `64K`, `4MiB`, `1048576`.
 pub fn parse_size(s: &str) -> std::result::Result<u32, String> {
+    u32::try_from(parse_bytes(s)?).map_err(|_| "size too large".into())
+}
+
+/// Parse sizes such as `512M`, `2G`, `64K`, `1GiB`, `1048576` into bytes.
+pub fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
     let t = s.trim().trim_end_matches("iB").trim_end_matches('B');
     let (num, mult) = match t.chars().last() {
         Some('K' | 'k') => (&t[..t.len() - 1], 1024u64),
         Some('M' | 'm') => (&t[..t.len() - 1], 1024 * 1024),
         Some('G' | 'g') => (&t[..t.len() - 1], 1024 * 1024 * 1024),
+        Some('T' | 't') => (&t[..t.len() - 1], 1024 * 1024 * 1024 * 1024),
         _ => (t, 1),
     };
     let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
-    u32::try_from(n.checked_mul(mult).ok_or("size too large")?).map_err(|_| "size too large".into())
+    n.checked_mul(mult).ok_or_else(|| "size too large".into())
 }

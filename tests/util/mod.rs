@@ -316,3 +316,34 @@ pub fn write_file(path: &Path, data: &[u8]) {
     let mut f = File::create(path).unwrap();
     f.write_all(data).unwrap();
 }
+
+/// Unmounts a tmpfs on drop.
+pub struct TmpfsGuard(std::path::PathBuf);
+
+impl TmpfsGuard {
+    /// Mount a tmpfs of `size` (as `mount -o size=` takes it) at `at`.
+    pub fn mount(at: &std::path::Path, size: &str) -> TmpfsGuard {
+        std::fs::create_dir_all(at).unwrap();
+        run_tool(
+            std::process::Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size}"),
+                    "ekko-test-tmpfs",
+                ])
+                .arg(at),
+        );
+        TmpfsGuard(at.to_path_buf())
+    }
+}
+
+impl Drop for TmpfsGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
