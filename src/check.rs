@@ -21,6 +21,66 @@ use crate::pack;
 use crate::repo::Repository;
 use crate::snapshot;
 
+/// Which packs `check` reads, decrypts and verifies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadData {
+    /// None: structure only.
+    None,
+    /// Every pack.
+    All,
+    /// Part `n` of `m` (1 ≤ n ≤ m): the packs whose id, read as a number,
+    /// is `n - 1` modulo `m`. The parts are disjoint and together cover
+    /// every pack, so checking part `day % m + 1` each day reads the whole
+    /// repository every `m` days.
+    Part { n: u64, m: u64 },
+    /// About this percentage of the packs, chosen at random each run.
+    Percent(u8),
+}
+
+impl ReadData {
+    /// Parse `N/M` or `P%`, as `--read-data-subset` takes them.
+    pub fn parse_subset(s: &str) -> std::result::Result<ReadData, String> {
+        let s = s.trim();
+        if let Some(p) = s.strip_suffix('%') {
+            return match p.trim().parse::<u8>() {
+                Ok(p) if (1..=100).contains(&p) => Ok(ReadData::Percent(p)),
+                _ => Err(format!("{s:?}: a percentage is 1% to 100%")),
+            };
+        }
+        let bad = || format!("{s:?}: give N/M (part N of M, 1 ≤ N ≤ M) or P% (1% to 100%)");
+        let (n, m) = s.split_once('/').ok_or_else(bad)?;
+        let (n, m): (u64, u64) = (
+            n.trim().parse().map_err(|_| bad())?,
+            m.trim().parse().map_err(|_| bad())?,
+        );
+        if n == 0 || n > m {
+            return Err(bad());
+        }
+        Ok(ReadData::Part { n, m })
+    }
+
+    /// Whether the pack `id` is read; `salt` is this run's random choice
+    /// for `Percent`.
+    fn reads(&self, id: &ObjectId, salt: &[u8; 16]) -> bool {
+        let first8 = |b: &[u8]| {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(&b[..8]);
+            u64::from_be_bytes(x)
+        };
+        match *self {
+            ReadData::None => false,
+            ReadData::All => true,
+            ReadData::Part { n, m } => first8(&id.0) % m == n - 1,
+            ReadData::Percent(p) => {
+                let mut h = blake3::Hasher::new();
+                h.update(salt);
+                h.update(&id.0);
+                first8(h.finalize().as_bytes()) % 100 < u64::from(p)
+            }
+        }
+    }
+}
+
 #[derive(Debug, Default, Serialize)]
 pub struct CheckReport {
     pub snapshots: usize,
@@ -28,6 +88,8 @@ pub struct CheckReport {
     pub index_files: usize,
     pub chunks: usize,
     pub chunks_read: usize,
+    /// Packs read and verified (all of them with `ReadData::All`).
+    pub packs_read: usize,
     /// Every problem found, one line each.
     pub problems: Vec<String>,
     /// Damaged or missing chunks (hex id → reason).
@@ -49,7 +111,7 @@ impl CheckReport {
     }
 }
 
-pub fn check(repo: &Repository, read_data: bool, threads: usize) -> Result<CheckReport> {
+pub fn check(repo: &Repository, read_data: ReadData, threads: usize) -> Result<CheckReport> {
     let backend = repo.store().as_ref();
     let keys = repo.keys();
     let mut report = CheckReport::default();
@@ -122,15 +184,21 @@ pub fn check(repo: &Repository, read_data: bool, threads: usize) -> Result<Check
         .filter(|p| !referenced_packs.contains(p))
         .count();
 
-    // 3. With --read-data: every chunk of every indexed pack.
-    if read_data {
+    // 3. With --read-data: every chunk of every pack (or of a subset).
+    if read_data != ReadData::None {
+        let mut salt = [0u8; 16];
+        crate::crypto::random_bytes(&mut salt);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
             .build()
             .map_err(|e| Error::Invalid(format!("thread pool: {e}")))?;
         let found = Mutex::new(Vec::<(ChunkId, String)>::new());
         let read = std::sync::atomic::AtomicUsize::new(0);
-        let pack_list: Vec<(&ObjectId, &HashMap<ChunkId, BlobEntry>)> = trailers.iter().collect();
+        let pack_list: Vec<(&ObjectId, &HashMap<ChunkId, BlobEntry>)> = trailers
+            .iter()
+            .filter(|(id, _)| read_data.reads(id, &salt))
+            .collect();
+        report.packs_read = pack_list.len();
         pool.install(|| {
             pack_list.par_iter().for_each(|(pid, entries)| {
                 let pname = pack::pack_name(pid);

@@ -424,6 +424,68 @@ fn flipped_bit_in_a_pack_is_detected_and_never_restored() {
     assert_eq!(out.status.code(), Some(3));
 }
 
+/// `check --read-data-subset N/M` reads disjoint parts of the packs that
+/// together cover them all: a flipped bit is found by exactly the one part
+/// that holds its pack, and by `100%`.
+#[test]
+fn read_data_subsets_cover_every_pack_once() {
+    let env = Env::init(&["--chunk-size", "64K", "--pack-size", "1M"]);
+    let img = env.path("d.img");
+    make_image(&img, 12 * MIB, &[(0, &random_bytes(17, 12 * MIB as usize))]);
+    env.backup("vm", &[("sda", &img)]);
+    let packs = env.pack_files();
+    assert!(packs.len() >= 6, "only {} packs", packs.len());
+    let check = |subset: &str| -> (Option<i32>, serde_json::Value) {
+        let out = env.run(&["check", "--json", "--read-data-subset", subset]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{subset}: {e}: {out:?}"));
+        (out.status.code(), v)
+    };
+    let read = |v: &serde_json::Value| v["packs_read"].as_u64().unwrap();
+    let total = u64::try_from(packs.len()).unwrap();
+    let mut sum = 0;
+    for i in 1..=3 {
+        let (code, v) = check(&format!("{i}/3"));
+        assert_eq!(code, Some(0), "{v}");
+        sum += read(&v);
+    }
+    assert_eq!(sum, total, "the parts do not cover the packs once");
+    let (_, v) = check("100%");
+    assert_eq!(read(&v), total);
+
+    // Damage one pack: only its part, and 100%, see it.
+    let p = &packs[packs.len() / 2];
+    let name = p.file_name().unwrap().to_str().unwrap();
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .unwrap();
+    let at = f.metadata().unwrap().len() / 3;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 0x01;
+    f.write_all_at(&b, at).unwrap();
+    drop(f);
+    let mut found = 0;
+    for i in 1..=3 {
+        let (code, v) = check(&format!("{i}/3"));
+        if code == Some(3) {
+            found += 1;
+            assert!(v.to_string().contains(name), "{v}");
+        } else {
+            assert_eq!(code, Some(0), "{v}");
+        }
+    }
+    assert_eq!(found, 1, "the damaged pack is in exactly one part");
+    assert_eq!(check("100%").0, Some(3));
+
+    for bad in ["0/3", "4/3", "1/0", "x", "0%", "101%"] {
+        let out = env.run(&["check", "--read-data-subset", bad]);
+        assert_clean_failure(&out, bad);
+    }
+}
+
 #[test]
 fn truncated_empty_or_missing_files_give_precise_errors() {
     let env = Env::init(&[]);

@@ -628,7 +628,7 @@ fn writable_export_keeps_writes_in_a_discarded_overlay() {
         before,
         "serving writable changed the repository"
     );
-    let report = ekko::check::check(&open_repo(&env), true, 2).unwrap();
+    let report = ekko::check::check(&open_repo(&env), ekko::check::ReadData::All, 2).unwrap();
     assert!(
         report.ok(),
         "check after a writable export: {:?}",

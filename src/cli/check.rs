@@ -3,13 +3,20 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Args;
 
+use ekko::check::ReadData;
+
 use super::Global;
 
 #[derive(Args)]
 pub struct CheckArgs {
     /// Also read, decrypt and verify every chunk.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "read_data_subset")]
     read_data: bool,
+    /// Read, decrypt and verify the chunks of only some packs: `N/M` for
+    /// part N of M (`$(date +%u)/7` every night reads
+    /// everything each week), or `P%` for a random P percent.
+    #[arg(long, value_name = "N/M|P%", value_parser = ReadData::parse_subset)]
+    read_data_subset: Option<ReadData>,
     #[arg(long)]
     json: bool,
     #[arg(long, default_value_t = super::default_threads())]
@@ -18,7 +25,12 @@ pub struct CheckArgs {
 
 pub fn run(g: &Global, a: CheckArgs) -> Result<ExitCode> {
     let repo = g.open()?;
-    let r = ekko::check::check(&repo, a.read_data, a.threads)?;
+    let read = match (a.read_data, a.read_data_subset) {
+        (_, Some(subset)) => subset,
+        (true, None) => ReadData::All,
+        (false, None) => ReadData::None,
+    };
+    let r = ekko::check::check(&repo, read, a.threads)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
@@ -32,8 +44,11 @@ pub fn run(g: &Global, a: CheckArgs) -> Result<ExitCode> {
                 r.packs,
                 r.index_files,
                 r.chunks,
-                if a.read_data {
-                    format!(" ({} read and verified)", r.chunks_read)
+                if read != ReadData::None {
+                    format!(
+                        " ({} read and verified, from {} of {} packs)",
+                        r.chunks_read, r.packs_read, r.packs
+                    )
                 } else {
                     String::new()
                 },
