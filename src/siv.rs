@@ -9,16 +9,20 @@
 //! side, one block of each per step, which keeps the units busy: several
 //! GB/s per core. Backup seals, and restore opens, a batch of chunks at once.
 //!
-//! CTR mode is already parallel; it comes from the `ctr` crate.
+//! CTR mode is already parallel: the counter blocks of each stretch are
+//! encrypted together, then XORed into the buffer in place.
 
+use aes::cipher::array::Array;
 use aes::cipher::consts::U16;
 use aes::cipher::{
-    BlockCipherEncBackend, BlockCipherEncClosure, BlockCipherEncrypt, BlockSizeUser, InnerIvInit,
-    KeyInit, StreamCipher,
+    Block, BlockCipherEncBackend, BlockCipherEncClosure, BlockCipherEncrypt, BlockSizeUser, KeyInit,
 };
 
 /// A 16-byte block.
 type B16 = [u8; 16];
+
+/// Counter blocks encrypted together in CTR mode (1 KiB of keystream).
+const CTR_BLOCKS: usize = 64;
 
 /// How many CMAC chains run side by side: callers batch this many messages.
 pub const LANES: usize = 8;
@@ -259,16 +263,31 @@ where
         self.cmac(&last)
     }
 
-    /// XOR CTR mode's keystream for synthetic IV `v` into `buf`.
+    /// XOR CTR mode's keystream for synthetic IV `v` into `buf`, in place:
+    /// the counter blocks of a stretch are encrypted together (the backend
+    /// overlaps them), then XORed into `buf`. The `ctr` crate's generic
+    /// in-out path copied every block once more (about 4% of a restore's
+    /// CPU); the tests compare the output with `aes-siv`'s.
     fn ctr(&self, v: B16, buf: &mut [u8]) {
         let mut iv = v;
         // RFC 5297, section 2.5: clear the top bit of the last two 32-bit
         // words, so that implementations may use 32-bit counters.
         iv[8] &= 0x7f;
         iv[12] &= 0x7f;
-        let core =
-            ctr::CtrCore::<C, ctr::flavors::Ctr128BE>::inner_iv_init(self.ctr.clone(), &iv.into());
-        ctr::Ctr128BE::<C>::from_core(core).apply_keystream(buf);
+        // A 128-bit big-endian counter that wraps, as `Ctr128BE`.
+        let mut counter = u128::from_be_bytes(iv);
+        let mut stream: [Block<C>; CTR_BLOCKS] = std::array::from_fn(|_| Default::default());
+        for piece in buf.chunks_mut(CTR_BLOCKS * 16) {
+            let blocks = &mut stream[..piece.len().div_ceil(16)];
+            for b in blocks.iter_mut() {
+                *b = counter.to_be_bytes().into();
+                counter = counter.wrapping_add(1);
+            }
+            self.ctr.encrypt_blocks(blocks);
+            for (x, k) in piece.iter_mut().zip(Array::slice_as_flattened(blocks)) {
+                *x ^= k;
+            }
+        }
     }
 
     /// Seal messages in place. Each buffer holds `TAG_LEN` spare bytes and

@@ -5,8 +5,7 @@
 //! in the target folder, fsync it, rename it into place, fsync the folder.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Write};
-use std::os::unix::fs::FileExt;
+use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use super::{Backend, ObjectInfo, ObjectWriter};
@@ -111,18 +110,20 @@ impl Backend for LocalBackend {
 
     fn get_range(&self, name: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
         let path = self.path(name)?;
-        let f = File::open(&path).map_err(|e| not_found_or_io(name, &path, e))?;
-        let mut buf = vec![0u8; len];
-        f.read_exact_at(&mut buf, offset).map_err(|e| {
-            if e.kind() == ErrorKind::UnexpectedEof {
-                Error::corrupt(
-                    name,
-                    format!("truncated: {len} bytes at offset {offset} are past its end"),
-                )
-            } else {
-                Error::io(&path, e)
-            }
-        })?;
+        let mut f = File::open(&path).map_err(|e| not_found_or_io(name, &path, e))?;
+        // Read into fresh capacity: zeroing the buffer first cost a restore
+        // of incompressible data 2% of its CPU.
+        let mut buf = Vec::with_capacity(len);
+        let want = u64::try_from(len).unwrap_or(u64::MAX);
+        f.seek(SeekFrom::Start(offset))
+            .and_then(|_| f.take(want).read_to_end(&mut buf))
+            .map_err(|e| Error::io(&path, e))?;
+        if buf.len() != len {
+            return Err(Error::corrupt(
+                name,
+                format!("truncated: {len} bytes at offset {offset} are past its end"),
+            ));
+        }
         Ok(buf)
     }
 
