@@ -51,10 +51,13 @@ fn direct_override() -> Option<bool> {
     }
 }
 
-/// Open `path` again with `O_DIRECT`, and keep it only if an aligned read
+/// Open `file` again with `O_DIRECT`, and keep it only if an aligned read
 /// works: some file systems (tmpfs on older kernels, some FUSE ones) refuse
-/// the flag at open, others only at the first read.
-fn open_direct(path: &Path, size: u64) -> Option<File> {
+/// the flag at open, others only at the first read. It is reopened through
+/// `/proc/self/fd`, not by its path, so that both descriptors read the same
+/// file even if the path has been replaced since (the flag cannot be set on
+/// a duplicate: `dup` shares the file status flags).
+fn open_direct(path: &Path, file: &File, size: u64) -> Option<File> {
     use std::os::unix::fs::OpenOptionsExt;
     if direct_override() == Some(false) {
         return None;
@@ -62,7 +65,7 @@ fn open_direct(path: &Path, size: u64) -> Option<File> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECT)
-        .open(path)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
         .ok()?;
     let probe = usize::try_from(size.min(aligned::ALIGN as u64)).ok()?;
     let mut buf = aligned::AlignedBuf::new(aligned::ALIGN);
@@ -88,7 +91,7 @@ impl FileSource {
         let size = file
             .seek(SeekFrom::End(0))
             .map_err(|e| Error::io(path, e))?;
-        let direct = open_direct(path, size);
+        let direct = open_direct(path, &file, size);
         Ok(FileSource {
             path: path.to_path_buf(),
             file,
