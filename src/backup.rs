@@ -77,20 +77,18 @@ enum Outcome {
     New(EncodedChunk),
 }
 
-/// Neighbouring blocks read from the source with one request, on their way
-/// to a worker: block `first + j` is `block_len(j)` bytes at `j * cs` in
-/// the buffer.
-struct Read {
+/// Neighbouring blocks: `blocks` of them from index `first`, `bytes` in
+/// all (`cs` each, but perhaps the last).
+#[derive(Clone, Copy)]
+struct Run {
     first: u64,
     blocks: u64,
-    /// The blocks' total length: `cs` each, but perhaps the last.
     bytes: u64,
-    data: Result<AlignedBuf>,
 }
 
-impl Read {
-    /// The blocks, as (index, offset in the buffer, length).
-    fn blocks(&self, cs: u64) -> impl Iterator<Item = (u64, usize, usize)> + '_ {
+impl Run {
+    /// The blocks, as (index, offset from the run's start, length).
+    fn blocks(self, cs: u64) -> impl Iterator<Item = (u64, usize, usize)> {
         (0..self.blocks).map(move |j| {
             let at = j * cs;
             let len = cs.min(self.bytes - at);
@@ -98,6 +96,13 @@ impl Read {
             (self.first + j, fit(at), fit(len))
         })
     }
+}
+
+/// A run read from the source with one request, on its way to a worker:
+/// the blocks lie back to back in the buffer.
+struct Read {
+    run: Run,
+    data: Result<AlignedBuf>,
 }
 
 /// Reads blocks into buffers that are reused: a buffer comes back once its
@@ -115,24 +120,24 @@ struct BlockReader<'a> {
 
 impl BlockReader<'_> {
     fn read(&self, buf: AlignedBuf, idx: u64, len: u64) -> Read {
-        self.read_run(buf, idx, 1, len)
+        let run = Run {
+            first: idx,
+            blocks: 1,
+            bytes: len,
+        };
+        self.read_run(buf, run)
     }
 
-    fn read_run(&self, mut buf: AlignedBuf, first: u64, blocks: u64, bytes: u64) -> Read {
-        let n = usize::try_from(bytes).expect("a few blocks fit in memory");
+    fn read_run(&self, mut buf: AlignedBuf, run: Run) -> Read {
+        let n = usize::try_from(run.bytes).expect("a few blocks fit in memory");
         let data = self
             .source
-            .read_at(buf.get_mut(n), first * self.cs)
+            .read_at(buf.get_mut(n), run.first * self.cs)
             .map(|()| {
-                self.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+                self.bytes_read.fetch_add(run.bytes, Ordering::Relaxed);
                 buf
             });
-        Read {
-            first,
-            blocks,
-            bytes,
-            data,
-        }
+        Read { run, data }
     }
 
     /// Read neighbouring blocks with one request, into one buffer that the
@@ -144,10 +149,13 @@ impl BlockReader<'_> {
         let Some(&(first, _)) = blocks.first() else {
             return Vec::new();
         };
-        let total: u64 = blocks.iter().map(|&(_, len)| len).sum();
-        let count = u64::try_from(blocks.len()).expect("a few blocks");
-        let joined = self.read_run(self.take(), first, count, total);
-        if joined.data.is_ok() {
+        let run = Run {
+            first,
+            blocks: u64::try_from(blocks.len()).expect("a few blocks"),
+            bytes: blocks.iter().map(|&(_, len)| len).sum(),
+        };
+        let joined = self.read_run(self.take(), run);
+        if joined.data.is_ok() || blocks.len() == 1 {
             return vec![joined];
         }
         blocks
@@ -238,6 +246,12 @@ impl Feed<'_> {
             Feed::Jobs(_, _, state) => state.borrow_mut().buf = buf,
         }
     }
+}
+
+/// What a worker makes of a block (see `Session::encode`).
+enum Encoded {
+    Done(Outcome),
+    Fresh(chunk::Prepared),
 }
 
 /// A block's outcome, for the collector.
@@ -642,71 +656,67 @@ impl<'r> Session<'r> {
                 }
                 Next::Done => break,
             };
-            match &read.data {
-                Ok(buf) => {
-                    let data = buf.get(usize::try_from(read.bytes).expect("blocks fit in memory"));
-                    for (idx, at, n) in read.blocks(cs) {
-                        let block = &data[at..at + n];
-                        let len = u64::try_from(n).expect("a block length fits");
-                        let outcome = if chunk::is_zero(block) {
-                            Ok(Outcome::Zero)
-                        } else {
-                            let id = self.repo.keys().chunk_id(block);
-                            match self.claim(&id) {
-                                Ok(false) => Ok(Outcome::Known(id)),
-                                Err(e) => Err(e),
-                                Ok(true) => {
-                                    fresh.push(chunk::prepare(
-                                        id,
-                                        ChunkKind::Data,
-                                        block,
-                                        &mut comp,
-                                    ));
-                                    if held.is_empty() {
-                                        since = Instant::now();
-                                    }
-                                    held.push((idx, len));
-                                    let holding: usize =
-                                        fresh.iter().map(chunk::Prepared::stored_len).sum();
-                                    if fresh.len() >= chunk::BATCH
-                                        || holding >= SEAL_BYTES
-                                        || since.elapsed() >= SEAL_WAIT
-                                    {
-                                        seal(&mut held, &mut fresh, &mut pending);
-                                    }
-                                    continue;
-                                }
-                            }
-                        };
-                        pending.push(Done { idx, len, outcome });
-                    }
-                }
-                Err(_) => {
+            let Read { run, data } = read;
+            let buf = match data {
+                Ok(buf) => buf,
+                Err(e) => {
                     // Failed reads are single blocks (see `read_joined`).
-                    let Read {
-                        first, bytes, data, ..
-                    } = read;
-                    let outcome = Err(data.err().expect("a failed read"));
                     pending.push(Done {
-                        idx: first,
-                        len: bytes,
-                        outcome,
+                        idx: run.first,
+                        len: run.bytes,
+                        outcome: Err(e),
                     });
                     if !send(&mut pending) {
                         return;
                     }
                     continue;
                 }
+            };
+            let data = buf.get(usize::try_from(run.bytes).expect("blocks fit in memory"));
+            for (idx, at, n) in run.blocks(cs) {
+                let len = u64::try_from(n).expect("a block length fits");
+                let outcome = match self.encode(&data[at..at + n], &mut comp) {
+                    Ok(Encoded::Done(o)) => Ok(o),
+                    Err(e) => Err(e),
+                    Ok(Encoded::Fresh(prepared)) => {
+                        fresh.push(prepared);
+                        if held.is_empty() {
+                            since = Instant::now();
+                        }
+                        held.push((idx, len));
+                        let holding: usize = fresh.iter().map(chunk::Prepared::stored_len).sum();
+                        if fresh.len() >= chunk::BATCH
+                            || holding >= SEAL_BYTES
+                            || since.elapsed() >= SEAL_WAIT
+                        {
+                            seal(&mut held, &mut fresh, &mut pending);
+                        }
+                        continue;
+                    }
+                };
+                pending.push(Done { idx, len, outcome });
             }
-            if let Ok(buf) = read.data {
-                feed.give_back(buf);
-            }
+            feed.give_back(buf);
             if (feed.run_done() || pending.len() >= chunk::BATCH) && !send(&mut pending) {
                 return;
             }
         }
         seal(&mut held, &mut fresh, &mut pending);
         send(&mut pending);
+    }
+
+    /// A block's outcome, or, for a chunk new to the repository (and
+    /// claimed by this worker), the chunk compressed and ready to seal.
+    fn encode(&self, block: &[u8], comp: &mut chunk::Compressor) -> Result<Encoded> {
+        if chunk::is_zero(block) {
+            return Ok(Encoded::Done(Outcome::Zero));
+        }
+        let id = self.repo.keys().chunk_id(block);
+        Ok(if self.claim(&id)? {
+            Encoded::Fresh(chunk::prepare(id, ChunkKind::Data, block, comp))
+        } else {
+            Encoded::Done(Outcome::Known(id))
+        })
     }
 
     fn collect(

@@ -62,11 +62,7 @@ impl ReadData {
     /// Whether the pack `id` is read; `salt` is this run's random choice
     /// for `Percent`.
     fn reads(&self, id: &ObjectId, salt: &[u8; 16]) -> bool {
-        let first8 = |b: &[u8]| {
-            let mut x = [0u8; 8];
-            x.copy_from_slice(&b[..8]);
-            u64::from_be_bytes(x)
-        };
+        let first8 = |b: &[u8]| u64::from_be_bytes(b[..8].try_into().expect("8 bytes"));
         match *self {
             ReadData::None => false,
             ReadData::All => true,

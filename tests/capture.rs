@@ -48,8 +48,12 @@ pub(crate) fn live(env: &Env, qsd: &Qsd, extra: &[&str]) -> (Value, String) {
 }
 
 fn spawn_live(env: &Env, qsd: &Qsd, extra: &[&str]) -> Child {
+    spawn_ekko(env, &live_args(qsd, extra))
+}
+
+fn spawn_ekko(env: &Env, args: &[String]) -> Child {
     env.cmd()
-        .args(live_args(qsd, extra))
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -756,13 +760,7 @@ fn a_filling_workdir_stops_the_backup_not_the_guest() {
     // A running backup, and a guest that overwrites 60 MiB, 1 MiB at a
     // time: the fleecing file would need more than the 40 MiB there are.
     args.extend(["--workdir-reserve".into(), "12M".into()]);
-    let mut child = env
-        .cmd()
-        .args(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_ekko(&env, &args);
     wait_for_session(&qsd, &mut child);
     for i in 0..60u64 {
         // Each write must succeed: qsd.write checks qemu-io's answer.

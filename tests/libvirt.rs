@@ -114,8 +114,12 @@ fn content(seed: u64, parts: &[(u64, u64)]) -> Content {
 }
 
 fn spawn_backup(env: &Env, dom: &Domain, extra: &[&str]) -> Child {
+    spawn_backup_in(env, dom, &env.path("work"), extra)
+}
+
+fn spawn_backup_in(env: &Env, dom: &Domain, work: &Path, extra: &[&str]) -> Child {
     env.cmd()
-        .args(args(dom, &env.path("work"), extra))
+        .args(args(dom, work, extra))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -608,17 +612,12 @@ fn a_filling_workdir_stops_the_backup_not_the_guest() {
     assert!(err.contains("--workdir-reserve"), "{err}");
     assert!(!dom.has_job());
 
-    let mut child = env
-        .cmd()
-        .args(args(
-            &dom,
-            &work,
-            &["--full", "--rate-limit", "2", "--workdir-reserve", "12M"],
-        ))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_backup_in(
+        &env,
+        &dom,
+        &work,
+        &["--full", "--rate-limit", "2", "--workdir-reserve", "12M"],
+    );
     if !dom.wait_for_job(Duration::from_secs(20)) {
         let _ = child.kill();
         let out = child.wait_with_output().unwrap();

@@ -11,7 +11,7 @@
 //! when free space falls below it, before the file system is full.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,9 +79,7 @@ pub fn watch<T>(
     f: impl FnOnce() -> T,
 ) -> (T, Option<LowSpace>) {
     let done = AtomicBool::new(false);
-    // u64::MAX: not tripped.
-    let seen = AtomicU64::new(u64::MAX);
-    let out = std::thread::scope(|scope| {
+    std::thread::scope(|scope| {
         let watchdog = scope.spawn(|| {
             while !done.load(Ordering::Relaxed) {
                 if let Err(low) = check(dir, reserve) {
@@ -91,23 +89,18 @@ pub fn watch<T>(
                         reserve,
                         "the fleecing directory is nearly full; stopping the backup"
                     );
-                    seen.store(low.free, Ordering::Relaxed);
                     cancel.store(true, Ordering::Relaxed);
-                    return;
+                    return Some(low);
                 }
                 std::thread::park_timeout(POLL);
             }
+            None
         });
         let out = f();
         done.store(true, Ordering::Relaxed);
         watchdog.thread().unpark();
-        out
-    });
-    let free = seen.into_inner();
-    (
-        out,
-        (free != u64::MAX).then_some(LowSpace { free, reserve }),
-    )
+        (out, watchdog.join().expect("the space watchdog panicked"))
+    })
 }
 
 #[cfg(test)]

@@ -100,13 +100,7 @@ impl FileSource {
             size,
         })
     }
-}
 
-/// How much of an image `start_reading` asks the kernel for: what the
-/// backup's own read-ahead would ask for first.
-const START_READING_BYTES: u64 = 32 << 20;
-
-impl FileSource {
     /// The `O_DIRECT` file, when reads use it.
     fn direct(&self) -> Option<&File> {
         self.direct
@@ -114,6 +108,10 @@ impl FileSource {
             .filter(|_| self.direct_on.load(Ordering::Relaxed))
     }
 }
+
+/// How much of an image `start_reading` asks the kernel for: what the
+/// backup's own read-ahead would ask for first.
+const START_READING_BYTES: u64 = 32 << 20;
 
 fn lseek(fd: i32, off: u64, whence: i32) -> Option<u64> {
     let off = libc::off_t::try_from(off).ok()?;
@@ -176,8 +174,10 @@ impl Source for FileSource {
 
     fn start_reading(&self) {
         let first = lseek(self.file.as_raw_fd(), 0, libc::SEEK_DATA).unwrap_or(0);
-        let len = START_READING_BYTES.min(self.size.saturating_sub(first));
-        self.will_need(first, len);
+        self.will_need(
+            first,
+            START_READING_BYTES.min(self.size.saturating_sub(first)),
+        );
     }
 
     fn data_ranges(&self) -> Result<Vec<Range>> {
