@@ -307,7 +307,10 @@ fn verify_blobs(
         })
         .collect();
     let mut cutter = chunk::Cutter::new(pack, 0);
-    for (group, group_locs) in entries.chunks(chunk::BATCH).zip(locs.chunks(chunk::BATCH)) {
+    for (group, group_locs) in entries
+        .chunks(crate::siv::GROUP)
+        .zip(locs.chunks(crate::siv::GROUP))
+    {
         // Cut each blob from the pack. One that overlaps the one before (a
         // damaged trailer) or lies past the end is reported, not opened.
         let mut blobs = Vec::with_capacity(group.len());

@@ -349,7 +349,7 @@ impl DiskReader {
             .collect();
         let mut cutter = crate::chunk::Cutter::new(fetched.unwrap_or_default(), run.start);
         let mut dec = crate::chunk::Decompressor::default();
-        for group in chunks.chunks(crate::chunk::BATCH) {
+        for group in chunks.chunks(crate::siv::GROUP) {
             // Cut each chunk's sealed bytes from the fetched run; `None` if
             // the run was not fetched or does not hold them.
             let sealed: Vec<Option<&mut [u8]>> = group

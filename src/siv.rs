@@ -24,8 +24,15 @@ type B16 = [u8; 16];
 /// Counter blocks encrypted together in CTR mode (1 KiB of keystream).
 const CTR_BLOCKS: usize = 64;
 
-/// How many CMAC chains run side by side: callers batch this many messages.
+/// How many CMAC chains run side by side.
 pub const LANES: usize = 8;
+
+/// Messages per S2V pass. More than `LANES`, so that a finished chain's
+/// slot takes another message while longer ones still run: a pass of
+/// exactly `LANES` messages of mixed lengths ends with its longest one
+/// running alone, at the AES instruction's latency. Callers that hold many
+/// messages (restore, check) pass them all at once.
+pub const GROUP: usize = LANES * 4;
 
 /// The length of the synthetic IV that prefixes every sealed message.
 pub const TAG_LEN: usize = 16;
@@ -138,6 +145,10 @@ impl BlockCipherEncClosure for CmacPass<'_, '_> {
             block.0
         };
         let mut state = vec![[0u8; 16]; self.lanes.len()];
+        // Longest first: the short ones then fill the slots that free up,
+        // instead of a long one starting last and running alone.
+        let mut order: Vec<usize> = (0..self.lanes.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(self.lanes[i].head.len()));
         // Each slot holds a lane and what is left of its head; a finished
         // slot takes the next lane, so long and short messages mix without
         // idling. `x` is each slot's chaining value.
@@ -146,9 +157,10 @@ impl BlockCipherEncClosure for CmacPass<'_, '_> {
         let mut active = 0;
         let mut next = 0;
         loop {
-            while active < LANES && next < self.lanes.len() {
-                if !self.lanes[next].head.is_empty() {
-                    slots[active] = (next, self.lanes[next].head);
+            while active < LANES && next < order.len() {
+                let lane = order[next];
+                if !self.lanes[lane].head.is_empty() {
+                    slots[active] = (lane, self.lanes[lane].head);
                     x[active] = Default::default();
                     active += 1;
                 }
@@ -293,7 +305,7 @@ where
     /// Seal messages in place. Each buffer holds `TAG_LEN` spare bytes and
     /// then the message; they become the synthetic IV and the ciphertext.
     pub fn seal_in_place(&self, items: &mut [(&[&[u8]], &mut [u8])]) {
-        for group in items.chunks_mut(LANES * 4) {
+        for group in items.chunks_mut(GROUP) {
             let view: Vec<Item<'_>> = group
                 .iter()
                 .map(|(ad, buf)| (*ad, &buf[TAG_LEN..]))
@@ -313,7 +325,7 @@ where
     /// associated data) the buffer holds garbage that must not be used.
     pub fn open_in_place(&self, items: &mut [(&[&[u8]], &mut [u8])]) -> Vec<bool> {
         let mut ok = Vec::with_capacity(items.len());
-        for group in items.chunks_mut(LANES * 4) {
+        for group in items.chunks_mut(GROUP) {
             let mut ivs = Vec::with_capacity(group.len());
             for (_, buf) in group.iter_mut() {
                 let iv = buf.split_first_chunk_mut::<TAG_LEN>().map(|(iv, body)| {
