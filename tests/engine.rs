@@ -316,6 +316,22 @@ fn multi_disk_snapshot_and_unencrypted_repository() {
     let id = env.backup("two", &[("vda", &a), ("vdb", &b)]);
     assert_eq!(sha256_file(&env.restore(&id, "vda")), sha256_file(&a));
     assert_eq!(sha256_file(&env.restore(&id, "vdb")), sha256_file(&b));
+    // Every disk at once, into a folder that does not exist yet.
+    let all = env.path("all/of/them");
+    let dir = all.to_str().unwrap();
+    env.ok(&["restore", &id, "--all", "--to", dir]);
+    assert_eq!(sha256_file(&all.join("vda.img")), sha256_file(&a));
+    assert_eq!(sha256_file(&all.join("vdb.img")), sha256_file(&b));
+    assert_eq!(std::fs::read_dir(&all).unwrap().count(), 2);
+    // Existing outputs are kept unless --force.
+    assert_clean_failure(&env.run(&["restore", &id, "--all", "--to", dir]), "exists");
+    env.ok(&["restore", &id, "--all", "--force", "--to", dir]);
+    let err = assert_clean_failure(&env.run(&["restore", &id, "--to", dir]), "--all");
+    assert!(err.contains("vda, vdb"), "{err}");
+    assert_clean_failure(
+        &env.run(&["restore", &id, "--all", "--disk", "vda", "--to", dir]),
+        "cannot be used with",
+    );
     let err = assert_clean_failure(
         &env.run(&["restore", &id, "--disk", "nope", "--to", "/tmp/x"]),
         "has no disk",

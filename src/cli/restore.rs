@@ -1,5 +1,6 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,9 +16,14 @@ pub struct RestoreArgs {
     /// Snapshot id, unique prefix, or VM@latest.
     snapshot: String,
     /// Disk to restore (may be omitted when the snapshot has one disk).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "all")]
     disk: Option<String>,
-    /// Output file (created sparse) or block device.
+    /// Restore every disk of the snapshot into the folder `--to`, as
+    /// `DISK.img` (the names the FUSE tree uses).
+    #[arg(long)]
+    all: bool,
+    /// Output file (created sparse) or block device; with `--all`, a folder
+    /// (created if missing).
     #[arg(long)]
     to: PathBuf,
     /// Overwrite an existing file.
@@ -32,14 +38,36 @@ pub struct RestoreArgs {
 }
 
 pub fn run(g: &Global, a: RestoreArgs) -> Result<ExitCode> {
-    let start = Instant::now();
     let repo = Arc::new(g.open()?);
     let snap = ekko::snapshot::resolve(repo.backend().as_ref(), repo.keys(), &a.snapshot)?;
+    let cancel = super::cancel_flag()?;
+    if a.all {
+        std::fs::create_dir_all(&a.to)
+            .with_context(|| format!("creating folder {}", a.to.display()))?;
+        for disk in &snap.disks {
+            // The name becomes a file name: one plain path component.
+            let plain = std::path::Path::new(&disk.name).components().count() == 1
+                && !matches!(disk.name.as_str(), "" | "." | "..")
+                && !disk.name.contains('/');
+            if !plain {
+                anyhow::bail!(
+                    "disk name {:?} of snapshot {} is not a plain file name; restore it with --disk and --to",
+                    disk.name,
+                    snap.short_id()
+                );
+            }
+        }
+        for disk in &snap.disks {
+            let to = a.to.join(format!("{}.img", disk.name));
+            restore_one(g, &a, &repo, &snap, &disk.name, &to, &cancel)?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let disk = match &a.disk {
         Some(d) => d.clone(),
         None if snap.disks.len() == 1 => snap.disks[0].name.clone(),
         None => anyhow::bail!(
-            "snapshot {} has several disks ({}); choose one with --disk",
+            "snapshot {} has several disks ({}); choose one with --disk, or restore them all with --all",
             snap.short_id(),
             snap.disks
                 .iter()
@@ -48,18 +76,31 @@ pub fn run(g: &Global, a: RestoreArgs) -> Result<ExitCode> {
                 .join(", ")
         ),
     };
-    let reader = DiskReader::open(repo, &snap, &disk)?;
-    let cancel = super::cancel_flag()?;
-    let pb = super::progress_bar(g, reader.size(), &disk);
+    restore_one(g, &a, &repo, &snap, &disk, &a.to, &cancel)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn restore_one(
+    g: &Global,
+    a: &RestoreArgs,
+    repo: &Arc<ekko::Repository>,
+    snap: &ekko::snapshot::Snapshot,
+    disk: &str,
+    to: &Path,
+    cancel: &AtomicBool,
+) -> Result<()> {
+    let start = Instant::now();
+    let reader = DiskReader::open(repo.clone(), snap, disk)?;
+    let pb = super::progress_bar(g, reader.size(), disk);
     let progress = |n: u64| pb.set_position(n);
     let result = restore(
         &reader,
-        &a.to,
+        to,
         &RestoreOptions {
             buffered: a.buffered,
             threads: a.threads,
             overwrite: a.force,
-            cancel: &cancel,
+            cancel,
             progress: Some(&progress),
         },
     );
@@ -73,9 +114,9 @@ pub fn run(g: &Global, a: RestoreArgs) -> Result<ExitCode> {
             disk,
             stats.bytes / 1_000_000,
             stats.bytes_data / 1_000_000,
-            a.to.display(),
+            to.display(),
             secs
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
