@@ -256,6 +256,19 @@ fn second_backup_stores_almost_nothing_and_clones_share_chunks() {
         new * 100 < first["bytes_stored"].as_u64().unwrap(),
         "second backup stored {new} bytes"
     );
+    // `snapshots` reports what each added to the repository.
+    let listed: serde_json::Value =
+        serde_json::from_str(&env.ok(&["snapshots", "--json"])).unwrap();
+    let added: Vec<u64> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["disks"][0]["bytes_stored"].as_u64().unwrap())
+        .collect();
+    assert_eq!(added, [first["bytes_stored"].as_u64().unwrap(), new]);
+    let text = env.ok(&["snapshots"]);
+    let mb = format!("{:.1} MB", added[0] as f64 / 1e6);
+    assert!(text.contains("added") && text.contains(&mb), "{text}");
     // A clone of the same base with a little changed, as another VM.
     let clone = env.path("clone.img");
     fs::copy(&base, &clone).unwrap();

@@ -54,10 +54,6 @@ pub struct PruneArgs {
     json: bool,
 }
 
-fn mb(b: u64) -> String {
-    format!("{:.1} MB", b as f64 / 1e6)
-}
-
 pub fn print_report(g: &Global, r: &PruneReport, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(r)?);
@@ -74,16 +70,16 @@ pub fn print_report(g: &Global, r: &PruneReport, json: bool) -> Result<()> {
     println!(
         "freed: {} packs, {} {}deleted ({} marked packs kept: a snapshot came to need them)",
         r.packs_deleted,
-        mb(r.bytes_deleted),
+        super::mb(r.bytes_deleted),
         would,
         r.packs_kept_referenced
     );
     println!(
         "marked for deletion: {} packs, {} ({} repacked: {} of live data copied into {} new packs)",
         r.packs_marked,
-        mb(r.bytes_marked),
+        super::mb(r.bytes_marked),
         r.packs_repacked,
-        mb(r.bytes_repacked),
+        super::mb(r.bytes_repacked),
         r.packs_written
     );
     if r.packs_too_young > 0 {

@@ -40,6 +40,7 @@ pub fn run(g: &Global, a: SnapshotsArgs) -> Result<ExitCode> {
                         "mode": d.capture.mode, "bitmap": d.capture.bitmap,
                         "next_bitmap": d.capture.next_bitmap, "source": d.source,
                         "bytes_new": d.stats.bytes_new,
+                        "bytes_stored": d.stats.bytes_stored,
                     })).collect::<Vec<_>>(),
                 });
                 if let Some(d) = &s.domain {
@@ -52,8 +53,8 @@ pub fn run(g: &Global, a: SnapshotsArgs) -> Result<ExitCode> {
     } else {
         writeln!(
             out,
-            "{:<10} {:<16} {:<31} {:<12} {:<9} disks",
-            "id", "vm", "time", "mode", "protected"
+            "{:<10} {:<16} {:<31} {:<12} {:<9} {:>10}  disks",
+            "id", "vm", "time", "mode", "protected", "added"
         )?;
         for s in &snaps {
             let mode = if s
@@ -70,14 +71,18 @@ pub fn run(g: &Global, a: SnapshotsArgs) -> Result<ExitCode> {
                 .iter()
                 .map(|d| format!("{}({} MiB)", d.name, d.size >> 20))
                 .collect();
+            // What this snapshot added to the repository, after
+            // deduplication and compression.
+            let added: u64 = s.disks.iter().map(|d| d.stats.bytes_stored).sum();
             writeln!(
                 out,
-                "{:<10} {:<16} {:<31} {:<12} {:<9} {}",
+                "{:<10} {:<16} {:<31} {:<12} {:<9} {:>10}  {}",
                 s.short_id(),
                 s.vm,
                 s.time,
                 mode,
                 if protected.contains(&s.id) { "yes" } else { "" },
+                super::mb(added),
                 disks.join(" ")
             )?;
         }
