@@ -172,13 +172,19 @@ pub fn open_many<'a>(
         .into_iter()
         .zip(blobs)
         .map(|(ok, (id, loc, buf))| {
+            // A location from a damaged or hostile index may be shorter
+            // than the tag.
+            let payload: Option<&[u8]> = buf.get(TAG_LEN..);
             let o = Opened {
                 id,
                 pack,
                 compressed: loc.compressed,
                 raw_len: 0,
-                payload: &buf[TAG_LEN..],
+                payload: payload.unwrap_or_default(),
             };
+            if payload.is_none() {
+                return Err(o.damaged("shorter than its tag"));
+            }
             if !ok {
                 return Err(o.damaged("authentication failed"));
             }
@@ -413,6 +419,22 @@ mod tests {
                     assert!(matches!(v, Err(Error::ChunkDamaged { .. })), "{v:?}");
                     assert!(matches!(s, Err(Error::ChunkDamaged { .. })), "{s:?}");
                 }
+            }
+            // A location shorter than the tag (a damaged or forged index)
+            // is damage, not a panic.
+            for short in [0, 1, TAG_LEN - 1] {
+                let loc = Location {
+                    pack: ObjectId([0; 16]),
+                    offset: 16,
+                    stored_len: u32::try_from(short).unwrap(),
+                    raw_len: u32::try_from(data.len()).unwrap(),
+                    kind: ChunkKind::Data,
+                    compressed: e.compressed,
+                };
+                let mut sealed = e.sealed[..short].to_vec();
+                let r = open_many(&keys, "p", vec![(&id, &loc, sealed.as_mut_slice())]);
+                let r = r.into_iter().next().unwrap();
+                assert!(matches!(r, Err(Error::ChunkDamaged { .. })), "{short}");
             }
         }
     }

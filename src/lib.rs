@@ -6,6 +6,7 @@
 //! all that restore, the FUSE tree and the NBD server need.
 
 pub mod aligned;
+pub mod atomic_file;
 pub mod backend;
 pub mod backup;
 pub mod blockmap;

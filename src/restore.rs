@@ -24,6 +24,7 @@ use std::sync::Mutex;
 use crossbeam_channel::bounded;
 
 use crate::aligned::{self, AlignedBuf};
+use crate::atomic_file::{AtomicFile, Existing};
 use crate::error::{Error, Result};
 use crate::reader::{DiskReader, PackRun};
 
@@ -162,32 +163,49 @@ pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Res
     let is_dev = std::fs::metadata(to)
         .map(|m| m.file_type().is_block_device())
         .unwrap_or(false);
-    let file: File = if is_dev {
-        OpenOptions::new()
+    if is_dev {
+        let file = OpenOptions::new()
             .write(true)
             .open(to)
-            .map_err(|e| Error::io(to, e))?
-    } else {
-        let mut o = OpenOptions::new();
-        o.write(true);
-        if opts.overwrite {
-            o.create(true).truncate(true);
-        } else {
-            o.create_new(true);
-        }
-        let f = o.open(to).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                Error::Invalid(format!(
-                    "{} exists; pass --force to overwrite it",
-                    to.display()
-                ))
+            .map_err(|e| Error::io(to, e))?;
+        return restore_into(reader, &file, true, to, opts);
+    }
+    // A file is written under a temporary name beside `to` and takes its
+    // name only when complete and on disk: a restore that fails or is
+    // interrupted leaves nothing that looks whole, and an old file that
+    // `--force` would replace stays until then.
+    match std::fs::symlink_metadata(to) {
+        Ok(m) if !opts.overwrite || !m.is_file() => {
+            return Err(Error::Invalid(if opts.overwrite {
+                format!("{} exists and is not a regular file", to.display())
             } else {
-                Error::io(to, e)
-            }
-        })?;
-        f.set_len(reader.size()).map_err(|e| Error::io(to, e))?;
-        f
-    };
+                format!("{} exists; pass --force to overwrite it", to.display())
+            }));
+        }
+        _ => {}
+    }
+    let out = AtomicFile::create(to.to_path_buf())?;
+    out.file()
+        .set_len(reader.size())
+        .map_err(|e| Error::io(out.tmp_path(), e))?;
+    let stats = restore_into(reader, out.file(), false, out.tmp_path(), opts)?;
+    out.commit(if opts.overwrite {
+        Existing::Replace
+    } else {
+        Existing::Keep
+    })?;
+    Ok(stats)
+}
+
+/// Restore into `file` (at `to`, for messages): a block device, or a new
+/// file already sized to the disk.
+fn restore_into(
+    reader: &DiskReader,
+    file: &File,
+    is_dev: bool,
+    to: &Path,
+    opts: &RestoreOptions<'_>,
+) -> Result<RestoreStats> {
     let direct = open_direct(&file, opts.buffered);
     let cs = reader.chunk_size();
     let done = AtomicU64::new(0);

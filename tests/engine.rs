@@ -451,6 +451,19 @@ fn flipped_bit_in_a_pack_is_detected_and_never_restored() {
     ]);
     assert_clean_failure(&out, "damaged");
     assert_eq!(out.status.code(), Some(3));
+    // ... and leaves nothing behind that looks like a restored image.
+    assert!(!to.exists(), "a failed restore left {}", to.display());
+    let debris: Vec<_> = fs::read_dir(to.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with(".tmp-"))
+        .collect();
+    assert!(debris.is_empty(), "{debris:?}");
+    // With --force, an older file at that name survives a failed restore.
+    fs::write(&to, b"older").unwrap();
+    let out = env.run(&["restore", &id, "--force", "--to", to.to_str().unwrap()]);
+    assert_clean_failure(&out, "damaged");
+    assert_eq!(fs::read(&to).unwrap(), b"older");
 }
 
 /// `check --read-data-subset N/M` reads disjoint parts of the packs that
@@ -804,7 +817,12 @@ fn full_disk_fails_cleanly_and_loses_nothing() {
         ];
         args.extend(extra);
         assert_clean_failure(&env.run(&args), "no space left");
-        fs::remove_file(&to).unwrap();
+        // The partial image is gone, and with it the space it took.
+        assert_eq!(
+            fs::read_dir(&tiny).unwrap().count(),
+            0,
+            "debris in {tiny:?}"
+        );
     }
     // Unmount first: `env`, declared after `guard`, would otherwise be
     // dropped first, and its scratch folder cannot go while a tmpfs is

@@ -1,14 +1,16 @@
 //! A repository in a local directory: the embedded default.
 //!
-//! `LocalWriter` is the only code in Ekko that writes repository files, and
-//! it holds the only copy of the durability protocol: write a temporary file
-//! in the target folder, fsync it, rename it into place, fsync the folder.
+//! `LocalWriter` is the only code in Ekko that writes repository files,
+//! through the one durability protocol (`atomic_file`): write a temporary
+//! file in the target folder, fsync it, rename it into place, fsync the
+//! folder.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use super::{Backend, ObjectInfo, ObjectWriter};
+use crate::atomic_file::{AtomicFile, Existing};
 use crate::error::{Error, Result};
 
 pub struct LocalBackend {
@@ -39,11 +41,9 @@ fn not_found_or_io(name: &str, path: &Path, e: std::io::Error) -> Error {
 }
 
 /// A file being written: a temporary name in the target folder until
-/// `commit` makes it durable and renames it into place.
+/// `commit` makes it durable and renames it into place (`AtomicFile`).
 pub struct LocalWriter {
-    file: Option<File>,
-    tmp: PathBuf,
-    path: PathBuf,
+    file: AtomicFile,
     len: u64,
 }
 
@@ -52,28 +52,40 @@ impl LocalWriter {
         let dir = path
             .parent()
             .ok_or_else(|| Error::Invalid(format!("no parent folder for {}", path.display())))?;
-        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let mut rnd = [0u8; 8];
-        crate::crypto::random_bytes(&mut rnd);
-        let tmp = dir.join(format!(".tmp-{}", hex::encode(rnd)));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| Error::io(&tmp, e))?;
+        create_dirs_durably(dir)?;
         Ok(LocalWriter {
-            file: Some(file),
-            tmp,
-            path,
+            file: AtomicFile::create(path)?,
             len: 0,
         })
     }
 }
 
+/// `create_dir_all`, then fsync the parent of every folder it made: a new
+/// folder's own entry must be on disk before a file committed into it
+/// counts as durable (the file's commit fsyncs only the folder itself).
+fn create_dirs_durably(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let made: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    for d in made {
+        let parent = d.parent().filter(|p| !p.as_os_str().is_empty());
+        let parent = parent.unwrap_or(Path::new("."));
+        File::open(parent)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(parent, e))?;
+    }
+    Ok(())
+}
+
 impl ObjectWriter for LocalWriter {
     fn write(&mut self, data: &[u8]) -> Result<()> {
-        let f = self.file.as_mut().expect("writer used after commit");
-        f.write_all(data).map_err(|e| Error::io(&self.tmp, e))?;
+        let tmp = self.file.tmp_path().to_path_buf();
+        self.file
+            .file_mut()
+            .write_all(data)
+            .map_err(|e| Error::io(&tmp, e))?;
         self.len += u64::try_from(data.len()).expect("fits");
         Ok(())
     }
@@ -82,24 +94,9 @@ impl ObjectWriter for LocalWriter {
         self.len
     }
 
-    fn commit(mut self: Box<Self>) -> Result<()> {
-        let f = self.file.take().expect("writer committed twice");
-        f.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
-        drop(f);
-        fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
-        let dir = self.path.parent().expect("checked at create");
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::io(dir, e))
-    }
-}
-
-impl Drop for LocalWriter {
-    fn drop(&mut self) {
-        if self.file.is_some() {
-            // Not committed (error, full disk, interruption): leave no debris.
-            let _ = fs::remove_file(&self.tmp);
-        }
+    fn commit(self: Box<Self>) -> Result<()> {
+        // Object names are content-derived or random: replacing is safe.
+        self.file.commit(Existing::Replace)
     }
 }
 
