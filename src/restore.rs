@@ -206,7 +206,7 @@ fn restore_into(
     to: &Path,
     opts: &RestoreOptions<'_>,
 ) -> Result<RestoreStats> {
-    let direct = open_direct(&file, opts.buffered);
+    let direct = open_direct(file, opts.buffered);
     let cs = reader.chunk_size();
     let done = AtomicU64::new(0);
     let data = AtomicU64::new(0);
@@ -244,7 +244,7 @@ fn restore_into(
         let n = u64::try_from(buf.len()).expect("fits");
         let before = written.fetch_add(n, Ordering::Relaxed);
         if before / WRITEBACK_EVERY != (before + n) / WRITEBACK_EVERY {
-            start_writeback(&file);
+            start_writeback(file);
         }
         Ok(())
     };
@@ -264,7 +264,7 @@ fn restore_into(
     }
     let (queue_tx, queue_rx) = bounded::<(u64, usize, AlignedBuf)>(DIRECT_BUFFERS);
     let (fail, stopped, advance, write, data, file_ref, direct_ok) =
-        (&fail, &stopped, &advance, &write, &data, &file, &direct_ok);
+        (&fail, &stopped, &advance, &write, &data, file, &direct_ok);
     std::thread::scope(|scope| {
         let (run_tx, run_rx) = bounded::<PackRun>(pipe.fetchers);
         let (got_tx, got_rx) = bounded::<(PackRun, Option<Vec<u8>>)>(1);
