@@ -230,16 +230,60 @@ impl Repository {
         })
     }
 
-    fn key_files(backend: &dyn Backend) -> Result<Vec<(String, KeyFile)>> {
+    /// Every key file, each read and decoded on its own: a damaged one
+    /// must not keep another passphrase's key file from opening the
+    /// repository.
+    fn key_files(backend: &dyn Backend) -> Result<Vec<(String, Result<KeyFile>)>> {
         let mut out = Vec::new();
         for o in backend.list("keys/")? {
-            let data = backend.get(&o.name)?;
-            out.push((
-                o.name.clone(),
-                decode_json_file(&o.name, &data, MAGIC_KEY, "key")?,
-            ));
+            let kf = backend
+                .get(&o.name)
+                .and_then(|data| decode_json_file(&o.name, &data, MAGIC_KEY, "key"));
+            out.push((o.name.clone(), kf));
         }
         Ok(out)
+    }
+
+    /// The master key from the first key file that `passphrase` unwraps.
+    /// Damaged key files are skipped (with a warning) as long as another
+    /// one opens; if none does, the first damage is the error.
+    fn unwrap_any(
+        key_files: Vec<(String, Result<KeyFile>)>,
+        passphrase: &[u8],
+        repo_id: &str,
+    ) -> Result<[u8; MASTER_KEY_LEN]> {
+        let tried = key_files.len();
+        let mut damage: Vec<Error> = Vec::new();
+        let mut readable = Vec::new();
+        for (name, kf) in key_files {
+            match kf {
+                Ok(kf) => readable.push((name, kf)),
+                Err(e) => damage.push(e),
+            }
+        }
+        let mut found = None;
+        for (name, kf) in readable {
+            match kf.unwrap_key(passphrase, repo_id, &name) {
+                Ok(Some(master)) => {
+                    found = Some(master);
+                    break;
+                }
+                Ok(None) => {}
+                Err(e) => damage.push(e),
+            }
+        }
+        match found {
+            Some(master) => {
+                for e in damage {
+                    tracing::warn!("{e} (another key file opened the repository)");
+                }
+                Ok(master)
+            }
+            None => Err(damage
+                .into_iter()
+                .next()
+                .unwrap_or(Error::WrongPassphrase { tried })),
+        }
     }
 
     fn unlock(
@@ -273,14 +317,8 @@ impl Repository {
                     ));
                 }
                 let pass = passphrase()?;
-                for (name, kf) in &key_files {
-                    if let Some(master) = kf.unwrap_key(&pass, &config.id, name)? {
-                        return Ok(Keys::from_master(&master));
-                    }
-                }
-                Err(Error::WrongPassphrase {
-                    tried: key_files.len(),
-                })
+                let master = Self::unwrap_any(key_files, &pass, &config.id)?;
+                Ok(Keys::from_master(&master))
             }
             other => Err(Error::corrupt(
                 "config",
@@ -296,15 +334,12 @@ impl Repository {
                 "the repository is not encrypted; it has no keys".into(),
             ));
         }
-        for (name, kf) in Self::key_files(self.backend.as_ref())? {
-            if let Some(master) = kf.unwrap_key(current_passphrase, &self.config.id, &name)? {
-                let nk = KeyFile::wrap(&master, new_passphrase, &self.config.id)?;
-                let name = format!("keys/{}", ObjectId::random());
-                self.backend.put(&name, &encode_json_file(MAGIC_KEY, &nk))?;
-                return Ok(name);
-            }
-        }
-        Err(Error::WrongPassphrase { tried: 0 })
+        let key_files = Self::key_files(self.backend.as_ref())?;
+        let master = Self::unwrap_any(key_files, current_passphrase, &self.config.id)?;
+        let nk = KeyFile::wrap(&master, new_passphrase, &self.config.id)?;
+        let name = format!("keys/{}", ObjectId::random());
+        self.backend.put(&name, &encode_json_file(MAGIC_KEY, &nk))?;
+        Ok(name)
     }
 
     pub fn backend(&self) -> &Arc<dyn Backend> {

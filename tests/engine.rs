@@ -385,13 +385,13 @@ fn wrong_passphrase_is_refused_and_writes_nothing() {
         "a refused command changed the repository"
     );
     // A second passphrase opens it too.
-    let out = env
+    let out_key_add = env
         .cmd()
         .env("EKKO_NEW_PASSWORD", "second one")
         .args(["key", "add"])
         .output()
         .unwrap();
-    assert_success(&out, &["key add"]);
+    assert_success(&out_key_add, &["key add"]);
     let out = env
         .cmd()
         .env("EKKO_PASSWORD", "second one")
@@ -399,6 +399,24 @@ fn wrong_passphrase_is_refused_and_writes_nothing() {
         .output()
         .unwrap();
     assert_success(&out, &["snapshots"]);
+    // A damaged key file locks out only its own passphrase: the first one
+    // still opens the repository (with a warning naming the damage), the
+    // second gets the damage as its error.
+    let second = env
+        .repo
+        .join(String::from_utf8(out_key_add.stdout).unwrap().trim());
+    fs::write(&second, b"EKKO{damaged").unwrap();
+    let out = env.run(&["snapshots"]);
+    assert_success(&out, &["snapshots"]);
+    let warn = String::from_utf8_lossy(&out.stderr);
+    assert!(warn.contains("is damaged"), "{warn}");
+    let out = env
+        .cmd()
+        .env("EKKO_PASSWORD", "second one")
+        .args(["snapshots"])
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, "is damaged");
 }
 
 #[test]
