@@ -19,8 +19,11 @@ pub struct RebuildReport {
     pub chunks: usize,
     pub index_files_written: usize,
     pub index_files_removed: usize,
-    /// Packs whose trailer could not be read (their chunks are not indexed).
+    /// Packs whose trailer could not be read: only what the old index
+    /// files said of their chunks is kept (`chunks_kept`).
     pub unreadable_packs: Vec<String>,
+    /// Entries carried over from the old index files for those packs.
+    pub chunks_kept: usize,
 }
 
 const ENTRIES_PER_FILE: usize = 65_536;
@@ -58,6 +61,32 @@ pub fn rebuild_index(repo: &Repository) -> Result<RebuildReport> {
             Err(e) => {
                 tracing::warn!("pack {}: {e}; its chunks stay unindexed", p.name);
                 report.unreadable_packs.push(p.name);
+            }
+        }
+    }
+    // A pack whose trailer is damaged may still hold good chunks, and the
+    // old index files may be the only record of where they lie: keep
+    // their entries for it (a restore then reads those chunks, and check
+    // names the pack). Old index files that are themselves damaged are
+    // what a rebuild replaces; they are skipped.
+    if !report.unreadable_packs.is_empty() {
+        let unreadable: std::collections::HashSet<ObjectId> = report
+            .unreadable_packs
+            .iter()
+            .filter_map(|n| pack::pack_id_from_name(n))
+            .collect();
+        for name in &old {
+            match index::read_index_file(backend, keys, name) {
+                Ok(old_entries) => {
+                    let before = entries.len();
+                    entries.extend(
+                        old_entries
+                            .into_iter()
+                            .filter(|(_, loc)| unreadable.contains(&loc.pack)),
+                    );
+                    report.chunks_kept += entries.len() - before;
+                }
+                Err(e) => tracing::warn!("{e}; it is replaced without its entries"),
             }
         }
     }

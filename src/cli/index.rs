@@ -22,7 +22,13 @@ pub fn run(g: &Global, c: IndexCommand) -> Result<ExitCode> {
                 r.chunks, r.packs, r.index_files_written, r.index_files_removed
             );
             for p in &r.unreadable_packs {
-                eprintln!("unreadable pack (not indexed): {p}");
+                eprintln!("unreadable pack trailer: {p}");
+            }
+            if !r.unreadable_packs.is_empty() {
+                eprintln!(
+                    "kept {} entries the old index files had for those packs; run `ekko check --read-data` to see what is damaged",
+                    r.chunks_kept
+                );
             }
             Ok(if r.unreadable_packs.is_empty() {
                 ExitCode::SUCCESS
