@@ -42,7 +42,7 @@ pub enum Error {
         reason: String,
     },
 
-    #[error("chunk {id} is referenced but is not in any pack of the repository index; if index files were lost, run `ekko index rebuild`")]
+    #[error("chunk {id} is referenced but is not in any pack of the repository index; if index files were lost or damaged, run `ekko index rebuild`")]
     ChunkMissing { id: ChunkId },
 
     #[error(

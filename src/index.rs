@@ -16,7 +16,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
@@ -87,6 +87,12 @@ pub struct Index {
     /// `flush` and after every `refresh` (which takes in what other
     /// processes added).
     generation: AtomicU64,
+    /// Index files that would not read (name, why), skipped by this
+    /// process: one damaged file must not lock users out of the
+    /// repository, nor out of `check` and `index rebuild`, which find and
+    /// replace it. Chunks only it lists look unstored: a backup stores them
+    /// again, a restore names them and the rebuild.
+    damaged: Mutex<HashMap<String, String>>,
 }
 
 /// How long one read view serves lookups at most. An open read
@@ -163,7 +169,49 @@ impl Index {
             pending: RwLock::default(),
             view: Arc::default(),
             generation: AtomicU64::new(0),
+            damaged: Mutex::default(),
         }
+    }
+
+    /// The index files skipped as damaged, with why.
+    pub fn damaged_files(&self) -> Vec<(String, String)> {
+        let mut v: Vec<_> = self
+            .damaged
+            .lock()
+            .expect("index lock")
+            .iter()
+            .map(|(n, e)| (n.clone(), e.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Read index file `name`, or `None` (remembered, with a warning) if it
+    /// is damaged.
+    fn read_or_skip(
+        &self,
+        backend: &dyn Backend,
+        keys: &Keys,
+        name: &str,
+    ) -> Result<Option<Vec<(ChunkId, Location)>>> {
+        match read_index_file(backend, keys, name) {
+            Ok(entries) => Ok(Some(entries)),
+            Err(e) if e.is_damage() => {
+                tracing::warn!(
+                    "{e}; skipping it (its chunks count as unstored until `ekko index rebuild`)"
+                );
+                self.damaged
+                    .lock()
+                    .expect("index lock")
+                    .insert(name.to_string(), e.to_string());
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn is_skipped(&self, name: &str) -> bool {
+        self.damaged.lock().expect("index lock").contains_key(name)
     }
 
     /// Take in index files written since this index was opened (by other
@@ -203,10 +251,15 @@ impl Index {
         };
         let new: Vec<&String> = {
             let g = m.read().expect("index lock");
-            listed.keys().filter(|n| !g.1.contains(*n)).collect()
+            listed
+                .keys()
+                .filter(|n| !g.1.contains(*n) && !self.is_skipped(n))
+                .collect()
         };
         for name in new {
-            let entries = read_index_file(backend, keys, name)?;
+            let Some(entries) = self.read_or_skip(backend, keys, name)? else {
+                continue;
+            };
             let mut g = m.write().expect("index lock");
             g.0.extend(entries);
             g.1.insert(name.clone());
@@ -272,7 +325,10 @@ impl Index {
                 "index cache disagrees with the repository's index files; rebuilding it"
             );
         }
-        let new: Vec<&String> = listed.keys().filter(|k| !known.contains_key(*k)).collect();
+        let new: Vec<&String> = listed
+            .keys()
+            .filter(|k| !known.contains_key(*k) && !self.is_skipped(k))
+            .collect();
         if !vanished && new.is_empty() {
             return Ok(());
         }
@@ -286,12 +342,17 @@ impl Index {
             let mut chunks = tx.open_table(CHUNKS).map_err(cache_err)?;
             let mut files = tx.open_table(FILES).map_err(cache_err)?;
             let todo: Vec<&String> = if vanished {
-                listed.keys().collect()
+                listed.keys().filter(|k| !self.is_skipped(k)).collect()
             } else {
                 new
             };
             for name in todo {
-                for (id, loc) in read_index_file(backend, keys, name)? {
+                // A damaged file stays out of the cache's file table, so
+                // that every process looks at it again.
+                let Some(entries) = self.read_or_skip(backend, keys, name)? else {
+                    continue;
+                };
+                for (id, loc) in entries {
                     chunks
                         .insert(id.0.as_slice(), loc_bytes(&loc).as_slice())
                         .map_err(cache_err)?;

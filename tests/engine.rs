@@ -810,6 +810,50 @@ fn index_rebuilds_from_packs_alone() {
     assert_eq!(sha256_file(&env.restore(&id, "sda")), sha256_file(&img));
 }
 
+/// One damaged index file does not lock users out: the repository still
+/// opens (with a warning), `check` names the file, `prune` refuses to
+/// delete anything, a restore that needs its chunks points at `index
+/// rebuild`, and the rebuild replaces it.
+#[test]
+fn a_damaged_index_file_is_skipped_reported_and_rebuilt() {
+    let env = Env::init(&["--chunk-size", "64K"]);
+    let img = env.path("d.img");
+    make_image(&img, 3 * MIB, &[(0, &random_bytes(23, 3 * MIB as usize))]);
+    let id = env.backup("vm", &[("sda", &img)]);
+    let index: Vec<_> = fs::read_dir(env.repo.join("index"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(index.len(), 1);
+    let f = fs::OpenOptions::new().write(true).open(&index[0]).unwrap();
+    f.write_all_at(&[0x55], 100).unwrap();
+    drop(f);
+    fs::remove_dir_all(&env.cache).unwrap();
+    let name = index[0].file_name().unwrap().to_str().unwrap().to_string();
+    let out = env.run(&["snapshots"]);
+    assert_success(&out, &["snapshots"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&name));
+    let out = env.run(&["check"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&name));
+    let before = env.repo_state();
+    assert_clean_failure(&env.run(&["prune"]), "index rebuild");
+    assert_eq!(
+        env.repo_state(),
+        before,
+        "a refused prune changed the repository"
+    );
+    let to = env.path("r.img");
+    let out = env.run(&["restore", &id, "--to", to.to_str().unwrap()]);
+    assert_clean_failure(&out, "index rebuild");
+    // A backup still works: it stores again what it cannot see.
+    env.backup("vm", &[("sda", &img)]);
+    env.ok(&["index", "rebuild"]);
+    assert!(!index[0].exists());
+    assert_eq!(sha256_file(&env.restore(&id, "sda")), sha256_file(&img));
+    env.ok(&["check", "--read-data"]);
+}
+
 #[test]
 fn full_disk_fails_cleanly_and_loses_nothing() {
     let env = Env::new();
