@@ -88,6 +88,10 @@ pub struct Found {
     pub info: LockInfo,
     /// The store's timestamp of its last write.
     pub modified: SystemTime,
+    /// Why the lock file would not read, if it would not. Its holder is
+    /// then unknown: it counts as exclusive until stale by age, and
+    /// `ekko unlock` removes it at once.
+    pub damaged: Option<String>,
 }
 
 impl Found {
@@ -110,6 +114,9 @@ impl Found {
     }
 
     pub fn holder(&self) -> String {
+        if let Some(why) = &self.damaged {
+            return format!("an unknown holder (the lock file is damaged: {why})");
+        }
         format!(
             "{} (pid {} on {}, since {})",
             self.info.purpose, self.info.pid, self.info.host, self.info.time
@@ -117,20 +124,39 @@ impl Found {
     }
 }
 
-/// Every lock in the repository. Locks that vanish while listed are skipped.
+/// Every lock in the repository. Locks that vanish while listed are
+/// skipped; a damaged one is listed as such (`Found::damaged`), so that it
+/// neither locks everyone out for good nor goes unnoticed.
 pub fn list(backend: &dyn Backend, keys: &Keys) -> Result<Vec<Found>> {
     let mut out = Vec::new();
     for o in backend.list("locks/")? {
         let Ok(data) = backend.get(&o.name) else {
             continue;
         };
-        let body = format::open_file(keys, MAGIC_LOCK, "lock", &o.name, &data)?;
-        let info: LockInfo =
-            serde_json::from_slice(&body).map_err(|e| Error::corrupt(&o.name, e.to_string()))?;
+        let read = format::open_file(keys, MAGIC_LOCK, "lock", &o.name, &data).and_then(|body| {
+            serde_json::from_slice::<LockInfo>(&body)
+                .map_err(|e| Error::corrupt(&o.name, e.to_string()))
+        });
+        let (info, damaged) = match read {
+            Ok(info) => (info, None),
+            Err(e) if e.is_damage() => (
+                LockInfo {
+                    exclusive: true,
+                    gc: false,
+                    host: String::new(),
+                    pid: 0,
+                    time: String::new(),
+                    purpose: String::new(),
+                },
+                Some(e.to_string()),
+            ),
+            Err(e) => return Err(e),
+        };
         out.push(Found {
             name: o.name,
             info,
             modified: o.modified,
+            damaged,
         });
     }
     Ok(out)
@@ -278,6 +304,7 @@ pub fn unlock(backend: &Arc<dyn Backend>, keys: &Keys, all: bool) -> Result<Unlo
         }
         let reason = match l.stale(now) {
             Some(why) => why,
+            None if l.damaged.is_some() => "damaged".to_string(),
             None if all => "--remove-all".to_string(),
             None => {
                 report.live.push(UnlockedLock {

@@ -1049,6 +1049,20 @@ fn stale_locks_are_ignored_and_unlock_removes_them() {
     unlock_removes_one(&env, "gone on this host");
     assert!(!lock.exists());
     env.ok(&["check"]);
+
+    // A damaged lock file: its holder is unknown, so a deleter backs off,
+    // naming it; `unlock` removes it at once (it used to fail on it, as
+    // did every backup).
+    let junk = env
+        .repo
+        .join("locks")
+        .join("0123456789abcdef0123456789abcdef");
+    fs::write(&junk, random_bytes(41, 50)).unwrap();
+    let err = assert_clean_failure(&env.run(&["index", "rebuild"]), "damaged");
+    assert!(err.contains("ekko unlock"), "{err}");
+    unlock_removes_one(&env, "damaged");
+    assert!(!junk.exists());
+    env.backup("vm", &[("sda", &img)]);
 }
 
 /// Two hosts back up clones of one base image at overlapping times. The
