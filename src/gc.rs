@@ -366,9 +366,12 @@ impl Guard {
             v
         };
         if let Some(p) = missing.first() {
+            // Usually a prune that this backup could not see; but a pack
+            // lost some other way looks the same, and then every retry
+            // fails alike until the index forgets it.
             return Err(Error::GcRace {
                 reason: format!(
-                    "pack {p} (and {} more) that this backup deduplicated against was deleted by a prune",
+                    "pack {p} (and {} more) that this backup deduplicated against was deleted by a prune, or lost (if the next backup fails the same way, the repository lost it: run `ekko check` to see which snapshots are affected, then `ekko index rebuild`, after which backups store its chunks again)",
                     missing.len() - 1
                 ),
             });

@@ -924,6 +924,15 @@ fn a_backup_whose_reused_pack_vanished_aborts_without_committing(store: Store) {
         !snapshots(&env).values().any(|s| s["vm"] == "b"),
         "the backup committed a snapshot that references deleted packs"
     );
+    // No prune ran: the packs are lost, and a retry fails the same way,
+    // with the way out in its message. After `index rebuild` backups store
+    // those chunks again.
+    let disk = format!("sda={}", img.display());
+    let out = run(&env, &["backup", "--vm", "b", "--disk", &disk]);
+    assert_clean_failure(&out, "ekko index rebuild");
+    ok(&env, &["index", "rebuild"]);
+    let id = backup(&env, "b", &img, None);
+    assert_eq!(restore_sha(&env, &id), sha256_file(&img));
 }
 
 use crate::capture::qsd;
