@@ -102,6 +102,7 @@ on_both_stores!(
     a_mark_never_comes_due_before_its_grace_period,
 );
 local_only!(
+    prune_removes_temporary_files_that_killed_writers_left,
     a_backup_never_deduplicates_against_marked_packs,
     a_backup_that_outlives_a_new_marks_grace_aborts_without_committing,
     an_incremental_whose_parent_sits_in_marked_packs_reads_in_full,
@@ -537,6 +538,41 @@ fn prune_frees_space_repacks_and_every_kept_snapshot_restores(store: Store) {
     let before = repo_state(&env);
     assert_clean_failure(&run(&env, &["forget", &bid]), "protected");
     assert_eq!(repo_state(&env), before);
+}
+
+/// A writer killed mid-write leaves its temporary file, which no listing
+/// shows and nothing else removes. Prune removes those that have sat
+/// unwritten for the grace period and at least an hour; a fresh one (a
+/// writer may still be at it) stays.
+fn prune_removes_temporary_files_that_killed_writers_left(store: Store) {
+    use std::fs;
+    let env = new_repo(store, "tmp");
+    let img = env.path("img");
+    make_image(&img, 2 * MIB as u64, &[(0, &random_bytes(31, 2 * MIB))]);
+    let id = backup(&env, "a", &img, None);
+    let dir = env.repo.join("packs").join("ab");
+    fs::create_dir_all(&dir).unwrap();
+    let dead = dir.join(".tmp-0123456789abcdef");
+    let live = env.repo.join("index").join(".tmp-fedcba9876543210");
+    fs::write(&dead, random_bytes(32, MIB)).unwrap();
+    fs::write(&live, b"being written").unwrap();
+    let two_hours = Duration::from_secs(7200);
+    fs::File::options()
+        .write(true)
+        .open(&dead)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - two_hours)
+        .unwrap();
+    let r = prune(&env, &["--dry-run"]);
+    assert_eq!(r["temporaries_removed"], 1, "{r}");
+    assert!(dead.exists() && live.exists());
+    let r = prune(&env, &[]);
+    assert_eq!(r["temporaries_removed"], 1, "{r}");
+    assert_eq!(r["bytes_temporaries"], MIB as u64, "{r}");
+    assert!(!dead.exists(), "a stale temporary file survived prune");
+    assert!(live.exists(), "prune removed a fresh temporary file");
+    assert_eq!(restore_sha(&env, &id), sha256_file(&img));
+    check_read_data(&env);
 }
 
 fn dry_runs_change_nothing(store: Store) {

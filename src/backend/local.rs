@@ -8,6 +8,7 @@
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use super::{Backend, ObjectInfo, ObjectWriter};
 use crate::atomic_file::{AtomicFile, Existing};
@@ -124,6 +125,12 @@ impl Backend for LocalBackend {
         Ok(buf)
     }
 
+    fn stale_temporaries(&self, older_than: Duration, dry_run: bool) -> Result<(usize, u64)> {
+        let mut found = (0, 0);
+        sweep_temporaries(&self.root, older_than, dry_run, &mut found)?;
+        Ok(found)
+    }
+
     fn get(&self, name: &str) -> Result<Vec<u8>> {
         let path = self.path(name)?;
         fs::read(&path).map_err(|e| not_found_or_io(name, &path, e))
@@ -155,6 +162,53 @@ impl Backend for LocalBackend {
     fn location(&self) -> String {
         self.root.display().to_string()
     }
+}
+
+/// Count (and unless `dry_run` remove) the `.tmp-` files under `dir` that
+/// nothing has written to for `older_than`. One that vanishes meanwhile
+/// (committed or cleaned up by its writer) is skipped.
+fn sweep_temporaries(
+    dir: &Path,
+    older_than: Duration,
+    dry_run: bool,
+    found: &mut (usize, u64),
+) -> Result<()> {
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    for entry in rd {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let path = entry.path();
+        let Ok(meta) = entry.metadata() else { continue };
+        if meta.is_dir() {
+            sweep_temporaries(&path, older_than, dry_run, found)?;
+            continue;
+        }
+        let temp = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(".tmp-"));
+        let idle = meta
+            .modified()
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .is_some_and(|age| age > older_than);
+        if !(meta.is_file() && temp && idle) {
+            continue;
+        }
+        if !dry_run {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(&path, e)),
+            }
+        }
+        found.0 += 1;
+        found.1 += meta.len();
+    }
+    Ok(())
 }
 
 fn walk(root: &Path, dir: &Path, out: &mut Vec<ObjectInfo>) -> Result<()> {

@@ -114,6 +114,10 @@ impl Backend for ManifestCache {
         self.inner.get_range(name, offset, len)
     }
 
+    fn stale_temporaries(&self, older_than: Duration, dry_run: bool) -> Result<(usize, u64)> {
+        self.inner.stale_temporaries(older_than, dry_run)
+    }
+
     fn get(&self, name: &str) -> Result<Vec<u8>> {
         let Some(id) = Self::id(name) else {
             return self.inner.get(name);

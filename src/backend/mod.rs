@@ -99,6 +99,18 @@ pub trait Backend: Send + Sync {
     /// Read a whole object.
     fn get(&self, name: &str) -> Result<Vec<u8>>;
 
+    /// What interrupted writes left behind and nothing has written to for
+    /// `older_than` (a local folder's temporary files of killed processes):
+    /// how many files and bytes, removed unless `dry_run`. An object store
+    /// leaves nothing: a PUT is whole or absent.
+    fn stale_temporaries(
+        &self,
+        _older_than: std::time::Duration,
+        _dry_run: bool,
+    ) -> Result<(usize, u64)> {
+        Ok((0, 0))
+    }
+
     /// Size of one object.
     fn size(&self, name: &str) -> Result<u64>;
 

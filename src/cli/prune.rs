@@ -94,6 +94,14 @@ pub fn print_report(g: &Global, r: &PruneReport, json: bool) -> Result<()> {
             r.marks_pending
         );
     }
+    if r.temporaries_removed > 0 {
+        println!(
+            "temporary files left by interrupted writes: {}, {} {}removed",
+            r.temporaries_removed,
+            super::mb(r.bytes_temporaries),
+            would
+        );
+    }
     println!(
         "index: {} files {}written, {} {}removed; {:.2} s",
         r.index_files_written, would, r.index_files_removed, would, r.seconds

@@ -103,6 +103,9 @@ pub struct PruneReport {
     pub next_deletion: Option<String>,
     pub index_files_written: usize,
     pub index_files_removed: usize,
+    /// Temporary files left by killed writers (a local folder), removed.
+    pub temporaries_removed: usize,
+    pub bytes_temporaries: u64,
     pub seconds: f64,
 }
 
@@ -525,7 +528,17 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
         .into_iter()
         .min()
         .map(|t| humantime::format_rfc3339_seconds(t).to_string());
+    // Temporary files of writers killed mid-write: idle for the grace
+    // period (which must exceed the longest backup), and at least an hour,
+    // no writer still holds them.
+    let idle = opts.grace.max(TEMPORARIES_IDLE);
+    (report.temporaries_removed, report.bytes_temporaries) =
+        backend.stale_temporaries(idle, opts.dry_run)?;
     report.seconds = started.elapsed().as_secs_f64();
     drop(lock);
     Ok(report)
 }
+
+/// The least time a temporary file must sit unwritten before prune
+/// removes it, whatever the grace period.
+pub const TEMPORARIES_IDLE: std::time::Duration = std::time::Duration::from_secs(3600);
