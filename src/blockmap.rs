@@ -100,6 +100,10 @@ pub fn leaf_ids(src: &dyn NodeSource, map: &MapRef, nchunks: u64) -> Result<Vec<
         }
         level_ids = next;
     }
+    // An empty disk has a (zero) root and no leaves.
+    if nchunks == 0 {
+        level_ids.clear();
+    }
     Ok(level_ids)
 }
 
@@ -386,6 +390,11 @@ mod tests {
         let b = MapBuilder::new(0, None).unwrap();
         let m = b.finish(&mut st).unwrap();
         assert!(m.root.is_zero());
+        // An incremental of an empty disk builds on its empty parent.
+        let leaves = leaf_ids(&mem, &m, 0).unwrap();
+        assert!(leaves.is_empty());
+        let b = MapBuilder::new(0, Some(leaves)).unwrap();
+        assert!(b.finish(&mut st).unwrap().root.is_zero());
         let mut b = MapBuilder::new(3, None).unwrap();
         b.keep(0, 3, &mut st).unwrap();
         let m = b.finish(&mut st).unwrap();
