@@ -40,11 +40,12 @@ impl AtomicFile {
         let mut rnd = [0u8; 8];
         crate::crypto::random_bytes(&mut rnd);
         let tmp = parent(&path).join(format!(".tmp-{}", hex::encode(rnd)));
+        // Named by its target: the temporary name means nothing to a user.
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&tmp)
-            .map_err(|e| Error::io(&tmp, e))?;
+            .map_err(|e| Error::io(&path, e))?;
         Ok(AtomicFile {
             file: Some(file),
             tmp,

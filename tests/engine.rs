@@ -350,6 +350,13 @@ fn multi_disk_snapshot_and_unencrypted_repository() {
         "has no disk",
     );
     assert!(err.contains("vda"), "{err}");
+    // A folder that does not exist: the error names the path asked for.
+    let missing = env.path("no/such/folder/vda.img");
+    let missing = missing.to_str().unwrap();
+    assert_clean_failure(
+        &env.run(&["restore", &id, "--disk", "vda", "--to", missing]),
+        missing,
+    );
     env.ok(&["check", "--read-data"]);
 }
 
