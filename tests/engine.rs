@@ -2,7 +2,6 @@
 //! dedup, encryption, damage detection and crash safety.
 
 use std::fs;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -436,18 +435,7 @@ fn flipped_bit_in_a_pack_is_detected_and_never_restored() {
     assert!(!packs.is_empty());
     // Flip one bit in the middle of the data of the first pack.
     let p = &packs[0];
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(p)
-        .unwrap();
-    let len = f.metadata().unwrap().len();
-    let at = len / 3;
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, at).unwrap();
-    b[0] ^= 0x10;
-    f.write_all_at(&b, at).unwrap();
-    drop(f);
+    xor_byte(p, fs::metadata(p).unwrap().len() / 3, 0x10);
     let out = env.run(&["check", "--read-data"]);
     assert_eq!(out.status.code(), Some(3), "check must exit 3 on damage");
     let report = String::from_utf8_lossy(&out.stdout);
@@ -528,17 +516,7 @@ fn read_data_subsets_cover_every_pack_once() {
         .max_by_key(|p| fs::metadata(p).unwrap().len())
         .unwrap();
     let name = p.file_name().unwrap().to_str().unwrap();
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(p)
-        .unwrap();
-    let at = f.metadata().unwrap().len() / 3;
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, at).unwrap();
-    b[0] ^= 0x01;
-    f.write_all_at(&b, at).unwrap();
-    drop(f);
+    xor_byte(p, fs::metadata(p).unwrap().len() / 3, 0x01);
     let mut found = 0;
     for i in 1..=3 {
         let (code, v) = check(&format!("{i}/3"));
@@ -792,16 +770,7 @@ fn index_rebuilds_from_packs_alone() {
         .iter()
         .max_by_key(|p| fs::metadata(p).unwrap().len())
         .unwrap();
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(p)
-        .unwrap();
-    let at = f.metadata().unwrap().len() - 40;
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, at).unwrap();
-    f.write_all_at(&[b[0] ^ 0x01], at).unwrap();
-    drop(f);
+    xor_byte(p, fs::metadata(p).unwrap().len() - 40, 0x01);
     let out = env.run(&["index", "rebuild"]);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
@@ -832,9 +801,7 @@ fn a_damaged_index_file_is_skipped_reported_and_rebuilt() {
         .map(|e| e.unwrap().path())
         .collect();
     assert_eq!(index.len(), 1);
-    let f = fs::OpenOptions::new().write(true).open(&index[0]).unwrap();
-    f.write_all_at(&[0x55], 100).unwrap();
-    drop(f);
+    write_at(&index[0], 100, &[0x55]);
     fs::remove_dir_all(&env.cache).unwrap();
     let name = index[0].file_name().unwrap().to_str().unwrap().to_string();
     let out = env.run(&["snapshots"]);
@@ -1237,17 +1204,7 @@ fn a_cached_manifest_never_hides_a_damaged_one_from_check() {
     assert_eq!(copies.len(), 1, "the backup left no copy of its manifest");
 
     let snap = env.repo.join("snapshots").join(&id);
-    let f = fs::OpenOptions::new()
-        .write(true)
-        .read(true)
-        .open(&snap)
-        .unwrap();
-    let at = f.metadata().unwrap().len() / 2;
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, at).unwrap();
-    b[0] ^= 0x04;
-    f.write_all_at(&b, at).unwrap();
-    drop(f);
+    xor_byte(&snap, fs::metadata(&snap).unwrap().len() / 2, 0x04);
 
     let out = env.restore(&id, "sda");
     assert_eq!(sha256_file(&out), sha256_file(&img));

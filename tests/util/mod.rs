@@ -299,6 +299,18 @@ pub fn write_at(path: &Path, off: u64, data: &[u8]) {
     f.write_all_at(data, off).unwrap();
 }
 
+/// Damage a file in place: XOR the byte at `at` with `mask`.
+pub fn xor_byte(path: &Path, at: u64, mask: u8) {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ mask], at).unwrap();
+}
+
 pub fn run_tool(cmd: &mut Command) -> Output {
     let out = cmd
         .output()
