@@ -13,6 +13,10 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
+/// How every temporary file begins: listings skip such names, and prune
+/// removes those that killed writers left.
+pub const TEMP_PREFIX: &str = ".tmp-";
+
 pub struct AtomicFile {
     file: Option<File>,
     tmp: PathBuf,
@@ -39,7 +43,7 @@ impl AtomicFile {
     pub fn create(path: PathBuf) -> Result<AtomicFile> {
         let mut rnd = [0u8; 8];
         crate::crypto::random_bytes(&mut rnd);
-        let tmp = parent(&path).join(format!(".tmp-{}", hex::encode(rnd)));
+        let tmp = parent(&path).join(format!("{TEMP_PREFIX}{}", hex::encode(rnd)));
         // Named by its target: the temporary name means nothing to a user.
         let file = OpenOptions::new()
             .write(true)
@@ -58,13 +62,12 @@ impl AtomicFile {
         self.file.as_ref().expect("used after commit")
     }
 
-    pub fn file_mut(&mut self) -> &mut File {
-        self.file.as_mut().expect("used after commit")
-    }
-
-    /// Its temporary name, for messages.
-    pub fn tmp_path(&self) -> &Path {
-        &self.tmp
+    /// Append `data`; an error names the target (the temporary name means
+    /// nothing to a user).
+    pub fn write_all(&mut self, data: &[u8]) -> Result<()> {
+        use std::io::Write;
+        let f = self.file.as_mut().expect("used after commit");
+        f.write_all(data).map_err(|e| Error::io(&self.path, e))
     }
 
     /// Make the file durable, then give it its name.
@@ -92,17 +95,20 @@ impl AtomicFile {
     }
 }
 
+/// The error for a target that exists and may not be replaced.
+pub fn exists(path: &Path) -> Error {
+    Error::Invalid(format!(
+        "{} exists; pass --force to overwrite it",
+        path.display()
+    ))
+}
+
 /// `rename`, unless `to` exists. Where the filesystem cannot rename that
 /// way, checking first leaves only a small window.
 fn rename_no_replace(from: &Path, to: &Path) -> Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).ok();
-    let exists = || {
-        Error::Invalid(format!(
-            "{} exists; pass --force to overwrite it",
-            to.display()
-        ))
-    };
+    let exists = || exists(to);
     if let (Some(f), Some(t)) = (c(from), c(to)) {
         // SAFETY: two valid NUL-terminated paths, relative to the cwd.
         let r = unsafe {
@@ -141,7 +147,6 @@ impl Drop for AtomicFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
 
     #[test]
     fn nothing_is_visible_until_commit_and_drops_leave_no_debris() {
@@ -156,24 +161,24 @@ mod tests {
             v
         };
         let mut f = AtomicFile::create(path.clone()).unwrap();
-        f.file_mut().write_all(b"one").unwrap();
+        f.write_all(b"one").unwrap();
         assert!(!path.exists());
         f.commit(Existing::Keep).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"one");
         // Dropped uncommitted: gone, and the old file is untouched.
         let mut f = AtomicFile::create(path.clone()).unwrap();
-        f.file_mut().write_all(b"two").unwrap();
+        f.write_all(b"two").unwrap();
         drop(f);
         assert_eq!(names(), ["a"]);
         // Keep refuses to replace, and cleans up.
         let mut f = AtomicFile::create(path.clone()).unwrap();
-        f.file_mut().write_all(b"two").unwrap();
+        f.write_all(b"two").unwrap();
         let e = f.commit(Existing::Keep).unwrap_err();
         assert!(e.to_string().contains("--force"), "{e}");
         assert_eq!(names(), ["a"]);
         assert_eq!(fs::read(&path).unwrap(), b"one");
         let mut f = AtomicFile::create(path.clone()).unwrap();
-        f.file_mut().write_all(b"two").unwrap();
+        f.write_all(b"two").unwrap();
         f.commit(Existing::Replace).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"two");
         assert_eq!(names(), ["a"]);

@@ -87,12 +87,12 @@ pub struct Index {
     /// `flush` and after every `refresh` (which takes in what other
     /// processes added).
     generation: AtomicU64,
-    /// Index files that would not read (name, why), skipped by this
+    /// Index files that would not read, skipped by this
     /// process: one damaged file must not lock users out of the
     /// repository, nor out of `check` and `index rebuild`, which find and
     /// replace it. Chunks only it lists look unstored: a backup stores them
     /// again, a restore names them and the rebuild.
-    damaged: Mutex<HashMap<String, String>>,
+    damaged: Mutex<HashSet<String>>,
 }
 
 /// How long one read view serves lookups at most. An open read
@@ -173,19 +173,6 @@ impl Index {
         }
     }
 
-    /// The index files skipped as damaged, with why.
-    pub fn damaged_files(&self) -> Vec<(String, String)> {
-        let mut v: Vec<_> = self
-            .damaged
-            .lock()
-            .expect("index lock")
-            .iter()
-            .map(|(n, e)| (n.clone(), e.clone()))
-            .collect();
-        v.sort();
-        v
-    }
-
     /// Read index file `name`, or `None` (remembered, with a warning) if it
     /// is damaged.
     fn read_or_skip(
@@ -203,7 +190,7 @@ impl Index {
                 self.damaged
                     .lock()
                     .expect("index lock")
-                    .insert(name.to_string(), e.to_string());
+                    .insert(name.to_string());
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -211,7 +198,7 @@ impl Index {
     }
 
     fn is_skipped(&self, name: &str) -> bool {
-        self.damaged.lock().expect("index lock").contains_key(name)
+        self.damaged.lock().expect("index lock").contains(name)
     }
 
     /// Take in index files written since this index was opened (by other

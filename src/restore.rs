@@ -179,20 +179,20 @@ pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Res
     // interrupted leaves nothing that looks whole, and an old file that
     // `--force` would replace stays until then.
     match std::fs::symlink_metadata(to) {
-        Ok(m) if !opts.overwrite || !m.is_file() => {
-            return Err(Error::Invalid(if opts.overwrite {
-                format!("{} exists and is not a regular file", to.display())
-            } else {
-                format!("{} exists; pass --force to overwrite it", to.display())
-            }));
+        Ok(_) if !opts.overwrite => return Err(crate::atomic_file::exists(to)),
+        Ok(m) if !m.is_file() => {
+            return Err(Error::Invalid(format!(
+                "{} exists and is not a regular file",
+                to.display()
+            )));
         }
         _ => {}
     }
     let out = AtomicFile::create(to.to_path_buf())?;
     out.file()
         .set_len(reader.size())
-        .map_err(|e| Error::io(out.tmp_path(), e))?;
-    let stats = restore_into(reader, out.file(), false, out.tmp_path(), opts)?;
+        .map_err(|e| Error::io(to, e))?;
+    let stats = restore_into(reader, out.file(), false, to, opts)?;
     out.commit(if opts.overwrite {
         Existing::Replace
     } else {
@@ -201,8 +201,8 @@ pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Res
     Ok(stats)
 }
 
-/// Restore into `file` (at `to`, for messages): a block device, or a new
-/// file already sized to the disk.
+/// Restore into `file`: a block device at `to`, or a new file already
+/// sized to the disk that will take the name `to` (used in messages).
 fn restore_into(
     reader: &DiskReader,
     file: &File,

@@ -6,12 +6,12 @@
 //! folder.
 
 use std::fs::{self, File};
-use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
+use std::io::{ErrorKind, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{Backend, ObjectInfo, ObjectWriter};
-use crate::atomic_file::{AtomicFile, Existing};
+use crate::atomic_file::{AtomicFile, Existing, TEMP_PREFIX};
 use crate::error::{Error, Result};
 
 pub struct LocalBackend {
@@ -82,11 +82,7 @@ fn create_dirs_durably(dir: &Path) -> Result<()> {
 
 impl ObjectWriter for LocalWriter {
     fn write(&mut self, data: &[u8]) -> Result<()> {
-        let tmp = self.file.tmp_path().to_path_buf();
-        self.file
-            .file_mut()
-            .write_all(data)
-            .map_err(|e| Error::io(&tmp, e))?;
+        self.file.write_all(data)?;
         self.len += u64::try_from(data.len()).expect("fits");
         Ok(())
     }
@@ -164,6 +160,15 @@ impl Backend for LocalBackend {
     }
 }
 
+/// The entries of `dir`, or `None` if it does not exist.
+fn read_dir(dir: &Path) -> Result<Option<fs::ReadDir>> {
+    match fs::read_dir(dir) {
+        Ok(rd) => Ok(Some(rd)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(dir, e)),
+    }
+}
+
 /// Count (and unless `dry_run` remove) the `.tmp-` files under `dir` that
 /// nothing has written to for `older_than`. One that vanishes meanwhile
 /// (committed or cleaned up by its writer) is skipped.
@@ -173,10 +178,8 @@ fn sweep_temporaries(
     dry_run: bool,
     found: &mut (usize, u64),
 ) -> Result<()> {
-    let rd = match fs::read_dir(dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io(dir, e)),
+    let Some(rd) = read_dir(dir)? else {
+        return Ok(());
     };
     for entry in rd {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
@@ -189,7 +192,7 @@ fn sweep_temporaries(
         let temp = entry
             .file_name()
             .to_str()
-            .is_some_and(|n| n.starts_with(".tmp-"));
+            .is_some_and(|n| n.starts_with(TEMP_PREFIX));
         let idle = meta
             .modified()
             .ok()
@@ -212,16 +215,14 @@ fn sweep_temporaries(
 }
 
 fn walk(root: &Path, dir: &Path, out: &mut Vec<ObjectInfo>) -> Result<()> {
-    let rd = match fs::read_dir(dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io(dir, e)),
+    let Some(rd) = read_dir(dir)? else {
+        return Ok(());
     };
     for entry in rd {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if name.starts_with(".tmp-") {
+        if name.starts_with(TEMP_PREFIX) {
             continue; // debris of an interrupted put: never an object
         }
         let path = entry.path();

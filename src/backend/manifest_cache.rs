@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{Backend, ObjectInfo, ObjectWriter};
+use crate::atomic_file::TEMP_PREFIX;
 use crate::error::Result;
 use crate::id::ObjectId;
 
@@ -68,7 +69,9 @@ impl ManifestCache {
 
     /// Best effort: a copy that cannot be written is fetched next time.
     fn write(&self, id: &str, data: &[u8]) {
-        let tmp = self.dir.join(format!(".tmp-{id}-{}", std::process::id()));
+        let tmp = self
+            .dir
+            .join(format!("{TEMP_PREFIX}{id}-{}", std::process::id()));
         let mut file = Vec::with_capacity(HASH_LEN + data.len());
         file.extend_from_slice(blake3::hash(data).as_bytes());
         file.extend_from_slice(data);
@@ -90,7 +93,7 @@ impl ManifestCache {
         for e in entries.flatten() {
             let name = e.file_name();
             let name = name.to_string_lossy();
-            if !keep.contains(name.as_ref()) && !name.starts_with(".tmp-") {
+            if !keep.contains(name.as_ref()) && !name.starts_with(TEMP_PREFIX) {
                 let _ = fs::remove_file(e.path());
             }
         }

@@ -46,10 +46,7 @@ pub fn run(g: &Global, a: RestoreArgs) -> Result<ExitCode> {
             .with_context(|| format!("creating folder {}", a.to.display()))?;
         for disk in &snap.disks {
             // The name becomes a file name: one plain path component.
-            let plain = std::path::Path::new(&disk.name).components().count() == 1
-                && !matches!(disk.name.as_str(), "" | "." | "..")
-                && !disk.name.contains('/');
-            if !plain {
+            if matches!(disk.name.as_str(), "" | "." | "..") || disk.name.contains('/') {
                 anyhow::bail!(
                     "disk name {:?} of snapshot {} is not a plain file name; restore it with --disk and --to",
                     disk.name,
