@@ -99,6 +99,43 @@ pub struct CheckReport {
     /// Packs those marks will delete.
     pub packs_marked: usize,
     pub protected_snapshots: usize,
+    /// Lost-chunk records (written by `check --repair`, see `crate::lost`).
+    pub lost_records: usize,
+    /// Of the damaged chunks, those a record names as lost: they heal when
+    /// a backup stores the same data again.
+    pub chunks_known_lost: usize,
+    /// Where the damage lies, for `check --repair`.
+    #[serde(skip)]
+    pub damage: Damage,
+}
+
+/// The damage `check` found, by pack: what a repair works from.
+#[derive(Debug, Default)]
+pub struct Damage {
+    /// Existing packs holding chunks that failed verification.
+    pub bad_chunks: HashMap<ObjectId, HashSet<ChunkId>>,
+    /// Existing packs whose trailer does not open.
+    pub bad_trailers: HashSet<ObjectId>,
+    /// Packs that index entries name but that do not exist.
+    pub missing_packs: HashSet<ObjectId>,
+    /// Packs that could not be read at all (an I/O or store error, not
+    /// damage that was seen): a repair must not judge them.
+    pub unreadable_packs: Vec<(ObjectId, String)>,
+    /// Referenced chunks that are damaged or in no index.
+    pub referenced_damaged: HashSet<ChunkId>,
+    /// Ids of the snapshots that reference damaged or missing data.
+    pub snapshots: Vec<String>,
+}
+
+impl Damage {
+    /// Packs a repair rewrites: those with damaged chunks or trailers.
+    pub fn packs_to_repair(&self) -> HashSet<ObjectId> {
+        self.bad_chunks
+            .keys()
+            .chain(&self.bad_trailers)
+            .copied()
+            .collect()
+    }
 }
 
 impl CheckReport {
@@ -116,6 +153,10 @@ pub fn check(repo: &Repository, read_data: ReadData, threads: usize) -> Result<C
     // 1. Packs and their trailers.
     let packs = backend.list("packs/")?;
     report.packs = packs.len();
+    let listed: HashSet<ObjectId> = packs
+        .iter()
+        .filter_map(|p| pack::pack_id_from_name(&p.name))
+        .collect();
     let mut trailers: HashMap<ObjectId, HashMap<ChunkId, BlobEntry>> = HashMap::new();
     let mut bad_packs: HashSet<ObjectId> = HashSet::new();
     for p in &packs {
@@ -129,6 +170,11 @@ pub fn check(repo: &Repository, read_data: ReadData, threads: usize) -> Result<C
             }
             Err(e) => {
                 report.problems.push(format!("pack {}: {e}", p.name));
+                if e.is_damage() {
+                    report.damage.bad_trailers.insert(pid);
+                } else {
+                    report.damage.unreadable_packs.push((pid, e.to_string()));
+                }
                 bad_packs.insert(pid);
             }
         }
@@ -150,6 +196,9 @@ pub fn check(repo: &Repository, read_data: ReadData, threads: usize) -> Result<C
                             .entry(id)
                             .or_insert_with(|| format!("in damaged pack {pname}"));
                     } else {
+                        if !listed.contains(&loc.pack) {
+                            report.damage.missing_packs.insert(loc.pack);
+                        }
                         match trailers.get(&loc.pack).and_then(|t| t.get(&id)) {
                             None => {
                                 damaged.entry(id).or_insert_with(|| {
@@ -188,7 +237,8 @@ pub fn check(repo: &Repository, read_data: ReadData, threads: usize) -> Result<C
             .num_threads(threads.max(1))
             .build()
             .map_err(|e| Error::Invalid(format!("thread pool: {e}")))?;
-        let found = Mutex::new(Vec::<(ChunkId, String)>::new());
+        let found = Mutex::new(Vec::<(ObjectId, ChunkId, String)>::new());
+        let unreadable = Mutex::new(Vec::<(ObjectId, String)>::new());
         let read = std::sync::atomic::AtomicUsize::new(0);
         let pack_list: Vec<(&ObjectId, &HashMap<ChunkId, BlobEntry>)> = trailers
             .iter()
@@ -203,8 +253,12 @@ pub fn check(repo: &Repository, read_data: ReadData, threads: usize) -> Result<C
                     Err(e) => {
                         let mut f = found.lock().expect("lock");
                         for id in entries.keys() {
-                            f.push((*id, format!("pack {pname} unreadable: {e}")));
+                            f.push((**pid, *id, format!("pack {pname} unreadable: {e}")));
                         }
+                        unreadable
+                            .lock()
+                            .expect("lock")
+                            .push((**pid, e.to_string()));
                         return;
                     }
                 };
@@ -214,14 +268,23 @@ pub fn check(repo: &Repository, read_data: ReadData, threads: usize) -> Result<C
                 read.fetch_add(sorted.len(), std::sync::atomic::Ordering::Relaxed);
                 let bad = verify_blobs(repo, &pname, &mut data, &sorted);
                 if !bad.is_empty() {
-                    found.lock().expect("lock").extend(bad);
+                    found
+                        .lock()
+                        .expect("lock")
+                        .extend(bad.into_iter().map(|(id, why)| (**pid, id, why)));
                 }
             })
         });
         report.chunks_read = read.into_inner();
-        for (id, reason) in found.into_inner().expect("lock") {
+        let unreadable = unreadable.into_inner().expect("lock");
+        let unreadable_ids: HashSet<ObjectId> = unreadable.iter().map(|(p, _)| *p).collect();
+        for (pid, id, reason) in found.into_inner().expect("lock") {
+            if !unreadable_ids.contains(&pid) {
+                report.damage.bad_chunks.entry(pid).or_default().insert(id);
+            }
             damaged.entry(id).or_insert(reason);
         }
+        report.damage.unreadable_packs.extend(unreadable);
     }
 
     // 4. GC marks and protect objects: they must open; a mark is not damage.
@@ -247,12 +310,19 @@ pub fn check(repo: &Repository, read_data: ReadData, threads: usize) -> Result<C
     for e in bad_snaps {
         report.problems.push(format!("snapshot manifest: {e}"));
     }
+    let (lost_records, bad_lost) = crate::lost::read_all(backend, keys)?;
+    report.lost_records = lost_records.len() + bad_lost.len();
+    for e in bad_lost {
+        report.problems.push(format!("lost-chunk record: {e}"));
+    }
+    let lost = crate::lost::lost_chunks(&lost_records);
     let mut walker = Walker {
         repo,
         indexed: &indexed,
         damaged: &mut damaged,
         memo: HashMap::new(),
         problems: Vec::new(),
+        referenced_bad: HashSet::new(),
     };
     for s in &snaps {
         let mut bad = false;
@@ -265,9 +335,19 @@ pub fn check(repo: &Repository, read_data: ReadData, threads: usize) -> Result<C
             report
                 .damaged_snapshots
                 .push(format!("{} ({} at {})", s.id, s.vm, s.time));
+            report.damage.snapshots.push(s.id.clone());
         }
     }
     report.problems.extend(walker.problems);
+    report.damage.referenced_damaged = std::mem::take(&mut walker.referenced_bad);
+    for (id, reason) in damaged.iter_mut() {
+        if lost.contains(id) && !indexed.contains_key(id) {
+            report.chunks_known_lost += 1;
+            reason.push_str(
+                " (lost, as a repair recorded: the next backup of a VM whose disk still holds this data stores it again)",
+            );
+        }
+    }
     let mut dl: Vec<(String, String)> = damaged
         .into_iter()
         .map(|(id, r)| (id.to_hex(), r))
@@ -347,6 +427,8 @@ struct Walker<'a> {
     /// node id → does its subtree reference damage?
     memo: HashMap<ChunkId, bool>,
     problems: Vec<String>,
+    /// Referenced chunks found damaged or missing.
+    referenced_bad: HashSet<ChunkId>,
 }
 
 impl Walker<'_> {
@@ -354,15 +436,14 @@ impl Walker<'_> {
         if id.is_zero() {
             return false;
         }
-        if self.damaged.contains_key(id) {
-            return true;
+        if !self.damaged.contains_key(id) && self.indexed.contains_key(id) {
+            return false;
         }
-        if !self.indexed.contains_key(id) {
-            self.damaged
-                .insert(*id, "referenced but not in any index".into());
-            return true;
-        }
-        false
+        self.damaged
+            .entry(*id)
+            .or_insert_with(|| "referenced but not in any index".into());
+        self.referenced_bad.insert(*id);
+        true
     }
 
     fn subtree_bad(&mut self, node: ChunkId, depth: u8) -> Result<bool> {
@@ -379,6 +460,7 @@ impl Walker<'_> {
                 Some(ChunkKind::Map) => {}
                 _ => {
                     self.damaged.insert(node, "expected a map node".into());
+                    self.referenced_bad.insert(node);
                     self.memo.insert(node, true);
                     return Ok(true);
                 }
@@ -390,6 +472,7 @@ impl Walker<'_> {
             {
                 Err(e) if e.is_damage() => {
                     self.damaged.entry(node).or_insert_with(|| e.to_string());
+                    self.referenced_bad.insert(node);
                     true
                 }
                 Err(e) => return Err(e),

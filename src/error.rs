@@ -35,14 +35,14 @@ pub enum Error {
     #[error("{name} is damaged: {reason}")]
     Corrupt { name: String, reason: String },
 
-    #[error("chunk {id} in pack {pack} is damaged ({reason}); run `ekko check --read-data` for the full list")]
+    #[error("chunk {id} in pack {pack} is damaged ({reason}); `ekko check --read-data --repair` saves what is intact, and the next backup of the same data replaces the rest")]
     ChunkDamaged {
         id: ChunkId,
         pack: String,
         reason: String,
     },
 
-    #[error("chunk {id} is referenced but is not in any pack of the repository index; if index files were lost or damaged, run `ekko index rebuild`")]
+    #[error("chunk {id} is referenced but is not in any pack of the repository index; run `ekko check`: it tells lost data (which a later backup of the same data brings back) from lost index files (which `ekko index rebuild` restores)")]
     ChunkMissing { id: ChunkId },
 
     #[error(

@@ -17,6 +17,7 @@ pub const MAGIC_SNAPSHOT: &[u8; 8] = b"EKKOSNAP";
 pub const MAGIC_LOCK: &[u8; 8] = b"EKKOLOCK";
 pub const MAGIC_GC_MARK: &[u8; 8] = b"EKKOGCMK";
 pub const MAGIC_PROTECT: &[u8; 8] = b"EKKOPROT";
+pub const MAGIC_LOST: &[u8; 8] = b"EKKOLOST";
 
 /// Version written by this build, for every file kind.
 pub const VERSION: u16 = 1;

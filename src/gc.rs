@@ -241,6 +241,9 @@ pub struct Guard {
     seen: HashSet<String>,
     candidates: HashSet<ObjectId>,
     depends: Mutex<HashSet<ObjectId>>,
+    /// Chunks that a repair recorded as lost (`crate::lost`): a parent that
+    /// references one is not built on.
+    lost: HashSet<ChunkId>,
 }
 
 /// Above this many packs, one listing is cheaper than a request per pack.
@@ -257,11 +260,18 @@ impl Guard {
             tracing::warn!("ignoring a damaged GC mark: {e}");
         }
         repo.refresh_index()?;
+        let (records, bad) = crate::lost::read_all(repo.backend().as_ref(), repo.keys())?;
+        for e in bad {
+            tracing::warn!(
+                "ignoring a damaged lost-chunk record (`ekko check --repair` replaces it): {e}"
+            );
+        }
         Ok(Guard {
             started,
             seen: marks.iter().map(|m| m.name.clone()).collect(),
             candidates: marks.iter().flat_map(|m| m.mark.pack_ids()).collect(),
             depends: Mutex::new(HashSet::new()),
+            lost: crate::lost::lost_chunks(&records),
         })
     }
 
@@ -272,6 +282,7 @@ impl Guard {
             seen: HashSet::new(),
             candidates: HashSet::new(),
             depends: Mutex::new(HashSet::new()),
+            lost: HashSet::new(),
         }
     }
 
@@ -287,17 +298,18 @@ impl Guard {
     }
 
     /// An incremental keeps the parent's chunks without reading them. If
-    /// marks exist, every chunk the parent's map references must live in an
-    /// unmarked pack; otherwise the disk must be read in full. Returns why
-    /// not, or None when the parent is safe to build on.
+    /// marks or lost-chunk records exist, every chunk the parent's map
+    /// references must be indexed, in an unmarked pack; otherwise the disk
+    /// must be read in full (which stores lost chunks again: the repository
+    /// heals). Returns why not, or None when the parent is safe to build on.
     pub fn parent_blocked(&self, repo: &Repository, parent: &Disk) -> Result<Option<String>> {
-        if self.candidates.is_empty() {
+        if self.candidates.is_empty() && self.lost.is_empty() {
             return Ok(None);
         }
         let mut seen = HashSet::new();
         let mut blocked: Option<String> = None;
         let mut packs = HashSet::new();
-        walk_map(repo, &parent.map, &mut seen, &mut |id, _| {
+        let walked = walk_map(repo, &parent.map, &mut seen, &mut |id, _| {
             if blocked.is_some() {
                 return Ok(());
             }
@@ -311,10 +323,22 @@ impl Guard {
                 Some(loc) => {
                     packs.insert(loc.pack);
                 }
+                None if self.lost.contains(&id) => {
+                    blocked = Some(format!(
+                        "the parent's chunk {id} was lost (a repair recorded it): reading the disk in full stores it again if the disk still holds it"
+                    ));
+                }
                 None => blocked = Some(format!("the parent's chunk {id} is not indexed")),
             }
             Ok(())
-        })?;
+        });
+        match walked {
+            // A lost or damaged map node: the parent's map cannot be used.
+            Err(e) if e.is_damage() => {
+                return Ok(Some(format!("the parent's block map cannot be read ({e})")));
+            }
+            r => r?,
+        }
         if blocked.is_none() {
             self.depends.lock().expect("guard lock").extend(packs);
         }
@@ -409,6 +433,7 @@ mod tests {
             seen: HashSet::new(),
             candidates: [ObjectId([1; 16])].into(),
             depends: Mutex::new(HashSet::new()),
+            lost: HashSet::new(),
         };
         assert!(!g.reuse(ObjectId([1; 16])));
         assert!(g.reuse(ObjectId([2; 16])));

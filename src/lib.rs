@@ -21,6 +21,7 @@ pub mod id;
 pub mod index;
 mod kdf_memory;
 pub mod lock;
+pub mod lost;
 pub mod pack;
 pub mod prune;
 pub mod ratelimit;

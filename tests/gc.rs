@@ -3,8 +3,8 @@
 //! all-in-one of `tests/s3.rs`, each test under its own prefix): exact
 //! retention sets on a synthetic history, prune reclaiming space, backups
 //! and `forget --prune` racing each other, prunes and backups killed at
-//! random points, the store going away mid-prune, and dry runs that change
-//! nothing.
+//! random points, the store going away mid-prune, dry runs that change
+//! nothing, and `check --repair` with the backups that heal what it lost.
 //!
 //! Each scenario is one function taking a [`Store`]; `on_both_stores!`
 //! turns it into `gc::<scenario>::local` and `gc::<scenario>::s3`. Commands
@@ -100,8 +100,10 @@ on_both_stores!(
     a_marked_pack_that_a_snapshot_came_to_need_is_kept,
     a_kept_pack_that_is_mostly_garbage_is_repacked_in_the_same_prune,
     a_mark_never_comes_due_before_its_grace_period,
+    a_repair_saves_intact_chunks_and_the_next_backup_heals_every_snapshot,
 );
 local_only!(
+    a_lost_pack_is_repaired_and_healed_with_its_block_map,
     prune_removes_temporary_files_that_killed_writers_left,
     a_backup_never_deduplicates_against_marked_packs,
     a_backup_that_outlives_a_new_marks_grace_aborts_without_committing,
@@ -1421,4 +1423,198 @@ fn a_mark_never_comes_due_before_its_grace_period(store: Store) {
         assert_eq!(r["packs_deleted"], 0, "{r}");
     }
     check_read_data(&env);
+}
+
+/// A live VM disk of distinct 64 KiB chunks (a constant pattern each),
+/// backed up in full, then incrementally after one more write. Returns the
+/// daemon, the two snapshot ids and their disk hashes.
+fn two_live_snapshots(env: &Env) -> (qsd::Qsd, [String; 2], [String; 2]) {
+    let qsd = qsd::Qsd::start(1, 16 * MIB as u64);
+    let writes: Vec<(u8, u64, u64)> = (0..32u8)
+        .map(|i| (i + 1, u64::from(i) * 64 * KIB as u64, 64 * KIB as u64))
+        .collect();
+    qsd.write_each("disk0", &writes);
+    let first = live_backup(env, &qsd);
+    assert_eq!(first["disks"][0]["mode"], "full", "{first}");
+    let sha1 = qsd.reference("disk0", &env.path("ref.img"));
+    qsd.write("disk0", 0x77, 8 * MIB as u64, 64 * KIB as u64);
+    let second = live_backup(env, &qsd);
+    assert_ne!(second["disks"][0]["mode"], "full", "{second}");
+    let sha2 = qsd.reference("disk0", &env.path("ref.img"));
+    let id = |v: &Value| v["id"].as_str().unwrap().to_string();
+    (qsd, [id(&first), id(&second)], [sha1, sha2])
+}
+
+fn live_backup(env: &Env, qsd: &qsd::Qsd) -> Value {
+    json(
+        env,
+        &[
+            "backup",
+            "--vm",
+            "live",
+            "--qmp",
+            qsd.qmp_path().to_str().unwrap(),
+            "--workdir",
+            qsd.workdir().to_str().unwrap(),
+            "--threads",
+            "1",
+        ],
+    )
+}
+
+/// `check` with extra arguments, as JSON, and its exit code.
+fn check_json(env: &Env, extra: &[&str]) -> (Value, Option<i32>) {
+    let mut args = vec!["check", "--json"];
+    args.extend_from_slice(extra);
+    let out = run(env, &args);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "check printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (v, out.status.code())
+}
+
+fn a_repair_saves_intact_chunks_and_the_next_backup_heals_every_snapshot(store: Store) {
+    let env = new_repo(store, "repair");
+    let (qsd, [s1, s2], [sha1, sha2]) = two_live_snapshots(&env);
+    let b = objects(&env);
+    // Damage one data chunk of the full backup's pack (the pack with the
+    // most data chunks), as bit rot would.
+    let repo = open_repo(&env);
+    let (victim, offset) = b
+        .list("packs/")
+        .unwrap()
+        .into_iter()
+        .map(|o| {
+            let t = ekko::pack::read_trailer(b.as_ref(), repo.keys(), &o.name).unwrap();
+            let data: Vec<u64> = t
+                .iter()
+                .filter(|e| e.kind == ekko::format::ChunkKind::Data)
+                .map(|e| e.offset)
+                .collect();
+            (o.name, data)
+        })
+        .max_by_key(|(_, data)| data.len())
+        .map(|(n, data)| (n, data.into_iter().min().unwrap()))
+        .unwrap();
+    drop(repo);
+    let mut data = b.get(&victim).unwrap();
+    data[usize::try_from(offset).unwrap() + 8] ^= 0x40;
+    b.put(&victim, &data).unwrap();
+
+    let (found, code) = check_json(&env, &["--read-data"]);
+    assert_eq!(code, Some(3), "{found}");
+    assert_eq!(
+        found["damaged_chunks"].as_array().unwrap().len(),
+        1,
+        "{found}"
+    );
+
+    // The repair keeps every intact chunk, drops the damaged one, and
+    // names both snapshots as incomplete (the incremental inherited it).
+    let (r, code) = check_json(&env, &["--read-data", "--repair"]);
+    assert_eq!(code, Some(3), "lost data remains: {r}");
+    let rep = &r["repair"];
+    assert_eq!(rep["packs_replaced"], 1, "{r}");
+    assert_eq!(rep["chunks_dropped"], 1, "{r}");
+    assert!(rep["chunks_salvaged"].as_u64().unwrap() >= 31, "{r}");
+    assert_eq!(rep["chunks_lost"], 1, "{r}");
+    let incomplete: BTreeSet<String> = rep["snapshots_incomplete"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(incomplete, [s1.clone(), s2.clone()].into(), "{r}");
+    assert!(
+        b.list("packs/").unwrap().iter().all(|o| o.name != victim),
+        "the damaged pack is still there"
+    );
+    assert_eq!(b.list("lost/").unwrap().len(), 1);
+    // Nothing damaged is left: only the lost chunk, known as such.
+    let (after, code) = check_json(&env, &["--read-data"]);
+    assert_eq!(code, Some(3), "{after}");
+    assert_eq!(after["chunks_known_lost"], 1, "{after}");
+    assert_eq!(after["damaged_chunks"].as_array().unwrap().len(), 1);
+    // A second repair finds nothing more to do and keeps the record.
+    let (again, _) = check_json(&env, &["--read-data", "--repair"]);
+    assert_eq!(again["repair"]["packs_replaced"], 0, "{again}");
+    assert_eq!(again["repair"]["lost_records_removed"], 0, "{again}");
+    assert_eq!(b.list("lost/").unwrap().len(), 1);
+
+    // A restore that needs the lost chunk fails and names the way out.
+    let to = env.path("lost.img");
+    let out = run(&env, &["restore", &s1, "--to", to.to_str().unwrap()]);
+    assert_clean_failure(&out, "ekko check");
+    assert!(!to.exists());
+
+    // Prune runs beside the known loss, and deletes nothing anyone needs.
+    age_past_grace(store);
+    let p = prune(&env, &[]);
+    assert_eq!(p["chunks_lost"], 1, "{p}");
+    assert_eq!(p["lost_records_removed"], 0, "{p}");
+
+    // The next backup could be an incremental, but its parent references
+    // the lost chunk: it reads the disk in full, stores the chunk again,
+    // and with that both older snapshots are whole again.
+    let heal = live_backup(&env, &qsd);
+    let d = &heal["disks"][0];
+    assert_eq!(d["mode"], "full", "{heal}");
+    assert!(d["reason"].as_str().unwrap().contains("lost"), "{heal}");
+    let (healed, code) = check_json(&env, &["--read-data"]);
+    assert_eq!(code, Some(0), "{healed}");
+    assert_eq!(restore_disk_sha(&env, &s1, "disk0"), sha1);
+    assert_eq!(restore_disk_sha(&env, &s2, "disk0"), sha2);
+    assert_eq!(
+        restore_disk_sha(&env, heal["id"].as_str().unwrap(), "disk0"),
+        sha2
+    );
+    // Prune sees nothing lost any more and removes the record; backups are
+    // incremental again.
+    let p = prune(&env, &[]);
+    assert_eq!(p["chunks_lost"], 0, "{p}");
+    assert_eq!(p["lost_records_removed"], 1, "{p}");
+    assert!(b.list("lost/").unwrap().is_empty());
+    qsd.write("disk0", 0x78, 9 * MIB as u64, 4 * KIB as u64);
+    let next = live_backup(&env, &qsd);
+    assert_ne!(next["disks"][0]["mode"], "full", "{next}");
+    check_read_data(&env);
+}
+
+fn a_lost_pack_is_repaired_and_healed_with_its_block_map(store: Store) {
+    // The incremental's own pack (its new chunk and its block map) is lost.
+    let env = new_repo(store, "lostpack");
+    let (qsd, [s1, s2], [sha1, sha2]) = two_live_snapshots(&env);
+    let b = objects(&env);
+    let mut packs = b.list("packs/").unwrap();
+    packs.sort_by_key(|o| o.modified);
+    let newest = packs.last().unwrap().name.clone();
+    b.delete(&newest).unwrap();
+
+    let (found, code) = check_json(&env, &[]);
+    assert_eq!(code, Some(3), "{found}");
+    let (r, code) = check_json(&env, &["--repair"]);
+    assert_eq!(code, Some(3), "{r}");
+    assert_eq!(r["repair"]["packs_missing"], 1, "{r}");
+    assert_eq!(
+        r["repair"]["snapshots_incomplete"],
+        serde_json::json!([s2]),
+        "{r}"
+    );
+    // The older snapshot never needed that pack.
+    assert_eq!(restore_disk_sha(&env, &s1, "disk0"), sha1);
+    // Prune will not guess at a snapshot whose block map is lost.
+    let out = run(&env, &["prune", "--grace", GRACE, "--clock-skew", "0s"]);
+    assert_clean_failure(&out, "forget the snapshot");
+
+    // The guest did not write since: a full read stores the same chunk and
+    // the same map nodes again, and the incremental is whole.
+    let heal = live_backup(&env, &qsd);
+    assert_eq!(heal["disks"][0]["mode"], "full", "{heal}");
+    check_read_data(&env);
+    assert_eq!(restore_disk_sha(&env, &s2, "disk0"), sha2);
+    let p = prune(&env, &[]);
+    assert_eq!(p["lost_records_removed"], 1, "{p}");
 }

@@ -17,6 +17,15 @@ pub struct CheckArgs {
     /// everything each week), or `P%` for a random P percent.
     #[arg(long, value_name = "N/M|P%", value_parser = ReadData::parse_subset)]
     read_data_subset: Option<ReadData>,
+    /// Repair what the check finds, under the exclusive lock: copy the
+    /// intact chunks of damaged packs into new packs, rebuild the index
+    /// (dropping damaged chunks and packs that are gone), delete the
+    /// damaged packs, and record what snapshots still lack, so that the
+    /// next backup of each affected VM reads its disks in full and, where
+    /// they still hold the data, brings those snapshots back whole. Give it
+    /// with --read-data to find every damaged chunk.
+    #[arg(long)]
+    repair: bool,
     #[arg(long)]
     json: bool,
     #[arg(long, default_value_t = super::default_threads())]
@@ -30,6 +39,47 @@ pub fn run(g: &Global, a: CheckArgs) -> Result<ExitCode> {
         (true, None) => ReadData::All,
         (false, None) => ReadData::None,
     };
+    if a.repair {
+        if read == ReadData::None && !g.quiet {
+            eprintln!("note: without --read-data only structural damage is found and repaired");
+        }
+        let r = ekko::repair::check_and_repair(&repo, read, a.threads)?;
+        if a.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "before": r.before,
+                    "repair": r.repair,
+                    "after": r.after,
+                }))?
+            );
+        } else {
+            if !r.before.ok() {
+                println!("found:");
+                for p in &r.before.problems {
+                    println!("  {p}");
+                }
+            }
+            print_repair(&r.repair);
+            if !r.after.ok() {
+                println!("after the repair:");
+                for p in &r.after.problems {
+                    println!("  {p}");
+                }
+            }
+            if !g.quiet {
+                eprintln!(
+                    "{}",
+                    if r.after.ok() {
+                        "the repository checks clean".to_string()
+                    } else {
+                        format!("{} problems remain", r.after.problems.len())
+                    }
+                );
+            }
+        }
+        return Ok(exit(r.after.ok()));
+    }
     let r = ekko::check::check(&repo, read, a.threads)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
@@ -64,6 +114,11 @@ pub fn run(g: &Global, a: CheckArgs) -> Result<ExitCode> {
                     r.gc_marks, r.packs_marked
                 );
             }
+            if !r.ok() {
+                eprintln!(
+                    "`ekko check --read-data --repair` keeps every intact chunk, drops the damage, and has the next backup of each affected VM store lost data again"
+                );
+            }
             if r.unreferenced_packs > 0 {
                 eprintln!(
                     "{} pack(s) are not referenced by any index (left by interrupted backups)",
@@ -72,9 +127,45 @@ pub fn run(g: &Global, a: CheckArgs) -> Result<ExitCode> {
             }
         }
     }
-    Ok(if r.ok() {
+    Ok(exit(r.ok()))
+}
+
+fn exit(ok: bool) -> ExitCode {
+    if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(3)
-    })
+    }
+}
+
+fn print_repair(r: &ekko::repair::RepairReport) {
+    println!(
+        "repair: {} damaged pack(s) replaced by {} new pack(s): {} intact chunk(s) saved, {} damaged chunk(s) dropped; {} missing pack(s) dropped from the index",
+        r.packs_replaced, r.packs_written, r.chunks_salvaged, r.chunks_dropped, r.packs_missing
+    );
+    if r.index_files_written + r.index_files_removed > 0 {
+        println!(
+            "repair: index rewritten: {} file(s) written, {} removed",
+            r.index_files_written, r.index_files_removed
+        );
+    }
+    if r.chunks_lost > 0 {
+        println!(
+            "repair: {} chunk(s) are lost; {} snapshot(s) reference them and are incomplete until a backup stores the same data again:",
+            r.chunks_lost,
+            r.snapshots_incomplete.len()
+        );
+        for s in &r.snapshots_incomplete {
+            println!("  {s}");
+        }
+        println!(
+            "repair: the next backup of those VMs reads their disks in full (recorded in {}); forget the snapshots whose data is gone for good",
+            r.lost_record.as_deref().unwrap_or("a lost-chunk record")
+        );
+    } else if r.lost_records_removed > 0 {
+        println!(
+            "repair: every chunk recorded as lost is back; {} lost-chunk record(s) removed",
+            r.lost_records_removed
+        );
+    }
 }

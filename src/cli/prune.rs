@@ -102,6 +102,18 @@ pub fn print_report(g: &Global, r: &PruneReport, json: bool) -> Result<()> {
             would
         );
     }
+    if r.chunks_lost > 0 {
+        println!(
+            "lost chunks (recorded by a repair) still referenced: {}; the snapshots that need them stay incomplete until a backup stores the data again",
+            r.chunks_lost
+        );
+    }
+    if r.lost_records_removed > 0 {
+        println!(
+            "lost-chunk records {}removed (their chunks are back, or no longer referenced): {}",
+            would, r.lost_records_removed
+        );
+    }
     println!(
         "index: {} files {}written, {} {}removed; {:.2} s",
         r.index_files_written, would, r.index_files_removed, would, r.seconds

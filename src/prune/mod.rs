@@ -106,6 +106,12 @@ pub struct PruneReport {
     /// Temporary files left by killed writers (a local folder), removed.
     pub temporaries_removed: usize,
     pub bytes_temporaries: u64,
+    /// Referenced chunks that a repair recorded as lost and that are still
+    /// missing (see `crate::lost`).
+    pub chunks_lost: usize,
+    /// Lost-chunk records removed: none of their chunks is both referenced
+    /// and missing any more (healed by a backup, or forgotten).
+    pub lost_records_removed: usize,
     pub seconds: f64,
 }
 
@@ -244,7 +250,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
             gc::walk_map(repo, &d.map, &mut referenced, &mut |_, _| Ok(())).map_err(|e| {
                 if e.is_damage() {
                     unsafe_(format!(
-                        "the block map of disk {} of snapshot {} cannot be read ({e})",
+                        "the block map of disk {} of snapshot {} cannot be read ({e}); if a repair recorded it as lost, back the VM up again (which then reads its disks in full) or forget the snapshot",
                         d.name, s.id
                     ))
                 } else {
@@ -254,16 +260,32 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
         }
     }
     report.chunks_referenced = referenced.len();
+    // A referenced chunk that nothing holds is damage. Only what a repair
+    // recorded as lost is understood (and has nothing to keep); anything
+    // else stops the prune.
+    let (lost_records, bad_lost) = crate::lost::read_all(backend, keys)?;
+    if let Some(e) = bad_lost.first() {
+        return Err(unsafe_(format!(
+            "a lost-chunk record is unreadable ({e}); run `ekko check --read-data --repair`"
+        )));
+    }
+    let lost = crate::lost::lost_chunks(&lost_records);
+    let mut missing: HashSet<ChunkId> = HashSet::new();
     for id in &referenced {
         let held = locs
             .get(id)
             .is_some_and(|v| v.iter().any(|l| packs.contains_key(&l.pack)));
         if !held {
-            return Err(unsafe_(format!(
-                "chunk {id} is referenced but in no existing indexed pack"
-            )));
+            if !lost.contains(id) {
+                return Err(unsafe_(format!(
+                    "chunk {id} is referenced but in no existing indexed pack; run `ekko check --read-data --repair`"
+                )));
+            }
+            missing.insert(*id);
         }
     }
+    report.chunks_lost = missing.len();
+    referenced.retain(|id| !missing.contains(id));
 
     // Which chunks each pack holds, by the index.
     let mut pack_chunks: HashMap<ObjectId, Vec<ChunkId>> = HashMap::new();
@@ -499,6 +521,12 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
         for m in &due {
             backend.delete(&m.name)?;
             step();
+        }
+        for r in &lost_records {
+            if !r.record.chunk_ids().any(|c| missing.contains(&c)) {
+                backend.delete(&r.name)?;
+                report.lost_records_removed += 1;
+            }
         }
     }
     let mut pending_times: Vec<SystemTime> = pending
