@@ -101,7 +101,8 @@ pub fn rebuild_index(repo: &Repository) -> Result<RebuildReport> {
         }
     }
     report.chunks = entries.len();
-    (report.index_files_written, report.index_files_removed) = replace_index(repo, &entries, &old)?;
+    (report.index_files_written, report.index_files_removed) =
+        replace_index(repo, &entries, &old, &|| {})?;
     Ok(report)
 }
 
@@ -111,6 +112,7 @@ fn replace_index(
     repo: &Repository,
     entries: &[(ChunkId, Location)],
     old: &[String],
+    step: &dyn Fn(),
 ) -> Result<(usize, usize)> {
     let backend = repo.backend().as_ref();
     let mut written = 0;
@@ -119,9 +121,11 @@ fn replace_index(
         let data = format::seal_file(repo.keys(), MAGIC_INDEX, &name, &format::encode_index(part));
         backend.put(&name, &data)?;
         written += 1;
+        step();
     }
     for name in old {
         backend.delete(name)?;
+        step();
     }
     Ok((written, old.len()))
 }
@@ -160,12 +164,19 @@ pub struct Repaired {
 
 /// `ekko check --repair`: check (reading the packs `read_data` names),
 /// then repair what was found. Chunk damage is only found in the packs
-/// that are read, so `ReadData::All` finds everything.
+/// that are read, so `ReadData::All` finds everything. `step_delay`
+/// (crash tests) pauses after every change to the repository.
 pub fn check_and_repair(
     repo: &Repository,
     read_data: ReadData,
     threads: usize,
+    step_delay: Option<std::time::Duration>,
 ) -> Result<Repaired> {
+    let step = || {
+        if let Some(d) = step_delay {
+            std::thread::sleep(d);
+        }
+    };
     let backend = repo.backend().as_ref();
     let keys = repo.keys();
     let _lock = Lock::exclusive(repo.backend(), keys, "check --repair")?;
@@ -205,12 +216,14 @@ pub fn check_and_repair(
                 if w.len() >= limit {
                     entries.extend(writer.take().expect("present").finish(keys)?);
                     report.packs_written += 1;
+                    step();
                 }
             }
         }
         if let Some(w) = writer.take().filter(|w| !w.is_empty()) {
             entries.extend(w.finish(keys)?);
             report.packs_written += 1;
+            step();
         }
 
         // 2. The index, from the trailers of every other pack.
@@ -230,12 +243,13 @@ pub fn check_and_repair(
             );
         }
         (report.index_files_written, report.index_files_removed) =
-            replace_index(repo, &entries, &old_index)?;
+            replace_index(repo, &entries, &old_index, &step)?;
 
         // 3. Only now that nothing names them: the damaged packs.
         for p in &to_repair {
             backend.delete(&pack::pack_name(p))?;
             report.packs_replaced += 1;
+            step();
         }
         repo.refresh_index()?;
     }
@@ -267,12 +281,14 @@ pub fn check_and_repair(
                 },
             )?;
             report.lost_record = Some(name);
+            step();
         }
         // The damaged ones too: they hold no hint a repair needs.
         for o in backend.list(crate::lost::LOST_PREFIX)? {
             if Some(&o.name) != report.lost_record.as_ref() {
                 backend.delete(&o.name)?;
                 report.lost_records_removed += 1;
+                step();
             }
         }
         after = check::check(repo, ReadData::None, threads)?;

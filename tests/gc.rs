@@ -104,6 +104,7 @@ on_both_stores!(
 );
 local_only!(
     a_lost_pack_is_repaired_and_healed_with_its_block_map,
+    killing_a_repair_at_random_points_loses_nothing_intact,
     prune_removes_temporary_files_that_killed_writers_left,
     a_backup_never_deduplicates_against_marked_packs,
     a_backup_that_outlives_a_new_marks_grace_aborts_without_committing,
@@ -1617,4 +1618,90 @@ fn a_lost_pack_is_repaired_and_healed_with_its_block_map(store: Store) {
     assert_eq!(restore_disk_sha(&env, &s2, "disk0"), sha2);
     let p = prune(&env, &[]);
     assert_eq!(p["lost_records_removed"], 1, "{p}");
+}
+
+/// Damage exactly one data chunk of `pack` (its lowest-offset one); returns
+/// that chunk's id.
+fn rot_one_chunk(env: &Env, pack: &str) -> String {
+    let b = objects(env);
+    let repo = open_repo(env);
+    let e = ekko::pack::read_trailer(b.as_ref(), repo.keys(), pack)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == ekko::format::ChunkKind::Data)
+        .min_by_key(|e| e.offset)
+        .unwrap();
+    let mut data = b.get(pack).unwrap();
+    data[usize::try_from(e.offset).unwrap() + 8] ^= 0x40;
+    b.put(pack, &data).unwrap();
+    e.id.to_hex()
+}
+
+fn killing_a_repair_at_random_points_loses_nothing_intact(store: Store) {
+    let env = new_repo(store, "killrepair");
+    let seed: u64 = rand::random();
+    eprintln!("seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    // Two VMs; rot one chunk of the first one's first pack.
+    let a = env.path("a.img");
+    let b_img = env.path("b.img");
+    write_file(&a, &random_bytes(31, 4 * MIB));
+    write_file(&b_img, &random_bytes(32, 4 * MIB));
+    let sa = backup(&env, "a", &a, None);
+    let packs_a = objects(&env).list("packs/").unwrap();
+    let sb = backup(&env, "b", &b_img, None);
+    let victim = rot_one_chunk(&env, &packs_a[0].name);
+    let (r, _) = check_json(&env, &["--read-data"]);
+    assert_eq!(r["damaged_snapshots"].as_array().unwrap().len(), 1, "{r}");
+
+    let args = [
+        "check",
+        "--read-data",
+        "--repair",
+        "--crash-test-delay",
+        "20ms",
+    ];
+    let t = Instant::now();
+    let out = run(&env, &["check", "--read-data"]);
+    assert_eq!(out.status.code(), Some(3));
+    let startup = u64::try_from(t.elapsed().as_millis()).unwrap();
+    let mut killed = 0;
+    for round in 0..8u64 {
+        let mut child = ekko(&env)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(kill_instant(&mut rng, 2 * startup + 300, round, 8));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL, by pid
+            killed += 1;
+        }
+        child.wait().unwrap();
+        ok(&env, &["unlock", "-q"]);
+        // Whatever the instant: the intact VM restores, and the only
+        // damage is the one chunk, in the one snapshot.
+        assert_eq!(restore_sha(&env, &sb), sha256_file(&b_img));
+        let (r, code) = check_json(&env, &["--read-data"]);
+        assert_eq!(code, Some(3), "{r}");
+        let damaged: Vec<&str> = r["damaged_chunks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d[0].as_str().unwrap())
+            .collect();
+        assert_eq!(damaged, [victim.as_str()], "round {round}: {r}");
+        assert_eq!(r["damaged_snapshots"].as_array().unwrap().len(), 1, "{r}");
+    }
+    eprintln!("{killed} repairs killed");
+    assert!(killed > 0, "every repair finished before the kill");
+    // A repair run to the end, then a backup of the same image, heals all.
+    let (r, code) = check_json(&env, &["--read-data", "--repair"]);
+    assert_eq!(code, Some(3), "{r}");
+    assert_eq!(r["repair"]["chunks_lost"], 1, "{r}");
+    backup(&env, "a", &a, None);
+    check_read_data(&env);
+    assert_eq!(restore_sha(&env, &sa), sha256_file(&a));
+    assert_eq!(restore_sha(&env, &sb), sha256_file(&b_img));
 }

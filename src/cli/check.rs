@@ -26,6 +26,9 @@ pub struct CheckArgs {
     /// with --read-data to find every damaged chunk.
     #[arg(long)]
     repair: bool,
+    /// Crash tests: pause after every change a repair makes.
+    #[arg(long, hide = true, value_parser = humantime::parse_duration)]
+    crash_test_delay: Option<std::time::Duration>,
     #[arg(long)]
     json: bool,
     #[arg(long, default_value_t = super::default_threads())]
@@ -43,7 +46,7 @@ pub fn run(g: &Global, a: CheckArgs) -> Result<ExitCode> {
         if read == ReadData::None && !g.quiet {
             eprintln!("note: without --read-data only structural damage is found and repaired");
         }
-        let r = ekko::repair::check_and_repair(&repo, read, a.threads)?;
+        let r = ekko::repair::check_and_repair(&repo, read, a.threads, a.crash_test_delay)?;
         if a.json {
             println!(
                 "{}",
