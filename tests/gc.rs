@@ -1620,17 +1620,22 @@ fn a_lost_pack_is_repaired_and_healed_with_its_block_map(store: Store) {
     assert_eq!(p["lost_records_removed"], 1, "{p}");
 }
 
-/// Damage exactly one data chunk of `pack` (its lowest-offset one); returns
-/// that chunk's id.
-fn rot_one_chunk(env: &Env, pack: &str) -> String {
+/// Damage exactly one data chunk of the first of `packs` that holds one
+/// (its lowest-offset one); returns that chunk's id.
+fn rot_one_chunk(env: &Env, packs: &[ekko::backend::ObjectInfo]) -> String {
     let b = objects(env);
     let repo = open_repo(env);
-    let e = ekko::pack::read_trailer(b.as_ref(), repo.keys(), pack)
-        .unwrap()
-        .into_iter()
-        .filter(|e| e.kind == ekko::format::ChunkKind::Data)
-        .min_by_key(|e| e.offset)
-        .unwrap();
+    let (pack, e) = packs
+        .iter()
+        .find_map(|p| {
+            ekko::pack::read_trailer(b.as_ref(), repo.keys(), &p.name)
+                .unwrap()
+                .into_iter()
+                .filter(|e| e.kind == ekko::format::ChunkKind::Data)
+                .min_by_key(|e| e.offset)
+                .map(|e| (p.name.as_str(), e))
+        })
+        .expect("a pack with data chunks");
     let mut data = b.get(pack).unwrap();
     data[usize::try_from(e.offset).unwrap() + 8] ^= 0x40;
     b.put(pack, &data).unwrap();
@@ -1650,7 +1655,7 @@ fn killing_a_repair_at_random_points_loses_nothing_intact(store: Store) {
     let sa = backup(&env, "a", &a, None);
     let packs_a = objects(&env).list("packs/").unwrap();
     let sb = backup(&env, "b", &b_img, None);
-    let victim = rot_one_chunk(&env, &packs_a[0].name);
+    let victim = rot_one_chunk(&env, &packs_a);
     let (r, _) = check_json(&env, &["--read-data"]);
     assert_eq!(r["damaged_snapshots"].as_array().unwrap().len(), 1, "{r}");
 
