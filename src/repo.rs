@@ -342,6 +342,50 @@ impl Repository {
         Ok(name)
     }
 
+    /// Remove the key file `key` (`keys/<id>` or `<id>`), so that its
+    /// passphrase no longer opens the repository. `current_passphrase` must
+    /// open another key file: nobody can lock themselves out, nor remove
+    /// the last key. A damaged key file may be removed too. Removing a key
+    /// file does not change the master key (see docs/FORMAT.md).
+    pub fn remove_key(&self, current_passphrase: &[u8], key: &str) -> Result<String> {
+        if !self.keys.is_encrypted() {
+            return Err(Error::Invalid(
+                "the repository is not encrypted; it has no keys".into(),
+            ));
+        }
+        let id = key.strip_prefix("keys/").unwrap_or(key);
+        if ObjectId::from_hex(id).is_none() {
+            return Err(Error::Invalid(format!(
+                "{key:?} is not a key file name: give one that `ekko key list` prints (keys/ and 32 hex digits)"
+            )));
+        }
+        let name = format!("keys/{id}");
+        let key_files = Self::key_files(self.backend.as_ref())?;
+        if !key_files.iter().any(|(n, _)| *n == name) {
+            return Err(Error::Invalid(format!(
+                "no key file {name} in this repository (see `ekko key list`)"
+            )));
+        }
+        let others: Vec<(String, Result<KeyFile>)> =
+            key_files.into_iter().filter(|(n, _)| *n != name).collect();
+        if others.is_empty() {
+            return Err(Error::Invalid(format!(
+                "{name} is the repository's only key file: removing it would make the repository unreadable"
+            )));
+        }
+        match Self::unwrap_any(others, current_passphrase, &self.config.id) {
+            Ok(_) => {}
+            Err(Error::WrongPassphrase { .. }) => {
+                return Err(Error::Invalid(format!(
+                    "the passphrase given opens no key file but {name}: removing it would lock you out. Add another passphrase first (`ekko key add`), or give one that another key file opens"
+                )));
+            }
+            Err(e) => return Err(e),
+        }
+        self.backend.delete(&name)?;
+        Ok(name)
+    }
+
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
     }

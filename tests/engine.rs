@@ -425,6 +425,67 @@ fn wrong_passphrase_is_refused_and_writes_nothing() {
     assert_clean_failure(&out, "is damaged");
 }
 
+/// Rotating passphrases: add a new one, then remove the old key file with
+/// the new passphrase. Nobody can remove the last key, nor the only one
+/// their passphrase opens.
+#[test]
+fn a_key_file_is_removed_only_while_another_one_opens_the_repository() {
+    let env = Env::init(&[]);
+    let img = env.path("d.img");
+    make_image(&img, MIB, &[(0, &random_bytes(16, MIB as usize))]);
+    let id = env.backup("vm", &[("sda", &img)]);
+    let first = env.ok(&["key", "list"]).trim().to_string();
+    assert!(first.starts_with("keys/"), "{first}");
+    let with = |pass: &str, args: &[&str]| {
+        env.cmd()
+            .env("EKKO_PASSWORD", pass)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+
+    let before = env.repo_state();
+    assert_clean_failure(&env.run(&["key", "remove", &first]), "only key file");
+    assert_clean_failure(
+        &env.run(&["key", "remove", "keys/zz"]),
+        "not a key file name",
+    );
+    let absent = format!("keys/{}", "ab".repeat(16));
+    assert_clean_failure(&env.run(&["key", "remove", &absent]), "no key file");
+    assert_eq!(
+        env.repo_state(),
+        before,
+        "a refused removal changed the repository"
+    );
+
+    let out = env
+        .cmd()
+        .env("EKKO_NEW_PASSWORD", "new one")
+        .args(["key", "add"])
+        .output()
+        .unwrap();
+    assert_success(&out, &["key add"]);
+    let second = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    // The old passphrase opens only the first key file: it may not remove it.
+    assert_clean_failure(&env.run(&["key", "remove", &first]), "lock you out");
+    // The new one may, by name or by id alone.
+    let out = with(
+        "new one",
+        &["key", "remove", first.trim_start_matches("keys/")],
+    );
+    assert_success(&out, &["key remove"]);
+    assert_eq!(env.ok(&["key", "list"]).trim(), second);
+    assert_clean_failure(&env.run(&["snapshots"]), "wrong passphrase");
+    let to = env.path("r.img");
+    let out = with("new one", &["restore", &id, "--to", to.to_str().unwrap()]);
+    assert_success(&out, &["restore"]);
+    assert_eq!(sha256_file(&to), sha256_file(&img));
+    assert_clean_failure(
+        &with("new one", &["key", "remove", &second]),
+        "only key file",
+    );
+}
+
 #[test]
 fn flipped_bit_in_a_pack_is_detected_and_never_restored() {
     let env = Env::init(&["--chunk-size", "64K"]);

@@ -12,6 +12,12 @@ pub enum KeyCommand {
     Add,
     /// List key files.
     List,
+    /// Remove a key file, so that its passphrase no longer opens the
+    /// repository. The passphrase given must open another key file.
+    Remove {
+        /// The key file, as `ekko key list` prints it.
+        key: String,
+    },
 }
 
 pub fn run(g: &Global, c: KeyCommand) -> Result<ExitCode> {
@@ -28,6 +34,14 @@ pub fn run(g: &Global, c: KeyCommand) -> Result<ExitCode> {
             };
             let name = repo.add_key(&current, &new)?;
             println!("{name}");
+        }
+        KeyCommand::Remove { key } => {
+            let repo = g.open()?;
+            let current = g.passphrase("Current passphrase: ")?;
+            let name = repo.remove_key(&current, &key)?;
+            if !g.quiet {
+                eprintln!("removed {name}");
+            }
         }
         KeyCommand::List => {
             for o in g.backend()?.list("keys/")? {
