@@ -123,6 +123,13 @@ pub struct Damage {
     pub unreadable_packs: Vec<(ObjectId, String)>,
     /// Referenced chunks that are damaged or in no index.
     pub referenced_damaged: HashSet<ChunkId>,
+    /// Of those, the ones no readable index file names.
+    pub referenced_unindexed: HashSet<ChunkId>,
+    /// The index files do not match the packs: one does not read, an entry
+    /// names a chunk its pack lacks or places it elsewhere, or a pack that
+    /// no index names holds a chunk a snapshot needs. Rebuilding the index
+    /// from the trailers repairs it.
+    pub index_damaged: bool,
     /// Ids of the snapshots that reference damaged or missing data.
     pub snapshots: Vec<String>,
 }
@@ -145,6 +152,17 @@ impl CheckReport {
 }
 
 pub fn check(repo: &Repository, read_data: ReadData, threads: usize) -> Result<CheckReport> {
+    check_with(repo, read_data, threads, &HashSet::new())
+}
+
+/// `check`, reading (with `--read-data`'s rigour) the packs in `also` as
+/// well as those `read_data` selects.
+pub fn check_with(
+    repo: &Repository,
+    read_data: ReadData,
+    threads: usize,
+    also: &HashSet<ObjectId>,
+) -> Result<CheckReport> {
     let backend = repo.store().as_ref();
     let keys = repo.keys();
     let mut report = CheckReport::default();
@@ -201,6 +219,9 @@ pub fn check(repo: &Repository, read_data: ReadData, threads: usize) -> Result<C
                         }
                         match trailers.get(&loc.pack).and_then(|t| t.get(&id)) {
                             None => {
+                                if listed.contains(&loc.pack) {
+                                    report.damage.index_damaged = true;
+                                }
                                 damaged.entry(id).or_insert_with(|| {
                                     format!("pack {pname} is missing or lacks it")
                                 });
@@ -210,6 +231,7 @@ pub fn check(repo: &Repository, read_data: ReadData, threads: usize) -> Result<C
                                     || e.stored_len != loc.stored_len
                                     || e.kind != loc.kind =>
                             {
+                                report.damage.index_damaged = true;
                                 damaged.entry(id).or_insert_with(|| {
                                     format!("index disagrees with pack {pname}")
                                 });
@@ -220,7 +242,10 @@ pub fn check(repo: &Repository, read_data: ReadData, threads: usize) -> Result<C
                     indexed.insert(id, loc);
                 }
             }
-            Err(e) => report.problems.push(format!("index file {}: {e}", f.name)),
+            Err(e) => {
+                report.damage.index_damaged = true;
+                report.problems.push(format!("index file {}: {e}", f.name));
+            }
         }
     }
     report.chunks = indexed.len();
@@ -230,7 +255,7 @@ pub fn check(repo: &Repository, read_data: ReadData, threads: usize) -> Result<C
         .count();
 
     // 3. With --read-data: every chunk of every pack (or of a subset).
-    if read_data != ReadData::None {
+    if read_data != ReadData::None || !also.is_empty() {
         let mut salt = [0u8; 16];
         crate::crypto::random_bytes(&mut salt);
         let pool = rayon::ThreadPoolBuilder::new()
@@ -242,7 +267,7 @@ pub fn check(repo: &Repository, read_data: ReadData, threads: usize) -> Result<C
         let read = std::sync::atomic::AtomicUsize::new(0);
         let pack_list: Vec<(&ObjectId, &HashMap<ChunkId, BlobEntry>)> = trailers
             .iter()
-            .filter(|(id, _)| read_data.reads(id, &salt))
+            .filter(|(id, _)| also.contains(id) || read_data.reads(id, &salt))
             .collect();
         report.packs_read = pack_list.len();
         pool.install(|| {
@@ -340,6 +365,30 @@ pub fn check(repo: &Repository, read_data: ReadData, threads: usize) -> Result<C
     }
     report.problems.extend(walker.problems);
     report.damage.referenced_damaged = std::mem::take(&mut walker.referenced_bad);
+    // A needed chunk that no index names may still sit in a pack (one that
+    // came back, or whose index file was lost): say so, as a rebuilt index
+    // would find it.
+    let unindexed: HashSet<ChunkId> = report
+        .damage
+        .referenced_damaged
+        .iter()
+        .filter(|id| !indexed.contains_key(*id))
+        .copied()
+        .collect();
+    report.damage.referenced_unindexed = unindexed.clone();
+    if !unindexed.is_empty() {
+        for (pid, entries) in &trailers {
+            for id in entries.keys().filter(|id| unindexed.contains(*id)) {
+                report.damage.index_damaged = true;
+                if let Some(reason) = damaged.get_mut(id) {
+                    reason.push_str(&format!(
+                        "; but pack {} holds it: `ekko check --repair` (or `ekko index rebuild`) indexes it again",
+                        pack::pack_name(pid)
+                    ));
+                }
+            }
+        }
+    }
     for (id, reason) in damaged.iter_mut() {
         if lost.contains(id) && !indexed.contains_key(id) {
             report.chunks_known_lost += 1;

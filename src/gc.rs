@@ -105,29 +105,27 @@ pub fn write_mark(backend: &dyn Backend, keys: &Keys, mark: &Mark) -> Result<Str
     Ok(name)
 }
 
+/// Read and authenticate one mark.
+pub fn read_mark(backend: &dyn Backend, keys: &Keys, name: &str) -> Result<Mark> {
+    let data = backend.get(name)?;
+    let body = format::open_file(keys, MAGIC_GC_MARK, "GC mark", name, &data)?;
+    serde_json::from_slice::<Mark>(&body).map_err(|e| Error::corrupt(name, e.to_string()))
+}
+
 /// Every mark, and the damaged ones apart. A damaged mark is ignored by
 /// prune (it deletes nothing it cannot read) and so by backups as well.
 pub fn read_marks(backend: &dyn Backend, keys: &Keys) -> Result<(Vec<MarkFile>, Vec<Error>)> {
     let mut ok = Vec::new();
     let mut bad = Vec::new();
     for o in backend.list(MARKS_PREFIX)? {
-        let data = match backend.get(&o.name) {
-            Ok(d) => d,
-            // Deleted by a prune since the listing: it is done with.
-            Err(Error::NotFound { .. }) => continue,
-            Err(e) => return Err(e),
-        };
-        let parsed =
-            format::open_file(keys, MAGIC_GC_MARK, "GC mark", &o.name, &data).and_then(|body| {
-                serde_json::from_slice::<Mark>(&body)
-                    .map_err(|e| Error::corrupt(&o.name, e.to_string()))
-            });
-        match parsed {
+        match read_mark(backend, keys, &o.name) {
             Ok(mark) => ok.push(MarkFile {
                 name: o.name,
                 modified: o.modified,
                 mark,
             }),
+            // Deleted by a prune since the listing: it is done with.
+            Err(Error::NotFound { .. }) => continue,
             Err(e) if e.is_damage() || matches!(e, Error::UnsupportedVersion { .. }) => bad.push(e),
             Err(e) => return Err(e),
         }
@@ -204,10 +202,23 @@ pub fn walk_map(
     seen: &mut HashSet<ChunkId>,
     visit: &mut dyn FnMut(ChunkId, ChunkKind) -> Result<()>,
 ) -> Result<()> {
+    walk_map_past(repo, map, seen, &HashSet::new(), visit)
+}
+
+/// `walk_map`, visiting but not descending into the nodes in `lost` that
+/// cannot be read (a repair recorded them as lost): what lies below them
+/// is unknown until a backup stores them again.
+pub fn walk_map_past(
+    repo: &Repository,
+    map: &MapRef,
+    seen: &mut HashSet<ChunkId>,
+    lost: &HashSet<ChunkId>,
+    visit: &mut dyn FnMut(ChunkId, ChunkKind) -> Result<()>,
+) -> Result<()> {
     if map.depth == 0 {
         return Err(Error::corrupt("block map", "depth 0"));
     }
-    walk_node(repo, map.root, map.depth - 1, seen, visit)
+    walk_node(repo, map.root, map.depth - 1, seen, lost, visit)
 }
 
 fn walk_node(
@@ -215,20 +226,25 @@ fn walk_node(
     id: ChunkId,
     level: u8,
     seen: &mut HashSet<ChunkId>,
+    lost: &HashSet<ChunkId>,
     visit: &mut dyn FnMut(ChunkId, ChunkKind) -> Result<()>,
 ) -> Result<()> {
     if id.is_zero() || !seen.insert(id) {
         return Ok(());
     }
     visit(id, ChunkKind::Map)?;
-    let children = format::decode_map_node(&format!("map node {id}"), &repo.read_chunk(&id)?)?;
+    let data = match repo.read_chunk(&id) {
+        Err(Error::ChunkMissing { .. }) if lost.contains(&id) => return Ok(()),
+        r => r?,
+    };
+    let children = format::decode_map_node(&format!("map node {id}"), &data)?;
     for c in children {
         if level == 0 {
             if !c.is_zero() && seen.insert(c) {
                 visit(c, ChunkKind::Data)?;
             }
         } else {
-            walk_node(repo, c, level - 1, seen, visit)?;
+            walk_node(repo, c, level - 1, seen, lost, visit)?;
         }
     }
     Ok(())

@@ -136,6 +136,10 @@ pub struct RepairReport {
     /// Damaged packs replaced by packs of their intact chunks, then deleted.
     pub packs_replaced: usize,
     pub packs_written: usize,
+    /// Damaged packs kept: their trailer is damaged and the index files do
+    /// not (all) say what they hold, so deleting them could lose intact
+    /// chunks. What is known of them was copied out all the same.
+    pub packs_kept: Vec<String>,
     /// Intact chunks copied out of the damaged packs.
     pub chunks_salvaged: usize,
     /// Chunks of the damaged packs that failed verification: dropped.
@@ -144,28 +148,45 @@ pub struct RepairReport {
     pub packs_missing: usize,
     pub index_files_written: usize,
     pub index_files_removed: usize,
+    /// GC marks that did not open, deleted (a later prune judges their
+    /// packs afresh).
+    pub marks_removed: usize,
+    /// Protect objects that did not open, written again.
+    pub protections_rewritten: usize,
     /// Chunks that snapshots reference but the repository no longer holds.
     pub chunks_lost: usize,
     /// Snapshots that reference them: incomplete until a backup of the
     /// same data stores them again.
     pub snapshots_incomplete: Vec<String>,
-    /// The lost-chunk record written, if any.
+    /// The lost-chunk record in force, if any.
     pub lost_record: Option<String>,
-    /// Earlier lost-chunk records replaced by it (or healed).
+    /// Earlier lost-chunk records replaced or no longer needed, removed.
     pub lost_records_removed: usize,
 }
 
 /// A check, the repair it called for, and the check of the result.
 pub struct Repaired {
+    /// The check as asked for (`--read-data` or not), run without a lock.
     pub before: CheckReport,
     pub repair: RepairReport,
-    pub after: CheckReport,
+    /// The check after the repair; `None` when there was nothing to do.
+    pub after: Option<CheckReport>,
+}
+
+impl Repaired {
+    pub fn ok(&self) -> bool {
+        self.after.as_ref().unwrap_or(&self.before).ok()
+    }
 }
 
 /// `ekko check --repair`: check (reading the packs `read_data` names),
 /// then repair what was found. Chunk damage is only found in the packs
-/// that are read, so `ReadData::All` finds everything. `step_delay`
-/// (crash tests) pauses after every change to the repository.
+/// that are read, so `ReadData::All` finds everything.
+///
+/// The full check runs without a lock, so backups go on meanwhile. Only
+/// then does the repair take the exclusive lock, check the structure again
+/// and read the suspect packs again, and act on what it finds then.
+/// `step_delay` (crash tests) pauses after every change to the repository.
 pub fn check_and_repair(
     repo: &Repository,
     read_data: ReadData,
@@ -179,34 +200,69 @@ pub fn check_and_repair(
     };
     let backend = repo.backend().as_ref();
     let keys = repo.keys();
-    let _lock = Lock::exclusive(repo.backend(), keys, "check --repair")?;
-    let before = check::check(repo, read_data, threads)?;
-    if let Some((p, e)) = before.damage.unreadable_packs.first() {
-        return Err(Error::Invalid(format!(
-            "pack {} could not be read ({e}); nothing was changed: a repair must read every pack it judges, so run it again once the store answers",
-            pack::pack_name(p)
-        )));
+    let first = check::check(repo, read_data, threads)?;
+    refuse_unjudged(&first)?;
+    let lost_listed = !backend.list(crate::lost::LOST_PREFIX)?.is_empty();
+    let mut report = RepairReport::default();
+    if first.ok() && !lost_listed {
+        return Ok(Repaired {
+            before: first,
+            repair: report,
+            after: None,
+        });
     }
-    let mut report = RepairReport {
-        packs_missing: before.damage.missing_packs.len(),
-        ..RepairReport::default()
-    };
-    let (records, bad_records) = crate::lost::read_all(backend, keys)?;
-    if !before.ok() {
+
+    let _lock = Lock::exclusive(repo.backend(), keys, "check --repair")?;
+    repo.refresh_index()?;
+    let now = check::check_with(
+        repo,
+        ReadData::None,
+        threads,
+        &first.damage.packs_to_repair(),
+    )?;
+    refuse_unjudged(&now)?;
+    let damage = &now.damage;
+    // A pack the listing lacks may only be late to appear (some stores'
+    // listings lag): dropping it from the index would let prune delete it.
+    for p in &damage.missing_packs {
+        match backend.size(&pack::pack_name(p)) {
+            Err(Error::NotFound { .. }) => {}
+            Ok(_) => {
+                return Err(Error::Invalid(format!(
+                    "pack {} is missing from the listing but exists (the store's listing lags); nothing was changed: run the repair again later",
+                    pack::pack_name(p)
+                )))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    report.packs_missing = damage.missing_packs.len();
+    let mut to_repair: Vec<ObjectId> = damage.packs_to_repair().into_iter().collect();
+    to_repair.sort_by_key(|p| p.0);
+    if !to_repair.is_empty() || !damage.missing_packs.is_empty() || damage.index_damaged {
         let old_index: Vec<String> = backend
             .list("index/")?
             .into_iter()
             .map(|o| o.name)
             .collect();
-        let mut to_repair: Vec<ObjectId> = before.damage.packs_to_repair().into_iter().collect();
-        to_repair.sort_by_key(|p| p.0);
+        let known = IndexKnowledge::read(repo, &old_index, &damage.bad_trailers)?;
 
         // 1. Copy the intact chunks of the damaged packs into new packs.
         let mut entries: Vec<(ChunkId, Location)> = Vec::new();
         let mut writer: Option<PackWriter> = None;
         let limit = u64::from(repo.config().pack_size);
+        let mut deletable: Vec<ObjectId> = Vec::new();
+        // A pack that cannot say all it holds is kept while snapshots lack
+        // chunks it might hold; once none does, nothing in it is needed.
+        let needed_elsewhere = !damage.referenced_unindexed.is_empty();
         for p in &to_repair {
-            for blob in salvage(repo, p, &old_index, &mut report)? {
+            let (blobs, complete) = salvage(repo, p, &known, &mut report)?;
+            if complete || !needed_elsewhere {
+                deletable.push(*p);
+            } else {
+                report.packs_kept.push(pack::pack_name(p));
+            }
+            for blob in blobs {
                 let w = match writer.as_mut() {
                     Some(w) => w,
                     None => writer.insert(PackWriter::create(backend)?),
@@ -245,18 +301,40 @@ pub fn check_and_repair(
         (report.index_files_written, report.index_files_removed) =
             replace_index(repo, &entries, &old_index, &step)?;
 
-        // 3. Only now that nothing names them: the damaged packs.
-        for p in &to_repair {
+        // 3. Only now that nothing names them: the damaged packs whose
+        //    every chunk was judged.
+        for p in &deletable {
             backend.delete(&pack::pack_name(p))?;
             report.packs_replaced += 1;
             step();
         }
-        repo.refresh_index()?;
     }
 
-    // 4. What snapshots still reference but nothing holds is lost: record
+    // 4. GC marks and protect objects that do not open. A mark's packs are
+    //    judged afresh by a later prune; a protect object protects by its
+    //    name, so it is written again, whole.
+    for o in backend.list(crate::gc::MARKS_PREFIX)? {
+        if opens_damaged(crate::gc::read_mark(backend, keys, &o.name)) {
+            backend.delete(&o.name)?;
+            report.marks_removed += 1;
+            step();
+        }
+    }
+    for o in backend.list(crate::gc::PROTECT_PREFIX)? {
+        if opens_damaged(crate::gc::read_protection(backend, keys, &o.name)) {
+            if let Some(id) = o.name.strip_prefix(crate::gc::PROTECT_PREFIX) {
+                crate::gc::protect(backend, keys, id)?;
+                report.protections_rewritten += 1;
+                step();
+            }
+        }
+    }
+    repo.refresh_index()?;
+
+    // 5. What snapshots still reference but nothing holds is lost: record
     //    it (replacing earlier records), so that backups read such disks in
     //    full and prune can run.
+    let (records, bad_records) = crate::lost::read_all(backend, keys)?;
     let mut after = check::check(repo, ReadData::None, threads)?;
     let lost: Vec<ChunkId> = {
         let mut v: Vec<ChunkId> = after.damage.referenced_damaged.iter().copied().collect();
@@ -296,10 +374,62 @@ pub fn check_and_repair(
         report.lost_record = records.first().map(|r| r.name.clone());
     }
     Ok(Repaired {
-        before,
+        before: first,
         repair: report,
-        after,
+        after: Some(after),
     })
+}
+
+/// A repair judges every pack it touches: it stops, changing nothing, on
+/// a pack it could not read (the store failed, or the pack names a format
+/// version this ekko does not know).
+fn refuse_unjudged(r: &CheckReport) -> Result<()> {
+    match r.damage.unreadable_packs.first() {
+        None => Ok(()),
+        Some((p, e)) => Err(Error::Invalid(format!(
+            "pack {} could not be read ({e}); nothing was changed. If the store failed, run the repair again once it answers; if the pack names a version this ekko does not know while no newer ekko writes here, its header is damaged",
+            pack::pack_name(p)
+        ))),
+    }
+}
+
+/// Whether reading an object failed because it is damaged (as opposed to
+/// the store failing, which a repair must not act on).
+fn opens_damaged<T>(r: Result<T>) -> bool {
+    matches!(r, Err(e) if e.is_damage())
+}
+
+/// What the index files say of the packs whose trailer is damaged, and
+/// whether every index file could be read (if not, that is not all).
+struct IndexKnowledge {
+    by_pack: std::collections::HashMap<ObjectId, Vec<(ChunkId, Location)>>,
+    complete: bool,
+}
+
+impl IndexKnowledge {
+    fn read(repo: &Repository, files: &[String], packs: &HashSet<ObjectId>) -> Result<Self> {
+        let mut k = IndexKnowledge {
+            by_pack: Default::default(),
+            complete: true,
+        };
+        if packs.is_empty() {
+            return Ok(k);
+        }
+        for f in files {
+            match index::read_index_file(repo.backend().as_ref(), repo.keys(), f) {
+                Ok(es) => {
+                    for (id, l) in es.into_iter().filter(|(_, l)| packs.contains(&l.pack)) {
+                        k.by_pack.entry(l.pack).or_default().push((id, l));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("{e}; packs with damaged trailers are kept");
+                    k.complete = false;
+                }
+            }
+        }
+        Ok(k)
+    }
 }
 
 fn location(pack: ObjectId, b: &BlobEntry) -> Location {
@@ -313,31 +443,30 @@ fn location(pack: ObjectId, b: &BlobEntry) -> Location {
     }
 }
 
-/// The intact chunks of one damaged pack, each opened and hashed again. The
-/// pack's trailer lists them; if it does not open, the index files do.
+/// The intact chunks of one damaged pack, each opened and hashed again,
+/// and whether every chunk it holds was judged. The pack's trailer lists
+/// them; if it does not open, the index files do, which is all only if
+/// every index file was read and some name the pack.
 fn salvage(
     repo: &Repository,
     pid: &ObjectId,
-    index_files: &[String],
+    known: &IndexKnowledge,
     report: &mut RepairReport,
-) -> Result<Vec<EncodedChunk>> {
+) -> Result<(Vec<EncodedChunk>, bool)> {
     let backend = repo.backend().as_ref();
     let keys = repo.keys();
     let pname = pack::pack_name(pid);
-    let listed: Vec<(ChunkId, Location)> = match pack::read_trailer(backend, keys, &pname) {
-        Ok(blobs) => blobs.iter().map(|b| (b.id, location(*pid, b))).collect(),
+    let (listed, complete) = match pack::read_trailer(backend, keys, &pname) {
+        Ok(blobs) => (
+            blobs.iter().map(|b| (b.id, location(*pid, b))).collect(),
+            true,
+        ),
         Err(e) if e.is_damage() => {
-            let mut v = Vec::new();
-            for f in index_files {
-                match index::read_index_file(backend, keys, f) {
-                    Ok(es) => v.extend(es.into_iter().filter(|(_, l)| l.pack == *pid)),
-                    Err(e) if e.is_damage() => {}
-                    Err(e) => return Err(e),
-                }
-            }
+            let mut v = known.by_pack.get(pid).cloned().unwrap_or_default();
             v.sort_by_key(|(id, l)| (l.offset, id.0));
             v.dedup();
-            v
+            let complete = known.complete && !v.is_empty();
+            (v, complete)
         }
         Err(e) => return Err(e),
     };
@@ -364,5 +493,5 @@ fn salvage(
             None => report.chunks_dropped += 1,
         }
     }
-    Ok(good)
+    Ok((good, complete))
 }

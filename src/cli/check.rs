@@ -63,25 +63,31 @@ pub fn run(g: &Global, a: CheckArgs) -> Result<ExitCode> {
                     println!("  {p}");
                 }
             }
+            let Some(after) = &r.after else {
+                if !g.quiet {
+                    eprintln!("the repository checks clean: nothing to repair");
+                }
+                return Ok(exit(true));
+            };
             print_repair(&r.repair);
-            if !r.after.ok() {
+            if !after.ok() {
                 println!("after the repair:");
-                for p in &r.after.problems {
+                for p in &after.problems {
                     println!("  {p}");
                 }
             }
             if !g.quiet {
                 eprintln!(
                     "{}",
-                    if r.after.ok() {
+                    if after.ok() {
                         "the repository checks clean".to_string()
                     } else {
-                        format!("{} problems remain", r.after.problems.len())
+                        format!("{} problems remain", after.problems.len())
                     }
                 );
             }
         }
-        return Ok(exit(r.after.ok()));
+        return Ok(exit(r.ok()));
     }
     let r = ekko::check::check(&repo, read, a.threads)?;
     if a.json {
@@ -119,7 +125,7 @@ pub fn run(g: &Global, a: CheckArgs) -> Result<ExitCode> {
             }
             if !r.ok() {
                 eprintln!(
-                    "`ekko check --read-data --repair` keeps every intact chunk, drops the damage, and has the next backup of each affected VM store lost data again"
+                    "`ekko check --read-data --repair` keeps every intact chunk, drops the damage, rebuilds the index, and has the next backup of each affected VM store lost data again; it cannot mend a damaged snapshot manifest"
                 );
             }
             if r.unreferenced_packs > 0 {
@@ -146,10 +152,27 @@ fn print_repair(r: &ekko::repair::RepairReport) {
         "repair: {} damaged pack(s) replaced by {} new pack(s): {} intact chunk(s) saved, {} damaged chunk(s) dropped; {} missing pack(s) dropped from the index",
         r.packs_replaced, r.packs_written, r.chunks_salvaged, r.chunks_dropped, r.packs_missing
     );
+    for p in &r.packs_kept {
+        println!(
+            "repair: kept damaged pack {p}: its trailer is damaged and the index files do not say all it holds, so it may hold intact chunks that nothing else lists"
+        );
+    }
     if r.index_files_written + r.index_files_removed > 0 {
         println!(
             "repair: index rewritten: {} file(s) written, {} removed",
             r.index_files_written, r.index_files_removed
+        );
+    }
+    if r.marks_removed > 0 {
+        println!(
+            "repair: {} damaged GC mark(s) removed (a later prune judges their packs afresh)",
+            r.marks_removed
+        );
+    }
+    if r.protections_rewritten > 0 {
+        println!(
+            "repair: {} damaged protect object(s) written again",
+            r.protections_rewritten
         );
     }
     if r.chunks_lost > 0 {
@@ -167,7 +190,7 @@ fn print_repair(r: &ekko::repair::RepairReport) {
         );
     } else if r.lost_records_removed > 0 {
         println!(
-            "repair: every chunk recorded as lost is back; {} lost-chunk record(s) removed",
+            "repair: no snapshot lacks a chunk any more; {} lost-chunk record(s) removed",
             r.lost_records_removed
         );
     }

@@ -244,10 +244,19 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     report.packs = packs.len();
 
     repo.refresh_index()?;
+    // Chunks a repair recorded as lost (`crate::lost`): a snapshot may
+    // reference them, and a lost map node hides what lies below it.
+    let (lost_records, bad_lost) = crate::lost::read_all(backend, keys)?;
+    if let Some(e) = bad_lost.first() {
+        return Err(unsafe_(format!(
+            "a lost-chunk record is unreadable ({e}); run `ekko check --read-data --repair`"
+        )));
+    }
+    let lost = crate::lost::lost_chunks(&lost_records);
     let mut referenced: HashSet<ChunkId> = HashSet::new();
     for s in &snaps {
         for d in &s.disks {
-            gc::walk_map(repo, &d.map, &mut referenced, &mut |_, _| Ok(())).map_err(|e| {
+            gc::walk_map_past(repo, &d.map, &mut referenced, &lost, &mut |_, _| Ok(())).map_err(|e| {
                 if e.is_damage() {
                     unsafe_(format!(
                         "the block map of disk {} of snapshot {} cannot be read ({e}); if a repair recorded it as lost, back the VM up again (which then reads its disks in full) or forget the snapshot",
@@ -263,13 +272,6 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     // A referenced chunk that nothing holds is damage. Only what a repair
     // recorded as lost is understood (and has nothing to keep); anything
     // else stops the prune.
-    let (lost_records, bad_lost) = crate::lost::read_all(backend, keys)?;
-    if let Some(e) = bad_lost.first() {
-        return Err(unsafe_(format!(
-            "a lost-chunk record is unreadable ({e}); run `ekko check --read-data --repair`"
-        )));
-    }
-    let lost = crate::lost::lost_chunks(&lost_records);
     let mut missing: HashSet<ChunkId> = HashSet::new();
     for id in &referenced {
         let held = locs
@@ -286,12 +288,45 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     }
     report.chunks_lost = missing.len();
     referenced.retain(|id| !missing.contains(id));
+    for r in &lost_records {
+        if !r.record.chunk_ids().any(|c| missing.contains(&c)) {
+            report.lost_records_removed += 1;
+        }
+    }
 
     // Which chunks each pack holds, by the index.
     let mut pack_chunks: HashMap<ObjectId, Vec<ChunkId>> = HashMap::new();
     for (id, v) in &locs {
         for l in v {
             pack_chunks.entry(l.pack).or_default().push(*id);
+        }
+    }
+    // A pack no index names would be marked as garbage below. While
+    // snapshots lack chunks, it may be the one that holds them (it came
+    // back, or its index file was lost): refuse rather than delete it.
+    // Young packs are not judged in this run.
+    if !missing.is_empty() {
+        for (p, info) in &packs {
+            if pack_chunks.contains_key(p) || !older_than(now, info.modified, grace) {
+                continue;
+            }
+            let name = pack::pack_name(p);
+            match pack::read_trailer(backend, keys, &name) {
+                Ok(blobs) => {
+                    if let Some(b) = blobs.iter().find(|b| missing.contains(&b.id)) {
+                        return Err(unsafe_(format!(
+                            "pack {name}, which no index names, holds chunk {} that snapshots need; run `ekko check --repair` to index it again",
+                            b.id
+                        )));
+                    }
+                }
+                Err(e) if e.is_damage() => {
+                    return Err(unsafe_(format!(
+                        "pack {name}, which no index names, cannot be read ({e}) and may hold chunks that snapshots need; prune deletes it once no snapshot lacks a chunk (after the next backups of the VMs that `ekko check` names, or once their incomplete snapshots are forgotten)"
+                    )));
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -525,7 +560,6 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
         for r in &lost_records {
             if !r.record.chunk_ids().any(|c| missing.contains(&c)) {
                 backend.delete(&r.name)?;
-                report.lost_records_removed += 1;
             }
         }
     }
