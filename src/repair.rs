@@ -153,6 +153,11 @@ pub struct RepairReport {
     pub marks_removed: usize,
     /// Protect objects that did not open, written again.
     pub protections_rewritten: usize,
+    /// Snapshot manifests that did not open, put back from this host's
+    /// manifest cache (whose copy authenticated).
+    pub manifests_restored: usize,
+    /// Damaged manifests with no good copy here: beyond repair.
+    pub manifests_damaged: Vec<String>,
     /// Chunks that snapshots reference but the repository no longer holds.
     pub chunks_lost: usize,
     /// Snapshots that reference them: incomplete until a backup of the
@@ -329,9 +334,32 @@ pub fn check_and_repair(
             }
         }
     }
+    // 5. Manifests that do not open: this host's manifest cache may hold
+    //    the bytes as they were written (sealed, so they authenticate).
+    let store = repo.store().as_ref();
+    for id in crate::snapshot::list_ids(store)? {
+        let name = crate::snapshot::snapshot_name(&id);
+        let stored = store
+            .get(&name)
+            .and_then(|d| crate::snapshot::decode(keys, &id, &d));
+        if !opens_damaged(stored) {
+            continue;
+        }
+        match repo
+            .cached_manifest(&name)
+            .filter(|c| crate::snapshot::decode(keys, &id, c).is_ok())
+        {
+            Some(copy) => {
+                store.put(&name, &copy)?;
+                report.manifests_restored += 1;
+                step();
+            }
+            None => report.manifests_damaged.push(name),
+        }
+    }
     repo.refresh_index()?;
 
-    // 5. What snapshots still reference but nothing holds is lost: record
+    // 6. What snapshots still reference but nothing holds is lost: record
     //    it (replacing earlier records), so that backups read such disks in
     //    full and prune can run.
     let (records, bad_records) = crate::lost::read_all(backend, keys)?;

@@ -88,6 +88,8 @@ pub struct Repository {
     backend: Arc<dyn Backend>,
     /// The store itself, for what must read the repository's own copies.
     store: Arc<dyn Backend>,
+    /// The manifest cache in `backend`, if any.
+    manifests: Option<Arc<crate::backend::ManifestCache>>,
     config: Config,
     keys: Keys,
     index: Index,
@@ -214,16 +216,23 @@ impl Repository {
         };
         let index = Index::open(backend.as_ref(), &keys, cache.as_deref())?;
         let store = Arc::clone(&backend);
-        let backend: Arc<dyn Backend> = match cache.as_deref().and_then(std::path::Path::parent) {
-            Some(dir) => Arc::new(crate::backend::ManifestCache::new(
-                backend,
-                dir.join("snapshots"),
-            )),
+        let manifests = cache
+            .as_deref()
+            .and_then(std::path::Path::parent)
+            .map(|dir| {
+                Arc::new(crate::backend::ManifestCache::new(
+                    Arc::clone(&backend),
+                    dir.join("snapshots"),
+                ))
+            });
+        let backend: Arc<dyn Backend> = match &manifests {
+            Some(m) => Arc::clone(m) as Arc<dyn Backend>,
             None => backend,
         };
         Ok(Repository {
             backend,
             store,
+            manifests,
             config,
             keys,
             index,
@@ -394,6 +403,12 @@ impl Repository {
     /// that it judges the repository's own files.
     pub fn store(&self) -> &Arc<dyn Backend> {
         &self.store
+    }
+
+    /// This host's cached copy of manifest `name` (`snapshots/<id>`), as
+    /// stored, not yet authenticated.
+    pub fn cached_manifest(&self, name: &str) -> Option<Vec<u8>> {
+        self.manifests.as_ref().and_then(|m| m.copy_of(name))
     }
 
     pub fn config(&self) -> &Config {

@@ -140,9 +140,13 @@ pub fn save(backend: &dyn Backend, keys: &Keys, snap: &Snapshot) -> Result<()> {
 }
 
 pub fn load(backend: &dyn Backend, keys: &Keys, id: &str) -> Result<Snapshot> {
+    decode(keys, id, &backend.get(&snapshot_name(id))?)
+}
+
+/// Open, authenticate and validate the stored bytes of manifest `id`.
+pub fn decode(keys: &Keys, id: &str, data: &[u8]) -> Result<Snapshot> {
     let name = snapshot_name(id);
-    let data = backend.get(&name)?;
-    let body = format::open_file(keys, MAGIC_SNAPSHOT, "snapshot", &name, &data)?;
+    let body = format::open_file(keys, MAGIC_SNAPSHOT, "snapshot", &name, data)?;
     let s: Snapshot =
         serde_json::from_slice(&body).map_err(|e| Error::corrupt(&name, e.to_string()))?;
     if s.id != id {

@@ -101,6 +101,7 @@ on_both_stores!(
     a_kept_pack_that_is_mostly_garbage_is_repacked_in_the_same_prune,
     a_mark_never_comes_due_before_its_grace_period,
     a_repair_saves_intact_chunks_and_the_next_backup_heals_every_snapshot,
+    a_repair_puts_back_a_damaged_manifest_from_the_cache,
 );
 local_only!(
     a_lost_pack_is_repaired_and_healed_with_its_block_map,
@@ -1839,4 +1840,38 @@ fn a_repair_removes_damaged_marks_and_rewrites_protections(store: Store) {
     let out = run(&env, &["forget", &id]);
     assert!(!out.status.success());
     assert_eq!(snapshots(&env).len(), 1);
+}
+
+fn a_repair_puts_back_a_damaged_manifest_from_the_cache(store: Store) {
+    let env = new_repo(store, "manifest");
+    let img = env.path("img");
+    write_file(&img, &random_bytes(44, MIB));
+    let id = backup(&env, "a", &img, None);
+    let b = objects(&env);
+    let name = format!("snapshots/{id}");
+    let rot = |b: &Arc<dyn Backend>| {
+        let mut d = b.get(&name).unwrap();
+        d[30] ^= 0x01;
+        b.put(&name, &d).unwrap();
+    };
+    rot(&b);
+    let (r, code) = check_json(&env, &[]);
+    assert_eq!(code, Some(3), "{r}");
+    // This host backed it up, so its manifest cache holds the manifest as
+    // written; it authenticates, and goes back.
+    let (r, code) = check_json(&env, &["--repair"]);
+    assert_eq!(code, Some(0), "{r}");
+    assert_eq!(r["repair"]["manifests_restored"], 1, "{r}");
+    assert_eq!(restore_sha(&env, &id), sha256_file(&img));
+    // Without a cached copy it is beyond repair, and said so.
+    std::fs::remove_dir_all(&env.cache).unwrap();
+    rot(&b);
+    let (r, code) = check_json(&env, &["--repair"]);
+    assert_eq!(code, Some(3), "{r}");
+    assert_eq!(r["repair"]["manifests_restored"], 0, "{r}");
+    assert_eq!(
+        r["repair"]["manifests_damaged"],
+        serde_json::json!([name]),
+        "{r}"
+    );
 }

@@ -67,6 +67,12 @@ impl ManifestCache {
         (blake3::hash(&body).as_bytes()[..] == f[..]).then_some(body)
     }
 
+    /// The local copy of manifest `name`, whatever the repository's copy
+    /// now holds (for `check --repair`, which authenticates it before use).
+    pub fn copy_of(&self, name: &str) -> Option<Vec<u8>> {
+        Self::id(name).and_then(|id| self.read(id))
+    }
+
     /// Best effort: a copy that cannot be written is fetched next time.
     fn write(&self, id: &str, data: &[u8]) {
         let tmp = self

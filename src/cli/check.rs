@@ -125,7 +125,7 @@ pub fn run(g: &Global, a: CheckArgs) -> Result<ExitCode> {
             }
             if !r.ok() {
                 eprintln!(
-                    "`ekko check --read-data --repair` keeps every intact chunk, drops the damage, rebuilds the index, and has the next backup of each affected VM store lost data again; it cannot mend a damaged snapshot manifest"
+                    "`ekko check --read-data --repair` keeps every intact chunk, drops the damage, rebuilds the index, puts back damaged snapshot manifests from this host's cache, and has the next backup of each affected VM store lost data again"
                 );
             }
             if r.unreferenced_packs > 0 {
@@ -173,6 +173,17 @@ fn print_repair(r: &ekko::repair::RepairReport) {
         println!(
             "repair: {} damaged protect object(s) written again",
             r.protections_rewritten
+        );
+    }
+    if r.manifests_restored > 0 {
+        println!(
+            "repair: {} damaged snapshot manifest(s) put back from this host's manifest cache",
+            r.manifests_restored
+        );
+    }
+    for m in &r.manifests_damaged {
+        println!(
+            "repair: {m} is damaged and this host's cache has no good copy (a repair on the host that made or listed the snapshot may have one)"
         );
     }
     if r.chunks_lost > 0 {
