@@ -77,12 +77,29 @@ pub fn run(g: &Global, a: ForgetArgs) -> Result<ExitCode> {
         .filter(|s| a.vm.as_ref().is_none_or(|v| &s.vm == v))
         .collect();
     let protected = ekko::gc::protected_ids(backend)?;
+    let mut damaged_named: Vec<String> = Vec::new();
     let decisions = if a.snapshots.is_empty() {
         retention::apply(&policy, &snaps, &protected)?
     } else {
         let mut named = std::collections::HashSet::new();
         for spec in &a.snapshots {
-            let s = ekko::snapshot::resolve(backend, keys, spec)?;
+            let s = match ekko::snapshot::resolve(backend, keys, spec) {
+                // A manifest beyond repair, named by its full id: it goes.
+                Err(e)
+                    if e.is_damage()
+                        && ekko::ObjectId::from_hex(spec).is_some()
+                        && ekko::snapshot::list_ids(backend)?.contains(spec) =>
+                {
+                    if protected.contains(spec) {
+                        anyhow::bail!(
+                            "snapshot {spec} is protected: run `ekko protect --remove {spec}` first (nothing was removed)"
+                        );
+                    }
+                    damaged_named.push(spec.clone());
+                    continue;
+                }
+                r => r?,
+            };
             if protected.contains(&s.id) {
                 anyhow::bail!(
                     "snapshot {} is protected: run `ekko protect --remove {}` first (nothing was removed)",
@@ -108,6 +125,15 @@ pub fn run(g: &Global, a: ForgetArgs) -> Result<ExitCode> {
             .collect()
     };
     let mut removed = 0usize;
+    for id in &damaged_named {
+        if !a.dry_run {
+            backend.delete(&ekko::snapshot::snapshot_name(id))?;
+        }
+        if !a.json && !g.quiet {
+            println!("  remove {:<8} (its manifest is damaged)", &id[..8]);
+        }
+        removed += 1;
+    }
     for d in decisions.iter().filter(|d| !d.keep) {
         if !a.dry_run {
             backend.delete(&ekko::snapshot::snapshot_name(&d.id))?;
@@ -133,7 +159,7 @@ pub fn run(g: &Global, a: ForgetArgs) -> Result<ExitCode> {
             "{} snapshot(s) {}removed, {} kept",
             removed,
             if a.dry_run { "would be " } else { "" },
-            decisions.len() - removed
+            decisions.iter().filter(|d| d.keep).count()
         );
     }
     let pruned = if a.prune {
@@ -145,6 +171,7 @@ pub fn run(g: &Global, a: ForgetArgs) -> Result<ExitCode> {
                 .iter()
                 .filter(|d| !d.keep)
                 .map(|d| d.id.clone())
+                .chain(damaged_named.iter().cloned())
                 .collect();
         }
         Some(ekko::prune::prune(&repo, &opts)?)
@@ -156,6 +183,7 @@ pub fn run(g: &Global, a: ForgetArgs) -> Result<ExitCode> {
             "dry_run": a.dry_run,
             "keep": decisions.iter().filter(|d| d.keep).collect::<Vec<_>>(),
             "remove": decisions.iter().filter(|d| !d.keep).collect::<Vec<_>>(),
+            "remove_damaged": damaged_named,
             "prune": pruned,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
