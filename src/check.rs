@@ -118,6 +118,8 @@ pub struct Damage {
     pub bad_trailers: HashSet<ObjectId>,
     /// Packs that index entries name but that do not exist.
     pub missing_packs: HashSet<ObjectId>,
+    /// Every pack the check listed.
+    pub listed_packs: HashSet<ObjectId>,
     /// Packs that could not be read at all (an I/O or store error, not
     /// damage that was seen): a repair must not judge them.
     pub unreadable_packs: Vec<(ObjectId, String)>,
@@ -175,6 +177,7 @@ pub fn check_with(
         .iter()
         .filter_map(|p| pack::pack_id_from_name(&p.name))
         .collect();
+    report.damage.listed_packs = listed.clone();
     let mut trailers: HashMap<ObjectId, HashMap<ChunkId, BlobEntry>> = HashMap::new();
     let mut bad_packs: HashSet<ObjectId> = HashSet::new();
     for p in &packs {
@@ -390,7 +393,7 @@ pub fn check_with(
         }
     }
     for (id, reason) in damaged.iter_mut() {
-        if lost.contains(id) && !indexed.contains_key(id) {
+        if lost.contains(id) && !indexed.contains_key(id) && !reason.contains("holds it") {
             report.chunks_known_lost += 1;
             reason.push_str(
                 " (lost, as a repair recorded: the next backup of a VM whose disk still holds this data stores it again)",

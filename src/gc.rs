@@ -260,6 +260,9 @@ pub struct Guard {
     /// Chunks that a repair recorded as lost (`crate::lost`): a parent that
     /// references one is not built on.
     lost: HashSet<ChunkId>,
+    /// A lost-chunk record did not open: what it named is unknown, so every
+    /// parent's chunks are looked up (a missing one blocks it).
+    check_parents: bool,
 }
 
 /// Above this many packs, one listing is cheaper than a request per pack.
@@ -277,9 +280,9 @@ impl Guard {
         }
         repo.refresh_index()?;
         let (records, bad) = crate::lost::read_all(repo.backend().as_ref(), repo.keys())?;
-        for e in bad {
+        for e in &bad {
             tracing::warn!(
-                "ignoring a damaged lost-chunk record (`ekko check --repair` replaces it): {e}"
+                "a damaged lost-chunk record (`ekko check --repair` replaces it): {e}; every parent is checked for missing chunks"
             );
         }
         Ok(Guard {
@@ -288,6 +291,7 @@ impl Guard {
             candidates: marks.iter().flat_map(|m| m.mark.pack_ids()).collect(),
             depends: Mutex::new(HashSet::new()),
             lost: crate::lost::lost_chunks(&records),
+            check_parents: !bad.is_empty(),
         })
     }
 
@@ -299,6 +303,7 @@ impl Guard {
             candidates: HashSet::new(),
             depends: Mutex::new(HashSet::new()),
             lost: HashSet::new(),
+            check_parents: false,
         }
     }
 
@@ -319,7 +324,7 @@ impl Guard {
     /// must be read in full (which stores lost chunks again: the repository
     /// heals). Returns why not, or None when the parent is safe to build on.
     pub fn parent_blocked(&self, repo: &Repository, parent: &Disk) -> Result<Option<String>> {
-        if self.candidates.is_empty() && self.lost.is_empty() {
+        if self.candidates.is_empty() && self.lost.is_empty() && !self.check_parents {
             return Ok(None);
         }
         let mut seen = HashSet::new();
@@ -450,6 +455,7 @@ mod tests {
             candidates: [ObjectId([1; 16])].into(),
             depends: Mutex::new(HashSet::new()),
             lost: HashSet::new(),
+            check_parents: false,
         };
         assert!(!g.reuse(ObjectId([1; 16])));
         assert!(g.reuse(ObjectId([2; 16])));

@@ -136,9 +136,9 @@ pub struct RepairReport {
     /// Damaged packs replaced by packs of their intact chunks, then deleted.
     pub packs_replaced: usize,
     pub packs_written: usize,
-    /// Damaged packs kept: their trailer is damaged and the index files do
-    /// not (all) say what they hold, so deleting them could lose intact
-    /// chunks. What is known of them was copied out all the same.
+    /// Damaged packs kept: their trailer is damaged, so nothing says all
+    /// they hold, while snapshots lack chunks they might hold. What the
+    /// index files knew of them was copied out all the same.
     pub packs_kept: Vec<String>,
     /// Intact chunks copied out of the damaged packs.
     pub chunks_salvaged: usize,
@@ -244,25 +244,51 @@ pub fn check_and_repair(
     report.packs_missing = damage.missing_packs.len();
     let mut to_repair: Vec<ObjectId> = damage.packs_to_repair().into_iter().collect();
     to_repair.sort_by_key(|p| p.0);
-    if !to_repair.is_empty() || !damage.missing_packs.is_empty() || damage.index_damaged {
+    let changes_index =
+        !to_repair.is_empty() || !damage.missing_packs.is_empty() || damage.index_damaged;
+    // Before anything is dropped, record every needed chunk that may end up
+    // lost, so that a repair killed midway still keeps backups from
+    // building on holes. The final record (step 6) replaces it.
+    if changes_index && !damage.referenced_damaged.is_empty() {
+        let (records, _) = crate::lost::read_all(backend, keys)?;
+        let known = crate::lost::lost_chunks(&records);
+        if !damage.referenced_damaged.is_subset(&known) {
+            let mut chunks: Vec<ChunkId> = damage.referenced_damaged.iter().copied().collect();
+            chunks.sort_by_key(|c| c.0);
+            crate::lost::write(
+                backend,
+                keys,
+                &crate::lost::LostRecord {
+                    time: crate::time::now_rfc3339(),
+                    host: crate::time::hostname(),
+                    chunks: chunks.iter().map(ChunkId::to_hex).collect(),
+                    snapshots: damage.snapshots.clone(),
+                },
+            )?;
+            step();
+        }
+    }
+    if changes_index {
         let old_index: Vec<String> = backend
             .list("index/")?
             .into_iter()
             .map(|o| o.name)
             .collect();
         let known = IndexKnowledge::read(repo, &old_index, &damage.bad_trailers)?;
+        // A pack whose trailer is damaged cannot say all it holds (an
+        // index file may be damaged, lost, or split): it is kept while
+        // snapshots lack chunks, which it might hold. Once none does,
+        // nothing in it is needed.
+        let needed_elsewhere = !damage.referenced_unindexed.is_empty();
 
         // 1. Copy the intact chunks of the damaged packs into new packs.
         let mut entries: Vec<(ChunkId, Location)> = Vec::new();
         let mut writer: Option<PackWriter> = None;
         let limit = u64::from(repo.config().pack_size);
         let mut deletable: Vec<ObjectId> = Vec::new();
-        // A pack that cannot say all it holds is kept while snapshots lack
-        // chunks it might hold; once none does, nothing in it is needed.
-        let needed_elsewhere = !damage.referenced_unindexed.is_empty();
         for p in &to_repair {
-            let (blobs, complete) = salvage(repo, p, &known, &mut report)?;
-            if complete || !needed_elsewhere {
+            let (blobs, trailer_read) = salvage(repo, p, &known, &mut report)?;
+            if trailer_read || !needed_elsewhere {
                 deletable.push(*p);
             } else {
                 report.packs_kept.push(pack::pack_name(p));
@@ -288,20 +314,25 @@ pub fn check_and_repair(
         }
 
         // 2. The index, from the trailers of every other pack.
+        // Every pack this listing or the check's shows: a listing that lags
+        // must not drop a pack from the index.
         let mut skip: HashSet<ObjectId> = to_repair.iter().copied().collect();
         skip.extend(entries.iter().map(|(_, l)| l.pack));
-        for o in backend.list("packs/")? {
-            let Some(pid) = pack::pack_id_from_name(&o.name) else {
-                continue;
-            };
-            if skip.contains(&pid) {
-                continue;
+        let mut all: Vec<ObjectId> = backend
+            .list("packs/")?
+            .iter()
+            .filter_map(|o| pack::pack_id_from_name(&o.name))
+            .chain(damage.listed_packs.iter().copied())
+            .filter(|p| !skip.contains(p))
+            .collect();
+        all.sort_by_key(|p| p.0);
+        all.dedup();
+        for pid in all {
+            match pack::read_trailer(backend, keys, &pack::pack_name(&pid)) {
+                Ok(blobs) => entries.extend(blobs.into_iter().map(|b| (b.id, location(pid, &b)))),
+                Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
             }
-            entries.extend(
-                pack::read_trailer(backend, keys, &o.name)?
-                    .into_iter()
-                    .map(|b| (b.id, location(pid, &b))),
-            );
         }
         (report.index_files_written, report.index_files_removed) =
             replace_index(repo, &entries, &old_index, &step)?;
@@ -427,18 +458,16 @@ fn opens_damaged<T>(r: Result<T>) -> bool {
     matches!(r, Err(e) if e.is_damage())
 }
 
-/// What the index files say of the packs whose trailer is damaged, and
-/// whether every index file could be read (if not, that is not all).
+/// What the readable index files say of the packs whose trailer is
+/// damaged (maybe not all they hold).
 struct IndexKnowledge {
     by_pack: std::collections::HashMap<ObjectId, Vec<(ChunkId, Location)>>,
-    complete: bool,
 }
 
 impl IndexKnowledge {
     fn read(repo: &Repository, files: &[String], packs: &HashSet<ObjectId>) -> Result<Self> {
         let mut k = IndexKnowledge {
             by_pack: Default::default(),
-            complete: true,
         };
         if packs.is_empty() {
             return Ok(k);
@@ -450,10 +479,7 @@ impl IndexKnowledge {
                         k.by_pack.entry(l.pack).or_default().push((id, l));
                     }
                 }
-                Err(e) => {
-                    tracing::warn!("{e}; packs with damaged trailers are kept");
-                    k.complete = false;
-                }
+                Err(e) => tracing::warn!("{e}; its entries cannot help salvage damaged packs"),
             }
         }
         Ok(k)
@@ -472,9 +498,8 @@ fn location(pack: ObjectId, b: &BlobEntry) -> Location {
 }
 
 /// The intact chunks of one damaged pack, each opened and hashed again,
-/// and whether every chunk it holds was judged. The pack's trailer lists
-/// them; if it does not open, the index files do, which is all only if
-/// every index file was read and some name the pack.
+/// and whether its trailer listed them. If the trailer does not open, the
+/// index files list what they know of it.
 fn salvage(
     repo: &Repository,
     pid: &ObjectId,
@@ -484,7 +509,7 @@ fn salvage(
     let backend = repo.backend().as_ref();
     let keys = repo.keys();
     let pname = pack::pack_name(pid);
-    let (listed, complete) = match pack::read_trailer(backend, keys, &pname) {
+    let (listed, trailer_read) = match pack::read_trailer(backend, keys, &pname) {
         Ok(blobs) => (
             blobs.iter().map(|b| (b.id, location(*pid, b))).collect(),
             true,
@@ -493,8 +518,7 @@ fn salvage(
             let mut v = known.by_pack.get(pid).cloned().unwrap_or_default();
             v.sort_by_key(|(id, l)| (l.offset, id.0));
             v.dedup();
-            let complete = known.complete && !v.is_empty();
-            (v, complete)
+            (v, false)
         }
         Err(e) => return Err(e),
     };
@@ -521,5 +545,5 @@ fn salvage(
             None => report.chunks_dropped += 1,
         }
     }
-    Ok((good, complete))
+    Ok((good, trailer_read))
 }

@@ -357,6 +357,17 @@ impl Repository {
     /// the last key. A damaged key file may be removed too. Removing a key
     /// file does not change the master key (see docs/FORMAT.md).
     pub fn remove_key(&self, current_passphrase: &[u8], key: &str) -> Result<String> {
+        self.remove_key_pausing(current_passphrase, key, None)
+    }
+
+    /// `remove_key`, pausing between its checks and the deletion (crash
+    /// and race tests).
+    pub fn remove_key_pausing(
+        &self,
+        current_passphrase: &[u8],
+        key: &str,
+        pause: Option<std::time::Duration>,
+    ) -> Result<String> {
         if !self.keys.is_encrypted() {
             return Err(Error::Invalid(
                 "the repository is not encrypted; it has no keys".into(),
@@ -369,6 +380,10 @@ impl Repository {
             )));
         }
         let name = format!("keys/{id}");
+        // One removal at a time, and none beside a running backup: two
+        // removals that each checked the other's key was still there
+        // could otherwise delete both. The keys are read under the lock.
+        let _lock = crate::lock::Lock::exclusive(&self.backend, &self.keys, "key remove")?;
         let key_files = Self::key_files(self.backend.as_ref())?;
         if !key_files.iter().any(|(n, _)| *n == name) {
             return Err(Error::Invalid(format!(
@@ -390,6 +405,9 @@ impl Repository {
                 )));
             }
             Err(e) => return Err(e),
+        }
+        if let Some(d) = pause {
+            std::thread::sleep(d);
         }
         self.backend.delete(&name)?;
         Ok(name)

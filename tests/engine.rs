@@ -465,7 +465,7 @@ fn a_key_file_is_removed_only_while_another_one_opens_the_repository() {
         .output()
         .unwrap();
     assert_success(&out, &["key add"]);
-    let second = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let mut second = String::from_utf8(out.stdout).unwrap().trim().to_string();
     // The old passphrase opens only the first key file: it may not remove it.
     assert_clean_failure(&env.run(&["key", "remove", &first]), "lock you out");
     // The new one may, by name or by id alone.
@@ -484,6 +484,58 @@ fn a_key_file_is_removed_only_while_another_one_opens_the_repository() {
         &with("new one", &["key", "remove", &second]),
         "only key file",
     );
+
+    // Two removals at once, each of the other's key file: at most one
+    // succeeds, and a key file always remains that opens the repository.
+    // Each pauses between its checks and the deletion.
+    for round in 0..3 {
+        let out = env
+            .cmd()
+            .env("EKKO_PASSWORD", "new one")
+            .env("EKKO_NEW_PASSWORD", "third")
+            .args(["key", "add"])
+            .output()
+            .unwrap();
+        assert_success(&out, &["key add"]);
+        let third = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let spawn = |pass: &str, key: &str| {
+            env.cmd()
+                .env("EKKO_PASSWORD", pass)
+                .args(["key", "remove", "--crash-test-delay", "300ms", key])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        let mut a = spawn("new one", &third);
+        let mut b = spawn("third", &second);
+        let (ra, rb) = (a.wait().unwrap(), b.wait().unwrap());
+        assert!(
+            !(ra.success() && rb.success()),
+            "round {round}: both removals succeeded"
+        );
+        let pass = if rb.success() { "third" } else { "new one" };
+        assert_success(&with(pass, &["snapshots"]), &["snapshots"]);
+        // Back to the one key file `second` ("new one") for the next round.
+        if rb.success() {
+            let out = env
+                .cmd()
+                .env("EKKO_PASSWORD", "third")
+                .env("EKKO_NEW_PASSWORD", "new one")
+                .args(["key", "add"])
+                .output()
+                .unwrap();
+            assert_success(&out, &["key add"]);
+            second = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        }
+        if env.ok(&["key", "list"]).lines().any(|k| k == third) {
+            assert_success(
+                &with("new one", &["key", "remove", &third]),
+                &["key remove"],
+            );
+        }
+        assert_eq!(env.ok(&["key", "list"]).trim(), second);
+    }
 }
 
 #[test]

@@ -103,8 +103,10 @@ on_both_stores!(
     a_repair_saves_intact_chunks_and_the_next_backup_heals_every_snapshot,
     a_repair_puts_back_a_damaged_manifest_from_the_cache,
 );
+local_only!(a_damaged_lost_record_still_keeps_backups_off_holes);
 local_only!(
     a_lost_pack_is_repaired_and_healed_with_its_block_map,
+    nothing_is_pruned_below_a_lost_map_node_that_comes_back,
     a_pack_that_comes_back_after_a_repair_is_indexed_again_not_pruned,
     a_damaged_trailer_with_a_damaged_index_file_keeps_its_pack,
     a_repair_removes_damaged_marks_and_rewrites_protections,
@@ -1704,6 +1706,13 @@ fn killing_a_repair_at_random_points_loses_nothing_intact(store: Store) {
             .map(|d| d[0].as_str().unwrap())
             .collect();
         assert_eq!(damaged, [victim.as_str()], "round {round}: {r}");
+        // Once the index no longer has it, a record names it, so that no
+        // backup builds on the hole (even if the repair was killed before
+        // its final record).
+        let reason = r["damaged_chunks"][0][1].as_str().unwrap();
+        if reason.contains("not in any index") {
+            assert_eq!(r["chunks_known_lost"], 1, "round {round}: {r}");
+        }
         assert_eq!(r["damaged_snapshots"].as_array().unwrap().len(), 1, "{r}");
     }
     eprintln!("{killed} repairs killed");
@@ -1863,6 +1872,7 @@ fn a_repair_puts_back_a_damaged_manifest_from_the_cache(store: Store) {
     assert_eq!(code, Some(0), "{r}");
     assert_eq!(r["repair"]["manifests_restored"], 1, "{r}");
     assert_eq!(restore_sha(&env, &id), sha256_file(&img));
+    ok(&env, &["protect", &id]);
     // Without a cached copy it is beyond repair, and said so.
     std::fs::remove_dir_all(&env.cache).unwrap();
     rot(&b);
@@ -1874,4 +1884,77 @@ fn a_repair_puts_back_a_damaged_manifest_from_the_cache(store: Store) {
         serde_json::json!([name]),
         "{r}"
     );
+}
+
+fn nothing_is_pruned_below_a_lost_map_node_that_comes_back(store: Store) {
+    // A VM whose only snapshot has a two-level block map: its data is
+    // referenced only through the map's nodes.
+    let env = new_repo(store, "lostnode");
+    let img = env.path("img");
+    write_file(&img, &random_bytes(45, 17 * MIB));
+    let id = backup(&env, "a", &img, None);
+    let b = objects(&env);
+    let repo = open_repo(&env);
+    let map_pack = b
+        .list("packs/")
+        .unwrap()
+        .into_iter()
+        .find(|o| {
+            ekko::pack::read_trailer(b.as_ref(), repo.keys(), &o.name)
+                .unwrap()
+                .iter()
+                .any(|e| e.kind == ekko::format::ChunkKind::Map)
+        })
+        .unwrap()
+        .name;
+    drop(repo);
+    let held = b.get(&map_pack).unwrap();
+    b.delete(&map_pack).unwrap();
+    let (r, _) = check_json(&env, &["--repair"]);
+    assert!(r["repair"]["chunks_lost"].as_u64().unwrap() >= 1, "{r}");
+    let packs_before = b.list("packs/").unwrap().len();
+
+    // Prune cannot see below the lost node: it marks and repacks nothing,
+    // run after run.
+    for _ in 0..2 {
+        age_past_grace(store);
+        let p = prune(&env, &[]);
+        assert!(p["lost_map_nodes"].as_u64().unwrap() >= 1, "{p}");
+        assert_eq!(p["packs_marked"], 0, "{p}");
+        assert_eq!(p["packs_deleted"], 0, "{p}");
+    }
+    assert_eq!(b.list("packs/").unwrap().len(), packs_before);
+    // The pack comes back: a repair indexes it, and the snapshot is whole.
+    b.put(&map_pack, &held).unwrap();
+    let (r, code) = check_json(&env, &["--repair"]);
+    assert_eq!(code, Some(0), "{r}");
+    assert_eq!(restore_sha(&env, &id), sha256_file(&img));
+    check_read_data(&env);
+}
+
+fn a_damaged_lost_record_still_keeps_backups_off_holes(store: Store) {
+    let env = new_repo(store, "badrecord");
+    let (qsd, [s1, _], [sha1, _]) = two_live_snapshots(&env);
+    let b = objects(&env);
+    let packs = b.list("packs/").unwrap();
+    rot_one_chunk(&env, &packs);
+    let (r, _) = check_json(&env, &["--read-data", "--repair"]);
+    assert_eq!(r["repair"]["chunks_lost"], 1, "{r}");
+    let rec = b.list("lost/").unwrap()[0].name.clone();
+    let mut d = b.get(&rec).unwrap();
+    d[20] ^= 0x01;
+    b.put(&rec, &d).unwrap();
+    // What the record named is unknown now: the backup looks its parent's
+    // chunks up, finds one missing, and reads in full.
+    let heal = live_backup(&env, &qsd);
+    let d = &heal["disks"][0];
+    assert_eq!(d["mode"], "full", "{heal}");
+    assert!(d["reason"].as_str().unwrap().contains("not indexed"), "{heal}");
+    assert_eq!(restore_disk_sha(&env, &s1, "disk0"), sha1);
+    // The damaged record is still a problem, and a repair removes it.
+    let (r, code) = check_json(&env, &["--read-data"]);
+    assert_eq!(code, Some(3), "{r}");
+    let (r, code) = check_json(&env, &["--read-data", "--repair"]);
+    assert_eq!(code, Some(0), "{r}");
+    assert!(b.list("lost/").unwrap().is_empty());
 }

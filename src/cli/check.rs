@@ -123,7 +123,14 @@ pub fn run(g: &Global, a: CheckArgs) -> Result<ExitCode> {
                     r.gc_marks, r.packs_marked
                 );
             }
-            if !r.ok() {
+            let all_known_lost = r.chunks_known_lost > 0
+                && r.chunks_known_lost == r.damaged_chunks.len()
+                && r.problems.len() == r.damaged_chunks.len() + r.damaged_snapshots.len();
+            if all_known_lost {
+                eprintln!(
+                    "every damaged chunk is known lost: the next backup of each affected VM stores what its disks still hold; forget the snapshots whose data is gone for good"
+                );
+            } else if !r.ok() {
                 eprintln!(
                     "`ekko check --read-data --repair` keeps every intact chunk, drops the damage, rebuilds the index, puts back damaged snapshot manifests from this host's cache, and has the next backup of each affected VM store lost data again"
                 );
@@ -148,10 +155,14 @@ fn exit(ok: bool) -> ExitCode {
 }
 
 fn print_repair(r: &ekko::repair::RepairReport) {
-    println!(
-        "repair: {} damaged pack(s) replaced by {} new pack(s): {} intact chunk(s) saved, {} damaged chunk(s) dropped; {} missing pack(s) dropped from the index",
-        r.packs_replaced, r.packs_written, r.chunks_salvaged, r.chunks_dropped, r.packs_missing
-    );
+    if r.packs_replaced + r.packs_written + r.chunks_dropped + r.packs_missing > 0
+        || !r.packs_kept.is_empty()
+    {
+        println!(
+            "repair: {} damaged pack(s) replaced by {} new pack(s): {} intact chunk(s) saved, {} damaged chunk(s) dropped; {} missing pack(s) dropped from the index",
+            r.packs_replaced, r.packs_written, r.chunks_salvaged, r.chunks_dropped, r.packs_missing
+        );
+    }
     for p in &r.packs_kept {
         println!(
             "repair: kept damaged pack {p}: its trailer is damaged and the index files do not say all it holds, so it may hold intact chunks that nothing else lists"

@@ -98,6 +98,11 @@ pub fn run(g: &Global, a: ForgetArgs) -> Result<ExitCode> {
                     damaged_named.push(spec.clone());
                     continue;
                 }
+                Err(e) if e.is_damage() => {
+                    anyhow::bail!(
+                        "{e}; to remove a snapshot whose manifest is damaged, name it by its full id (nothing was removed)"
+                    )
+                }
                 r => r?,
             };
             if protected.contains(&s.id) {
@@ -130,7 +135,11 @@ pub fn run(g: &Global, a: ForgetArgs) -> Result<ExitCode> {
             backend.delete(&ekko::snapshot::snapshot_name(id))?;
         }
         if !a.json && !g.quiet {
-            println!("  remove {:<8} (its manifest is damaged)", &id[..8]);
+            println!("(damaged manifest):");
+            println!(
+                "  remove {:<8} its manifest is damaged beyond repair",
+                &id[..8]
+            );
         }
         removed += 1;
     }

@@ -17,6 +17,9 @@ pub enum KeyCommand {
     Remove {
         /// The key file, as `ekko key list` prints it.
         key: String,
+        /// Race tests: pause between the checks and the deletion.
+        #[arg(long, hide = true, value_parser = humantime::parse_duration)]
+        crash_test_delay: Option<std::time::Duration>,
     },
 }
 
@@ -35,10 +38,13 @@ pub fn run(g: &Global, c: KeyCommand) -> Result<ExitCode> {
             let name = repo.add_key(&current, &new)?;
             println!("{name}");
         }
-        KeyCommand::Remove { key } => {
+        KeyCommand::Remove {
+            key,
+            crash_test_delay,
+        } => {
             let repo = g.open()?;
             let current = g.passphrase("Current passphrase: ")?;
-            let name = repo.remove_key(&current, &key)?;
+            let name = repo.remove_key_pausing(&current, &key, crash_test_delay)?;
             if !g.quiet {
                 eprintln!("removed {name}");
             }

@@ -19,7 +19,33 @@ pub struct ProtectArgs {
 pub fn run(g: &Global, a: ProtectArgs) -> Result<ExitCode> {
     let repo = g.open()?;
     let backend = repo.backend().as_ref();
-    let snap = ekko::snapshot::resolve(backend, repo.keys(), &a.snapshot)?;
+    let snap = match ekko::snapshot::resolve(backend, repo.keys(), &a.snapshot) {
+        // A protected snapshot whose manifest is damaged beyond repair:
+        // its protection must be removable, or forget could never remove
+        // it (and prune stays blocked by it).
+        Err(e)
+            if a.remove
+                && e.is_damage()
+                && ekko::ObjectId::from_hex(&a.snapshot).is_some()
+                && ekko::snapshot::list_ids(backend)?.contains(&a.snapshot) =>
+        {
+            let had = ekko::gc::unprotect(backend, &a.snapshot)?;
+            if !g.quiet {
+                eprintln!(
+                    "snapshot {} (its manifest is damaged) {}",
+                    a.snapshot,
+                    if had {
+                        "is no longer protected"
+                    } else {
+                        "was not protected"
+                    }
+                );
+            }
+            println!("{}", a.snapshot);
+            return Ok(ExitCode::SUCCESS);
+        }
+        r => r?,
+    };
     if a.remove {
         let had = ekko::gc::unprotect(backend, &snap.id)?;
         if !g.quiet {

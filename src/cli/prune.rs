@@ -108,6 +108,12 @@ pub fn print_report(g: &Global, r: &PruneReport, json: bool) -> Result<()> {
             r.chunks_lost
         );
     }
+    if r.lost_map_nodes > 0 {
+        println!(
+            "nothing marked or repacked: {} lost block-map node(s) hide what their snapshots need; the next backup of the VMs `ekko check` names, or forgetting those snapshots, lets prune go on",
+            r.lost_map_nodes
+        );
+    }
     if r.lost_records_removed > 0 {
         println!(
             "lost-chunk records {}removed (their chunks are back, or no longer referenced): {}",

@@ -109,6 +109,9 @@ pub struct PruneReport {
     /// Referenced chunks that a repair recorded as lost and that are still
     /// missing (see `crate::lost`).
     pub chunks_lost: usize,
+    /// Of those, block-map nodes: while any is missing, nothing is marked
+    /// or repacked (what lies below it is unseen).
+    pub lost_map_nodes: usize,
     /// Lost-chunk records removed: none of their chunks is both referenced
     /// and missing any more (healed by a backup, or forgotten).
     pub lost_records_removed: usize,
@@ -253,10 +256,18 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
         )));
     }
     let lost = crate::lost::lost_chunks(&lost_records);
+    // Recorded lost map nodes that snapshots reference.
+    let mut lost_nodes: HashSet<ChunkId> = HashSet::new();
     let mut referenced: HashSet<ChunkId> = HashSet::new();
     for s in &snaps {
         for d in &s.disks {
-            gc::walk_map_past(repo, &d.map, &mut referenced, &lost, &mut |_, _| Ok(())).map_err(|e| {
+            gc::walk_map_past(repo, &d.map, &mut referenced, &lost, &mut |id, kind| {
+                if kind == format::ChunkKind::Map && lost.contains(&id) {
+                    lost_nodes.insert(id);
+                }
+                Ok(())
+            })
+            .map_err(|e| {
                 if e.is_damage() {
                     unsafe_(format!(
                         "the block map of disk {} of snapshot {} cannot be read ({e}); if a repair recorded it as lost, back the VM up again (which then reads its disks in full) or forget the snapshot",
@@ -288,6 +299,12 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     }
     report.chunks_lost = missing.len();
     referenced.retain(|id| !missing.contains(id));
+    // What lies below a lost map node is unseen: any pack may hold it, and
+    // the node may come back (its pack restored from a copy, or a listing
+    // that lagged). Until it does, or its snapshots are forgotten, nothing
+    // is marked or repacked; due marks are still acted on, as they were
+    // judged while the node could be seen.
+    report.lost_map_nodes = missing.iter().filter(|c| lost_nodes.contains(c)).count();
     for r in &lost_records {
         if !r.record.chunk_ids().any(|c| missing.contains(&c)) {
             report.lost_records_removed += 1;
@@ -423,6 +440,9 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     for (id, c) in &candidates {
         if c.fixed {
             report.packs_too_young += 1;
+            continue;
+        }
+        if report.lost_map_nodes > 0 {
             continue;
         }
         let l = live.get(id).copied().unwrap_or(0);
