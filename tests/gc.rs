@@ -1949,7 +1949,10 @@ fn a_damaged_lost_record_still_keeps_backups_off_holes(store: Store) {
     let heal = live_backup(&env, &qsd);
     let d = &heal["disks"][0];
     assert_eq!(d["mode"], "full", "{heal}");
-    assert!(d["reason"].as_str().unwrap().contains("not indexed"), "{heal}");
+    assert!(
+        d["reason"].as_str().unwrap().contains("not indexed"),
+        "{heal}"
+    );
     assert_eq!(restore_disk_sha(&env, &s1, "disk0"), sha1);
     // The damaged record is still a problem, and a repair removes it.
     let (r, code) = check_json(&env, &["--read-data"]);
