@@ -136,9 +136,10 @@ pub struct RepairReport {
     /// Damaged packs replaced by packs of their intact chunks, then deleted.
     pub packs_replaced: usize,
     pub packs_written: usize,
-    /// Damaged packs kept: their trailer is damaged, so nothing says all
-    /// they hold, while snapshots lack chunks they might hold. What the
-    /// index files knew of them was copied out all the same.
+    /// Damaged packs kept: their trailer is damaged and the index entries
+    /// do not tile them, so nothing says all they hold, while snapshots
+    /// lack chunks they might hold. What the index files knew of them was
+    /// copied out all the same.
     pub packs_kept: Vec<String>,
     /// Intact chunks copied out of the damaged packs.
     pub chunks_salvaged: usize,
@@ -498,7 +499,8 @@ fn location(pack: ObjectId, b: &BlobEntry) -> Location {
 }
 
 /// The intact chunks of one damaged pack, each opened and hashed again,
-/// and whether its trailer listed them. If the trailer does not open, the
+/// and whether they are all it holds (its trailer listed them, or the
+/// index entries tile its data region). If the trailer does not open, the
 /// index files list what they know of it.
 fn salvage(
     repo: &Repository,
@@ -523,6 +525,10 @@ fn salvage(
         Err(e) => return Err(e),
     };
     let data = backend.get(&pname)?;
+    // Without the trailer, the entries are all the pack holds if they tile
+    // its data region exactly: from the header to the trailer, whose
+    // length the footer still gives.
+    let trailer_read = trailer_read || tiles_data_region(&data, &listed);
     let mut good = Vec::new();
     let mut seen = HashSet::new();
     for (id, loc) in listed {
@@ -546,4 +552,29 @@ fn salvage(
         }
     }
     Ok((good, trailer_read))
+}
+
+/// Whether `entries` (sorted by offset) cover a pack's data region, from
+/// the header to the trailer the footer names, exactly and without gaps.
+fn tiles_data_region(pack: &[u8], entries: &[(ChunkId, Location)]) -> bool {
+    let Some(footer_at) = pack.len().checked_sub(format::PACK_FOOTER_LEN) else {
+        return false;
+    };
+    let Ok(tlen) = format::decode_pack_footer("pack", &pack[footer_at..]) else {
+        return false;
+    };
+    let Some(end) = usize::try_from(tlen)
+        .ok()
+        .and_then(|t| footer_at.checked_sub(t))
+    else {
+        return false;
+    };
+    let mut at = u64::try_from(format::HEADER_LEN).expect("small");
+    for (_, l) in entries {
+        if l.offset != at {
+            return false;
+        }
+        at += u64::from(l.stored_len);
+    }
+    !entries.is_empty() && usize::try_from(at).is_ok_and(|at| at == end)
 }

@@ -110,6 +110,7 @@ local_only!(
     a_pack_that_comes_back_after_a_repair_is_indexed_again_not_pruned,
     a_damaged_trailer_with_a_damaged_index_file_keeps_its_pack,
     a_repair_removes_damaged_marks_and_rewrites_protections,
+    a_damaged_trailer_whose_index_entries_cover_the_pack_is_replaced,
     killing_a_repair_at_random_points_loses_nothing_intact,
     prune_removes_temporary_files_that_killed_writers_left,
     a_backup_never_deduplicates_against_marked_packs,
@@ -1613,11 +1614,12 @@ fn a_lost_pack_is_repaired_and_healed_with_its_block_map(store: Store) {
     );
     // The older snapshot never needed that pack.
     assert_eq!(restore_disk_sha(&env, &s1, "disk0"), sha1);
-    // Prune runs beside it: what lies below the lost map node is unknown,
-    // and a backup that heals the node reads all that data again anyway.
+    // Prune holds (exit 3) and names the incomplete snapshot: what lies
+    // below the lost map node is unseen.
     age_past_grace(store);
-    let p = prune(&env, &[]);
+    let p = prune_held(&env);
     assert!(p["chunks_lost"].as_u64().unwrap() >= 1, "{p}");
+    assert_eq!(p["held_by"], serde_json::json!([s2]), "{p}");
 
     // The guest did not write since: a full read stores the same chunk and
     // the same map nodes again, and the incremental is whole.
@@ -1918,8 +1920,9 @@ fn nothing_is_pruned_below_a_lost_map_node_that_comes_back(store: Store) {
     // run after run.
     for _ in 0..2 {
         age_past_grace(store);
-        let p = prune(&env, &[]);
+        let p = prune_held(&env);
         assert!(p["lost_map_nodes"].as_u64().unwrap() >= 1, "{p}");
+        assert_eq!(p["held_by"], serde_json::json!([id]), "{p}");
         assert_eq!(p["packs_marked"], 0, "{p}");
         assert_eq!(p["packs_deleted"], 0, "{p}");
     }
@@ -1960,4 +1963,67 @@ fn a_damaged_lost_record_still_keeps_backups_off_holes(store: Store) {
     let (r, code) = check_json(&env, &["--read-data", "--repair"]);
     assert_eq!(code, Some(0), "{r}");
     assert!(b.list("lost/").unwrap().is_empty());
+}
+
+/// `prune --json` that holds garbage collection: exit 3, and the report.
+fn prune_held(env: &Env) -> Value {
+    let out = run(
+        env,
+        &["prune", "--grace", GRACE, "--clock-skew", "0s", "--json"],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn a_damaged_trailer_whose_index_entries_cover_the_pack_is_replaced(store: Store) {
+    // Another VM's data is lost (so snapshots lack chunks), and one pack's
+    // trailer rots while the index still names every chunk in it: the
+    // entries tile the pack, so it is replaced, not kept.
+    let env = new_repo(store, "tiles");
+    let a = env.path("a.img");
+    let bi = env.path("b.img");
+    write_file(&a, &random_bytes(46, 2 * MIB));
+    write_file(&bi, &random_bytes(47, MIB));
+    let sa = backup(&env, "a", &a, None);
+    let b = objects(&env);
+    let packs_a: Vec<String> = b
+        .list("packs/")
+        .unwrap()
+        .into_iter()
+        .map(|o| o.name)
+        .collect();
+    backup(&env, "b", &bi, None);
+    for o in b.list("packs/").unwrap() {
+        if !packs_a.contains(&o.name) {
+            b.delete(&o.name).unwrap();
+        }
+    }
+    let (r, _) = check_json(&env, &["--repair"]);
+    assert!(r["repair"]["chunks_lost"].as_u64().unwrap() > 0, "{r}");
+    let victim = b
+        .list("packs/")
+        .unwrap()
+        .into_iter()
+        .max_by_key(|o| o.size)
+        .unwrap()
+        .name;
+    let mut d = b.get(&victim).unwrap();
+    let n = d.len();
+    d[n - 40] ^= 0x01;
+    b.put(&victim, &d).unwrap();
+    let (r, code) = check_json(&env, &["--read-data", "--repair"]);
+    assert_eq!(code, Some(3), "b's data is still lost: {r}");
+    assert_eq!(r["repair"]["packs_replaced"], 1, "{r}");
+    assert_eq!(r["repair"]["packs_kept"], serde_json::json!([]), "{r}");
+    assert_eq!(r["repair"]["chunks_dropped"], 0, "{r}");
+    assert!(b.list("packs/").unwrap().iter().all(|o| o.name != victim));
+    assert_eq!(restore_sha(&env, &sa), sha256_file(&a));
+    // Only b's loss remains; its next backup heals it.
+    backup(&env, "b", &bi, None);
+    check_read_data(&env);
 }

@@ -165,7 +165,7 @@ fn print_repair(r: &ekko::repair::RepairReport) {
     }
     for p in &r.packs_kept {
         println!(
-            "repair: kept damaged pack {p}: its trailer is damaged and the index files do not say all it holds, so it may hold intact chunks that nothing else lists"
+            "repair: kept damaged pack {p}: its trailer is damaged and the index entries do not cover all of it, so it may hold chunks that snapshots lack; it goes once none does"
         );
     }
     if r.index_files_written + r.index_files_removed > 0 {

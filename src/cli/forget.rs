@@ -87,15 +87,18 @@ pub fn run(g: &Global, a: ForgetArgs) -> Result<ExitCode> {
                 // A manifest beyond repair, named by its full id: it goes.
                 Err(e)
                     if e.is_damage()
-                        && ekko::ObjectId::from_hex(spec).is_some()
-                        && ekko::snapshot::list_ids(backend)?.contains(spec) =>
+                        && ekko::ObjectId::from_hex(spec).is_some_and(|id| {
+                            ekko::snapshot::list_ids(backend)
+                                .is_ok_and(|l| l.contains(&id.to_hex()))
+                        }) =>
                 {
-                    if protected.contains(spec) {
+                    let id = spec.to_ascii_lowercase();
+                    if protected.contains(&id) {
                         anyhow::bail!(
-                            "snapshot {spec} is protected: run `ekko protect --remove {spec}` first (nothing was removed)"
+                            "snapshot {id} is protected: run `ekko protect --remove {id}` first (nothing was removed)"
                         );
                     }
-                    damaged_named.push(spec.clone());
+                    damaged_named.push(id);
                     continue;
                 }
                 Err(e) if e.is_damage() => {

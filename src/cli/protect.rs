@@ -26,14 +26,16 @@ pub fn run(g: &Global, a: ProtectArgs) -> Result<ExitCode> {
         Err(e)
             if a.remove
                 && e.is_damage()
-                && ekko::ObjectId::from_hex(&a.snapshot).is_some()
-                && ekko::snapshot::list_ids(backend)?.contains(&a.snapshot) =>
+                && ekko::ObjectId::from_hex(&a.snapshot).is_some_and(|id| {
+                    ekko::snapshot::list_ids(backend).is_ok_and(|l| l.contains(&id.to_hex()))
+                }) =>
         {
-            let had = ekko::gc::unprotect(backend, &a.snapshot)?;
+            let id = a.snapshot.to_ascii_lowercase();
+            let had = ekko::gc::unprotect(backend, &id)?;
             if !g.quiet {
                 eprintln!(
                     "snapshot {} (its manifest is damaged) {}",
-                    a.snapshot,
+                    id,
                     if had {
                         "is no longer protected"
                     } else {
@@ -41,8 +43,13 @@ pub fn run(g: &Global, a: ProtectArgs) -> Result<ExitCode> {
                     }
                 );
             }
-            println!("{}", a.snapshot);
+            println!("{id}");
             return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) if a.remove && e.is_damage() => {
+            anyhow::bail!(
+                "{e}; to unprotect a snapshot whose manifest is damaged, name it by its full id"
+            )
         }
         r => r?,
     };

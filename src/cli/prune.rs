@@ -110,8 +110,9 @@ pub fn print_report(g: &Global, r: &PruneReport, json: bool) -> Result<()> {
     }
     if r.lost_map_nodes > 0 {
         println!(
-            "nothing marked or repacked: {} lost block-map node(s) hide what their snapshots need; the next backup of the VMs `ekko check` names, or forgetting those snapshots, lets prune go on",
-            r.lost_map_nodes
+            "GC HELD: nothing marked or repacked: {} lost block-map node(s) hide what their snapshots need. Forgetting the snapshots that reference them releases it (or putting the lost pack back and running `ekko check --repair`); a backup brings a node back only if the disk still holds exactly what it mapped. Incomplete snapshots: {}",
+            r.lost_map_nodes,
+            r.held_by.join(" ")
         );
     }
     if r.lost_records_removed > 0 {
@@ -131,5 +132,10 @@ pub fn run(g: &Global, a: PruneArgs) -> Result<ExitCode> {
     let repo = g.open()?;
     let r = ekko::prune::prune(&repo, &a.gc.options(a.dry_run))?;
     print_report(g, &r, a.json)?;
-    Ok(ExitCode::SUCCESS)
+    // Held garbage collection is damage that needs a decision: cron sees it.
+    Ok(if r.lost_map_nodes > 0 {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

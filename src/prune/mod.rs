@@ -112,6 +112,10 @@ pub struct PruneReport {
     /// Of those, block-map nodes: while any is missing, nothing is marked
     /// or repacked (what lies below it is unseen).
     pub lost_map_nodes: usize,
+    /// While `lost_map_nodes` holds prune: the snapshots the lost-chunk
+    /// records name that still exist. Forgetting those that reference a
+    /// lost node (or restoring its pack) releases the hold.
+    pub held_by: Vec<String>,
     /// Lost-chunk records removed: none of their chunks is both referenced
     /// and missing any more (healed by a backup, or forgotten).
     pub lost_records_removed: usize,
@@ -305,6 +309,18 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     // is marked or repacked; due marks are still acted on, as they were
     // judged while the node could be seen.
     report.lost_map_nodes = missing.iter().filter(|c| lost_nodes.contains(c)).count();
+    if report.lost_map_nodes > 0 {
+        let existing: HashSet<&str> = snaps.iter().map(|s| s.id.as_str()).collect();
+        let mut held: Vec<String> = lost_records
+            .iter()
+            .flat_map(|r| r.record.snapshots.iter())
+            .filter(|id| existing.contains(id.as_str()))
+            .cloned()
+            .collect();
+        held.sort();
+        held.dedup();
+        report.held_by = held;
+    }
     for r in &lost_records {
         if !r.record.chunk_ids().any(|c| missing.contains(&c)) {
             report.lost_records_removed += 1;
