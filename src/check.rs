@@ -378,22 +378,22 @@ pub fn check_with(
         .filter(|id| !indexed.contains_key(*id))
         .copied()
         .collect();
-    report.damage.referenced_unindexed = unindexed.clone();
-    if !unindexed.is_empty() {
-        for (pid, entries) in &trailers {
-            for id in entries.keys().filter(|id| unindexed.contains(*id)) {
-                report.damage.index_damaged = true;
-                if let Some(reason) = damaged.get_mut(id) {
-                    reason.push_str(&format!(
-                        "; but pack {} holds it: `ekko check --repair` (or `ekko index rebuild`) indexes it again",
-                        pack::pack_name(pid)
-                    ));
-                }
+    let mut in_a_pack: HashSet<ChunkId> = HashSet::new();
+    for (pid, entries) in &trailers {
+        for id in entries.keys().filter(|id| unindexed.contains(*id)) {
+            in_a_pack.insert(*id);
+            if let Some(reason) = damaged.get_mut(id) {
+                reason.push_str(&format!(
+                    "; but pack {} holds it: `ekko check --repair` (or `ekko index rebuild`) indexes it again",
+                    pack::pack_name(pid)
+                ));
             }
         }
     }
+    report.damage.index_damaged |= !in_a_pack.is_empty();
+    report.damage.referenced_unindexed = unindexed;
     for (id, reason) in damaged.iter_mut() {
-        if lost.contains(id) && !indexed.contains_key(id) && !reason.contains("holds it") {
+        if lost.contains(id) && !indexed.contains_key(id) && !in_a_pack.contains(id) {
             report.chunks_known_lost += 1;
             reason.push_str(
                 " (lost, as a repair recorded: the next backup of a VM whose disk still holds this data stores it again)",
@@ -429,14 +429,7 @@ fn verify_blobs(
     let mut bad = Vec::new();
     let locs: Vec<Location> = entries
         .iter()
-        .map(|e| Location {
-            pack: ObjectId([0; 16]),
-            offset: e.offset,
-            stored_len: e.stored_len,
-            raw_len: e.raw_len,
-            kind: e.kind,
-            compressed: e.compressed,
-        })
+        .map(|e| e.located_in(ObjectId([0; 16])))
         .collect();
     let mut cutter = chunk::Cutter::new(pack, 0);
     for (group, group_locs) in entries

@@ -81,6 +81,20 @@ pub struct BlobEntry {
     pub compressed: bool,
 }
 
+impl BlobEntry {
+    /// This chunk's location, in pack `pack`.
+    pub fn located_in(&self, pack: ObjectId) -> Location {
+        Location {
+            pack,
+            offset: self.offset,
+            stored_len: self.stored_len,
+            raw_len: self.raw_len,
+            kind: self.kind,
+            compressed: self.compressed,
+        }
+    }
+}
+
 /// Where one chunk lives in the repository.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Location {

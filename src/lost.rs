@@ -46,6 +46,19 @@ pub struct LostRecord {
 }
 
 impl LostRecord {
+    /// A record of `chunks` (in id order) and the `snapshots` that need
+    /// them, stamped with this host and time.
+    pub fn new(chunks: &HashSet<ChunkId>, snapshots: &[String]) -> LostRecord {
+        let mut ids: Vec<&ChunkId> = chunks.iter().collect();
+        ids.sort_by_key(|c| c.0);
+        LostRecord {
+            time: crate::time::now_rfc3339(),
+            host: crate::time::hostname(),
+            chunks: ids.into_iter().map(ChunkId::to_hex).collect(),
+            snapshots: snapshots.to_vec(),
+        }
+    }
+
     pub fn chunk_ids(&self) -> impl Iterator<Item = ChunkId> + '_ {
         self.chunks.iter().filter_map(|h| ChunkId::from_hex(h))
     }

@@ -65,22 +65,16 @@ impl PackWriter {
         let offset = self.out.len();
         let stored_len = u32::try_from(c.sealed.len()).expect("a sealed chunk is below 4 GiB");
         self.out.write(&c.sealed)?;
-        self.entries.push(BlobEntry {
+        let entry = BlobEntry {
             id: c.id,
             offset,
             stored_len,
             raw_len: c.raw_len,
             kind: c.kind,
             compressed: c.compressed,
-        });
-        Ok(Location {
-            pack: self.id,
-            offset,
-            stored_len,
-            raw_len: c.raw_len,
-            kind: c.kind,
-            compressed: c.compressed,
-        })
+        };
+        self.entries.push(entry);
+        Ok(entry.located_in(self.id))
     }
 
     /// Seal the trailer and commit the pack. Returns the index entries.
@@ -97,19 +91,7 @@ impl PackWriter {
         Ok(self
             .entries
             .into_iter()
-            .map(|e| {
-                (
-                    e.id,
-                    Location {
-                        pack: id,
-                        offset: e.offset,
-                        stored_len: e.stored_len,
-                        raw_len: e.raw_len,
-                        kind: e.kind,
-                        compressed: e.compressed,
-                    },
-                )
-            })
+            .map(|e| (e.id, e.located_in(id)))
             .collect())
     }
 }

@@ -16,7 +16,7 @@ use std::collections::HashSet;
 use crate::check::{self, CheckReport, ReadData};
 use crate::chunk::{self, EncodedChunk};
 use crate::error::{Error, Result};
-use crate::format::{self, BlobEntry, Location, MAGIC_INDEX};
+use crate::format::{self, Location, MAGIC_INDEX};
 use crate::id::{ChunkId, ObjectId};
 use crate::index;
 use crate::lock::Lock;
@@ -55,19 +55,7 @@ pub fn rebuild_index(repo: &Repository) -> Result<RebuildReport> {
         };
         report.packs += 1;
         match pack::read_trailer(backend, keys, &p.name) {
-            Ok(blobs) => entries.extend(blobs.into_iter().map(|b| {
-                (
-                    b.id,
-                    Location {
-                        pack: pid,
-                        offset: b.offset,
-                        stored_len: b.stored_len,
-                        raw_len: b.raw_len,
-                        kind: b.kind,
-                        compressed: b.compressed,
-                    },
-                )
-            })),
+            Ok(blobs) => entries.extend(blobs.into_iter().map(|b| (b.id, b.located_in(pid)))),
             Err(e) => {
                 tracing::warn!("pack {}: {e}; its chunks stay unindexed", p.name);
                 report.unreadable_packs.push(p.name);
@@ -254,18 +242,9 @@ pub fn check_and_repair(
         let (records, _) = crate::lost::read_all(backend, keys)?;
         let known = crate::lost::lost_chunks(&records);
         if !damage.referenced_damaged.is_subset(&known) {
-            let mut chunks: Vec<ChunkId> = damage.referenced_damaged.iter().copied().collect();
-            chunks.sort_by_key(|c| c.0);
-            crate::lost::write(
-                backend,
-                keys,
-                &crate::lost::LostRecord {
-                    time: crate::time::now_rfc3339(),
-                    host: crate::time::hostname(),
-                    chunks: chunks.iter().map(ChunkId::to_hex).collect(),
-                    snapshots: damage.snapshots.clone(),
-                },
-            )?;
+            let record =
+                crate::lost::LostRecord::new(&damage.referenced_damaged, &damage.snapshots);
+            crate::lost::write(backend, keys, &record)?;
             step();
         }
     }
@@ -330,7 +309,7 @@ pub fn check_and_repair(
         all.dedup();
         for pid in all {
             match pack::read_trailer(backend, keys, &pack::pack_name(&pid)) {
-                Ok(blobs) => entries.extend(blobs.into_iter().map(|b| (b.id, location(pid, &b)))),
+                Ok(blobs) => entries.extend(blobs.into_iter().map(|b| (b.id, b.located_in(pid)))),
                 Err(Error::NotFound { .. }) => {}
                 Err(e) => return Err(e),
             }
@@ -396,28 +375,15 @@ pub fn check_and_repair(
     //    full and prune can run.
     let (records, bad_records) = crate::lost::read_all(backend, keys)?;
     let mut after = check::check(repo, ReadData::None, threads)?;
-    let lost: Vec<ChunkId> = {
-        let mut v: Vec<ChunkId> = after.damage.referenced_damaged.iter().copied().collect();
-        v.sort_by_key(|c| c.0);
-        v
-    };
+    let lost = &after.damage.referenced_damaged;
     report.chunks_lost = lost.len();
     report.snapshots_incomplete = after.damage.snapshots.clone();
-    let same = records.len() == 1
-        && bad_records.is_empty()
-        && crate::lost::lost_chunks(&records) == lost.iter().copied().collect();
+    let same =
+        records.len() == 1 && bad_records.is_empty() && crate::lost::lost_chunks(&records) == *lost;
     if !same {
         if !lost.is_empty() {
-            let name = crate::lost::write(
-                backend,
-                keys,
-                &crate::lost::LostRecord {
-                    time: crate::time::now_rfc3339(),
-                    host: crate::time::hostname(),
-                    chunks: lost.iter().map(ChunkId::to_hex).collect(),
-                    snapshots: after.damage.snapshots.clone(),
-                },
-            )?;
+            let record = crate::lost::LostRecord::new(lost, &after.damage.snapshots);
+            let name = crate::lost::write(backend, keys, &record)?;
             report.lost_record = Some(name);
             step();
         }
@@ -487,17 +453,6 @@ impl IndexKnowledge {
     }
 }
 
-fn location(pack: ObjectId, b: &BlobEntry) -> Location {
-    Location {
-        pack,
-        offset: b.offset,
-        stored_len: b.stored_len,
-        raw_len: b.raw_len,
-        kind: b.kind,
-        compressed: b.compressed,
-    }
-}
-
 /// The intact chunks of one damaged pack, each opened and hashed again,
 /// and whether they are all it holds (its trailer listed them, or the
 /// index entries tile its data region). If the trailer does not open, the
@@ -513,7 +468,7 @@ fn salvage(
     let pname = pack::pack_name(pid);
     let (listed, trailer_read) = match pack::read_trailer(backend, keys, &pname) {
         Ok(blobs) => (
-            blobs.iter().map(|b| (b.id, location(*pid, b))).collect(),
+            blobs.iter().map(|b| (b.id, b.located_in(*pid))).collect(),
             true,
         ),
         Err(e) if e.is_damage() => {

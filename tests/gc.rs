@@ -1490,27 +1490,7 @@ fn a_repair_saves_intact_chunks_and_the_next_backup_heals_every_snapshot(store: 
     let b = objects(&env);
     // Damage one data chunk of the full backup's pack (the pack with the
     // most data chunks), as bit rot would.
-    let repo = open_repo(&env);
-    let (victim, offset) = b
-        .list("packs/")
-        .unwrap()
-        .into_iter()
-        .map(|o| {
-            let t = ekko::pack::read_trailer(b.as_ref(), repo.keys(), &o.name).unwrap();
-            let data: Vec<u64> = t
-                .iter()
-                .filter(|e| e.kind == ekko::format::ChunkKind::Data)
-                .map(|e| e.offset)
-                .collect();
-            (o.name, data)
-        })
-        .max_by_key(|(_, data)| data.len())
-        .map(|(n, data)| (n, data.into_iter().min().unwrap()))
-        .unwrap();
-    drop(repo);
-    let mut data = b.get(&victim).unwrap();
-    data[usize::try_from(offset).unwrap() + 8] ^= 0x40;
-    b.put(&victim, &data).unwrap();
+    let (victim, _) = rot_one_chunk(&env, &b.list("packs/").unwrap());
 
     let (found, code) = check_json(&env, &["--read-data"]);
     assert_eq!(code, Some(3), "{found}");
@@ -1631,26 +1611,51 @@ fn a_lost_pack_is_repaired_and_healed_with_its_block_map(store: Store) {
     assert_eq!(p["lost_records_removed"], 1, "{p}");
 }
 
-/// Damage exactly one data chunk of the first of `packs` that holds one
-/// (its lowest-offset one); returns that chunk's id.
-fn rot_one_chunk(env: &Env, packs: &[ekko::backend::ObjectInfo]) -> String {
+/// Damage exactly one data chunk (the lowest-offset one) of the pack of
+/// `packs` that holds the most data chunks; returns the pack's name and
+/// the chunk's id.
+fn rot_one_chunk(env: &Env, packs: &[ekko::backend::ObjectInfo]) -> (String, String) {
     let b = objects(env);
     let repo = open_repo(env);
     let (pack, e) = packs
         .iter()
-        .find_map(|p| {
-            ekko::pack::read_trailer(b.as_ref(), repo.keys(), &p.name)
-                .unwrap()
-                .into_iter()
-                .filter(|e| e.kind == ekko::format::ChunkKind::Data)
-                .min_by_key(|e| e.offset)
-                .map(|e| (p.name.as_str(), e))
+        .map(|p| {
+            let data: Vec<ekko::format::BlobEntry> =
+                ekko::pack::read_trailer(b.as_ref(), repo.keys(), &p.name)
+                    .unwrap()
+                    .into_iter()
+                    .filter(|e| e.kind == ekko::format::ChunkKind::Data)
+                    .collect();
+            (p.name.clone(), data)
         })
+        .max_by_key(|(_, data)| data.len())
+        .and_then(|(p, data)| Some((p, data.into_iter().min_by_key(|e| e.offset)?)))
         .expect("a pack with data chunks");
-    let mut data = b.get(pack).unwrap();
-    data[usize::try_from(e.offset).unwrap() + 8] ^= 0x40;
-    b.put(pack, &data).unwrap();
-    e.id.to_hex()
+    xor_object(&b, &pack, usize::try_from(e.offset).unwrap() + 8, 0x40);
+    (pack, e.id.to_hex())
+}
+
+/// Flip bits `mask` of byte `at` of object `name`, as bit rot would.
+fn xor_object(b: &Arc<dyn Backend>, name: &str, at: usize, mask: u8) {
+    let mut d = b.get(name).unwrap();
+    d[at] ^= mask;
+    b.put(name, &d).unwrap();
+}
+
+/// Flip a bit inside a pack's sealed trailer (40 bytes before its end).
+fn rot_trailer(b: &Arc<dyn Backend>, pack: &str) {
+    let size = usize::try_from(b.size(pack).unwrap()).unwrap();
+    xor_object(b, pack, size - 40, 0x01);
+}
+
+/// The name of the largest pack.
+fn largest_pack(b: &Arc<dyn Backend>) -> String {
+    b.list("packs/")
+        .unwrap()
+        .into_iter()
+        .max_by_key(|o| o.size)
+        .unwrap()
+        .name
 }
 
 fn killing_a_repair_at_random_points_loses_nothing_intact(store: Store) {
@@ -1666,7 +1671,7 @@ fn killing_a_repair_at_random_points_loses_nothing_intact(store: Store) {
     let sa = backup(&env, "a", &a, None);
     let packs_a = objects(&env).list("packs/").unwrap();
     let sb = backup(&env, "b", &b_img, None);
-    let victim = rot_one_chunk(&env, &packs_a);
+    let (_, victim) = rot_one_chunk(&env, &packs_a);
     let (r, _) = check_json(&env, &["--read-data"]);
     assert_eq!(r["damaged_snapshots"].as_array().unwrap().len(), 1, "{r}");
 
@@ -1737,18 +1742,13 @@ fn a_pack_that_comes_back_after_a_repair_is_indexed_again_not_pruned(store: Stor
     write_file(&img, &random_bytes(41, 2 * MIB));
     let id = backup(&env, "a", &img, None);
     let b = objects(&env);
-    let p = b
-        .list("packs/")
-        .unwrap()
-        .into_iter()
-        .max_by_key(|o| o.size)
-        .unwrap();
-    let held = b.get(&p.name).unwrap();
-    b.delete(&p.name).unwrap();
+    let p = largest_pack(&b);
+    let held = b.get(&p).unwrap();
+    b.delete(&p).unwrap();
     let (r, _) = check_json(&env, &["--repair"]);
     assert_eq!(r["repair"]["packs_missing"], 1, "{r}");
     assert!(r["repair"]["chunks_lost"].as_u64().unwrap() > 0, "{r}");
-    b.put(&p.name, &held).unwrap();
+    b.put(&p, &held).unwrap();
 
     // check sees where the lost chunks are, and prune refuses to mark the
     // pack as garbage.
@@ -1775,20 +1775,10 @@ fn a_damaged_trailer_with_a_damaged_index_file_keeps_its_pack(store: Store) {
     write_file(&img, &random_bytes(42, 2 * MIB));
     let id = backup(&env, "a", &img, None);
     let b = objects(&env);
-    let p = b
-        .list("packs/")
-        .unwrap()
-        .into_iter()
-        .max_by_key(|o| o.size)
-        .unwrap();
-    let mut data = b.get(&p.name).unwrap();
-    let n = data.len();
-    data[n - 40] ^= 0x01; // inside the sealed trailer
-    b.put(&p.name, &data).unwrap();
+    let p = largest_pack(&b);
+    rot_trailer(&b, &p);
     for f in b.list("index/").unwrap() {
-        let mut d = b.get(&f.name).unwrap();
-        d[40] ^= 0x01;
-        b.put(&f.name, &d).unwrap();
+        xor_object(&b, &f.name, 40, 0x01);
     }
     let (r, code) = check_json(&env, &["--read-data", "--repair"]);
     assert_eq!(code, Some(3), "{r}");
@@ -1798,7 +1788,7 @@ fn a_damaged_trailer_with_a_damaged_index_file_keeps_its_pack(store: Store) {
         "{r}"
     );
     assert_eq!(r["repair"]["packs_replaced"], 0, "{r}");
-    assert!(b.list("packs/").unwrap().iter().any(|o| o.name == p.name));
+    assert!(b.list("packs/").unwrap().iter().any(|o| o.name == p));
     // The pack stays while snapshots lack chunks, and a backup heals them.
     age_past_grace(store);
     let out = run(&env, &["prune", "--grace", GRACE, "--clock-skew", "0s"]);
@@ -1835,10 +1825,7 @@ fn a_repair_removes_damaged_marks_and_rewrites_protections(store: Store) {
     .unwrap();
     drop(repo);
     for prefix in ["gc/", "protect/"] {
-        let o = &b.list(prefix).unwrap()[0];
-        let mut d = b.get(&o.name).unwrap();
-        d[20] ^= 0x01;
-        b.put(&o.name, &d).unwrap();
+        xor_object(&b, &b.list(prefix).unwrap()[0].name, 20, 0x01);
     }
     let (r, code) = check_json(&env, &[]);
     assert_eq!(code, Some(3), "{r}");
@@ -1860,12 +1847,7 @@ fn a_repair_puts_back_a_damaged_manifest_from_the_cache(store: Store) {
     let id = backup(&env, "a", &img, None);
     let b = objects(&env);
     let name = format!("snapshots/{id}");
-    let rot = |b: &Arc<dyn Backend>| {
-        let mut d = b.get(&name).unwrap();
-        d[30] ^= 0x01;
-        b.put(&name, &d).unwrap();
-    };
-    rot(&b);
+    xor_object(&b, &name, 30, 0x01);
     let (r, code) = check_json(&env, &[]);
     assert_eq!(code, Some(3), "{r}");
     // This host backed it up, so its manifest cache holds the manifest as
@@ -1877,7 +1859,7 @@ fn a_repair_puts_back_a_damaged_manifest_from_the_cache(store: Store) {
     ok(&env, &["protect", &id]);
     // Without a cached copy it is beyond repair, and said so.
     std::fs::remove_dir_all(&env.cache).unwrap();
-    rot(&b);
+    xor_object(&b, &name, 30, 0x01);
     let (r, code) = check_json(&env, &["--repair"]);
     assert_eq!(code, Some(3), "{r}");
     assert_eq!(r["repair"]["manifests_restored"], 0, "{r}");
@@ -1943,10 +1925,7 @@ fn a_damaged_lost_record_still_keeps_backups_off_holes(store: Store) {
     rot_one_chunk(&env, &packs);
     let (r, _) = check_json(&env, &["--read-data", "--repair"]);
     assert_eq!(r["repair"]["chunks_lost"], 1, "{r}");
-    let rec = b.list("lost/").unwrap()[0].name.clone();
-    let mut d = b.get(&rec).unwrap();
-    d[20] ^= 0x01;
-    b.put(&rec, &d).unwrap();
+    xor_object(&b, &b.list("lost/").unwrap()[0].name, 20, 0x01);
     // What the record named is unknown now: the backup looks its parent's
     // chunks up, finds one missing, and reads in full.
     let heal = live_backup(&env, &qsd);
@@ -2005,17 +1984,8 @@ fn a_damaged_trailer_whose_index_entries_cover_the_pack_is_replaced(store: Store
     }
     let (r, _) = check_json(&env, &["--repair"]);
     assert!(r["repair"]["chunks_lost"].as_u64().unwrap() > 0, "{r}");
-    let victim = b
-        .list("packs/")
-        .unwrap()
-        .into_iter()
-        .max_by_key(|o| o.size)
-        .unwrap()
-        .name;
-    let mut d = b.get(&victim).unwrap();
-    let n = d.len();
-    d[n - 40] ^= 0x01;
-    b.put(&victim, &d).unwrap();
+    let victim = largest_pack(&b);
+    rot_trailer(&b, &victim);
     let (r, code) = check_json(&env, &["--read-data", "--repair"]);
     assert_eq!(code, Some(3), "b's data is still lost: {r}");
     assert_eq!(r["repair"]["packs_replaced"], 1, "{r}");
