@@ -137,6 +137,30 @@ pub fn decode(
     plain
 }
 
+/// Chunk `id`, stored at `loc` in `pack` (the bytes of pack `pname`),
+/// ready to be copied into another pack as it is sealed, if it opens and
+/// its plaintext hashes to `id`. Prune's repacking and repair's salvage.
+pub fn intact_copy(
+    keys: &Keys,
+    id: &ChunkId,
+    loc: &Location,
+    pname: &str,
+    pack: &[u8],
+) -> Option<EncodedChunk> {
+    let sealed = usize::try_from(loc.offset)
+        .ok()
+        .zip(usize::try_from(loc.stored_len).ok())
+        .and_then(|(o, n)| pack.get(o..o.checked_add(n)?))?;
+    let plain = decode(keys, id, loc, pname, sealed).ok()?;
+    (keys.chunk_id(&plain) == *id).then(|| EncodedChunk {
+        id: *id,
+        kind: loc.kind,
+        raw_len: loc.raw_len,
+        compressed: loc.compressed,
+        sealed: sealed.to_vec(),
+    })
+}
+
 /// Open blobs of one pack in place, several at once, then decompress each
 /// as the iterator reaches it (so that only one plaintext is held at a
 /// time). Each succeeds or fails on its own.

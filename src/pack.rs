@@ -96,6 +96,58 @@ impl PackWriter {
     }
 }
 
+/// Chunks copied into new packs one after another, each pack closed once
+/// it reaches `limit` bytes (prune's repacking, repair's salvage).
+pub struct Packer<'a> {
+    backend: &'a dyn Backend,
+    limit: u64,
+    writer: Option<PackWriter>,
+    /// Where the chunks of the packs closed so far live.
+    pub entries: Vec<(ChunkId, Location)>,
+    /// Packs closed so far.
+    pub packs: usize,
+}
+
+impl<'a> Packer<'a> {
+    pub fn new(backend: &'a dyn Backend, limit: u64) -> Packer<'a> {
+        Packer {
+            backend,
+            limit,
+            writer: None,
+            entries: Vec::new(),
+            packs: 0,
+        }
+    }
+
+    /// Append a chunk; returns true when that closed a pack.
+    pub fn add(&mut self, keys: &Keys, c: &EncodedChunk) -> Result<bool> {
+        let w = match self.writer.as_mut() {
+            Some(w) => w,
+            None => self.writer.insert(PackWriter::create(self.backend)?),
+        };
+        w.add(c)?;
+        if w.len() < self.limit {
+            return Ok(false);
+        }
+        let w = self.writer.take().expect("present");
+        self.entries.extend(w.finish(keys)?);
+        self.packs += 1;
+        Ok(true)
+    }
+
+    /// Close the last pack, if it holds anything; returns true if it did.
+    pub fn finish(&mut self, keys: &Keys) -> Result<bool> {
+        match self.writer.take().filter(|w| !w.is_empty()) {
+            Some(w) => {
+                self.entries.extend(w.finish(keys)?);
+                self.packs += 1;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+}
+
 /// The size of a pack holding `chunks` sealed chunks of `chunk_bytes` bytes
 /// in all: header, the chunks, the sealed trailer (count, entries, tag) and
 /// the footer. Prune compares it with a pack's size: the difference is what

@@ -20,7 +20,7 @@ use crate::format::{self, Location, MAGIC_INDEX};
 use crate::id::{ChunkId, ObjectId};
 use crate::index;
 use crate::lock::Lock;
-use crate::pack::{self, PackWriter};
+use crate::pack;
 use crate::repo::Repository;
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -262,9 +262,7 @@ pub fn check_and_repair(
         let needed_elsewhere = !damage.referenced_unindexed.is_empty();
 
         // 1. Copy the intact chunks of the damaged packs into new packs.
-        let mut entries: Vec<(ChunkId, Location)> = Vec::new();
-        let mut writer: Option<PackWriter> = None;
-        let limit = u64::from(repo.config().pack_size);
+        let mut packer = pack::Packer::new(backend, u64::from(repo.config().pack_size));
         let mut deletable: Vec<ObjectId> = Vec::new();
         for p in &to_repair {
             let (blobs, trailer_read) = salvage(repo, p, &known, &mut report)?;
@@ -274,24 +272,17 @@ pub fn check_and_repair(
                 report.packs_kept.push(pack::pack_name(p));
             }
             for blob in blobs {
-                let w = match writer.as_mut() {
-                    Some(w) => w,
-                    None => writer.insert(PackWriter::create(backend)?),
-                };
-                w.add(&blob)?;
                 report.chunks_salvaged += 1;
-                if w.len() >= limit {
-                    entries.extend(writer.take().expect("present").finish(keys)?);
-                    report.packs_written += 1;
+                if packer.add(keys, &blob)? {
                     step();
                 }
             }
         }
-        if let Some(w) = writer.take().filter(|w| !w.is_empty()) {
-            entries.extend(w.finish(keys)?);
-            report.packs_written += 1;
+        if packer.finish(keys)? {
             step();
         }
+        report.packs_written = packer.packs;
+        let mut entries = packer.entries;
 
         // 2. The index, from the trailers of every other pack.
         // Every pack this listing or the check's shows: a listing that lags
@@ -487,21 +478,8 @@ fn salvage(
     let mut good = Vec::new();
     let mut seen = HashSet::new();
     for (id, loc) in listed {
-        let sealed = usize::try_from(loc.offset)
-            .ok()
-            .zip(usize::try_from(loc.stored_len).ok())
-            .and_then(|(o, n)| data.get(o..o.checked_add(n)?));
-        let intact = sealed.filter(|s| {
-            chunk::decode(keys, &id, &loc, &pname, s).is_ok_and(|plain| keys.chunk_id(&plain) == id)
-        });
-        match intact {
-            Some(s) if seen.insert(id) => good.push(EncodedChunk {
-                id,
-                kind: loc.kind,
-                raw_len: loc.raw_len,
-                compressed: loc.compressed,
-                sealed: s.to_vec(),
-            }),
+        match chunk::intact_copy(keys, &id, &loc, &pname, &data) {
+            Some(c) if seen.insert(id) => good.push(c),
             Some(_) => {}
             None => report.chunks_dropped += 1,
         }

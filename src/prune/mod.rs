@@ -31,7 +31,7 @@ use crate::gc::{self, Mark};
 use crate::id::{ChunkId, ObjectId};
 use crate::index;
 use crate::lock::Lock;
-use crate::pack::{self, PackWriter};
+use crate::pack;
 use crate::repo::Repository;
 use crate::snapshot;
 
@@ -473,8 +473,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     // as they are, after authenticating them).
     let mut chosen_override: HashMap<ChunkId, Location> = HashMap::new();
     if !to_repack.is_empty() {
-        let mut writer: Option<PackWriter> = None;
-        let limit = u64::from(repo.config().pack_size);
+        let mut packer = pack::Packer::new(backend, u64::from(repo.config().pack_size));
         for p in &to_repack {
             let pname = pack::pack_name(p);
             let mine: Vec<(ChunkId, Location)> = pack_chunks
@@ -494,52 +493,28 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
                 continue;
             }
             let data = backend.get(&pname)?;
-            let mut blobs = Vec::with_capacity(mine.len());
-            let mut damaged = false;
-            for (id, l) in &mine {
-                let sealed = usize::try_from(l.offset)
-                    .ok()
-                    .zip(usize::try_from(l.stored_len).ok())
-                    .and_then(|(o, n)| data.get(o..o.checked_add(n)?));
-                match sealed.map(|s| (s, chunk::decode(keys, id, l, &pname, s))) {
-                    Some((s, Ok(_))) => blobs.push(EncodedChunk {
-                        id: *id,
-                        kind: l.kind,
-                        raw_len: l.raw_len,
-                        compressed: l.compressed,
-                        sealed: s.to_vec(),
-                    }),
-                    _ => damaged = true,
-                }
-            }
-            if damaged {
+            let blobs: Option<Vec<EncodedChunk>> = mine
+                .iter()
+                .map(|(id, l)| chunk::intact_copy(keys, id, l, &pname, &data))
+                .collect();
+            let Some(blobs) = blobs else {
                 tracing::warn!("pack {pname} holds a damaged live chunk: not repacked; run `ekko check --read-data`");
                 continue;
-            }
+            };
             for b in &blobs {
-                if writer.is_none() {
-                    writer = Some(PackWriter::create(backend)?);
-                }
-                let w = writer.as_mut().expect("just created");
-                w.add(b)?;
                 report.bytes_repacked += u64::try_from(b.sealed.len()).expect("fits");
-                if w.len() >= limit {
-                    let entries = writer.take().expect("present").finish(keys)?;
+                if packer.add(keys, b)? {
                     step();
-                    report.packs_written += 1;
-                    chosen_override.extend(entries);
                 }
             }
             report.packs_repacked += 1;
             new_marks.push(*p);
         }
-        if let Some(w) = writer.take() {
-            if !w.is_empty() {
-                chosen_override.extend(w.finish(keys)?);
-                step();
-                report.packs_written += 1;
-            }
+        if packer.finish(keys)? {
+            step();
         }
+        report.packs_written = packer.packs;
+        chosen_override.extend(packer.entries);
     }
     report.packs_marked = new_marks.len();
     report.bytes_marked = new_marks.iter().map(|p| packs[p].size).sum();
