@@ -116,6 +116,13 @@ pub struct Damage {
     pub bad_chunks: HashMap<ObjectId, HashSet<ChunkId>>,
     /// Existing packs whose trailer does not open.
     pub bad_trailers: HashSet<ObjectId>,
+    /// Existing packs whose header does not read but whose trailer opens:
+    /// their chunks are where the trailer says, and a repair rewrites them.
+    pub bad_headers: HashSet<ObjectId>,
+    /// Of those, the ones whose header names a version this ekko does not
+    /// know: if one of their chunks also fails verification, the pack may
+    /// be a newer format misread, and a repair leaves it alone.
+    pub unknown_versions: HashSet<ObjectId>,
     /// Packs that index entries name but that do not exist.
     pub missing_packs: HashSet<ObjectId>,
     /// Every pack the check listed.
@@ -137,11 +144,13 @@ pub struct Damage {
 }
 
 impl Damage {
-    /// Packs a repair rewrites: those with damaged chunks or trailers.
+    /// Packs a repair rewrites: those with damaged chunks, trailers or
+    /// headers.
     pub fn packs_to_repair(&self) -> HashSet<ObjectId> {
         self.bad_chunks
             .keys()
             .chain(&self.bad_trailers)
+            .chain(&self.bad_headers)
             .copied()
             .collect()
     }
@@ -189,15 +198,23 @@ pub fn check_with(
             Ok(entries) => {
                 trailers.insert(pid, entries.into_iter().map(|e| (e.id, e)).collect());
             }
-            Err(e) => {
-                report.problems.push(format!("pack {}: {e}", p.name));
-                if e.is_damage() {
-                    report.damage.bad_trailers.insert(pid);
-                } else {
-                    report.damage.unreadable_packs.push((pid, e.to_string()));
+            Err(e) if pack::header_error(&e) => {
+                match pack::read_trailer_past_header(backend, keys, &p.name) {
+                    Ok(entries) => {
+                        report.problems.push(format!(
+                    "pack {}: {e}; its trailer opens, so only the header is damaged (`ekko check --repair` rewrites the pack)",
+                    p.name
+                ));
+                        report.damage.bad_headers.insert(pid);
+                        if matches!(e, Error::UnsupportedVersion { .. }) {
+                            report.damage.unknown_versions.insert(pid);
+                        }
+                        trailers.insert(pid, entries.into_iter().map(|e| (e.id, e)).collect());
+                    }
+                    Err(_) => damaged_pack(&mut report, &mut bad_packs, pid, &p.name, e),
                 }
-                bad_packs.insert(pid);
             }
+            Err(e) => damaged_pack(&mut report, &mut bad_packs, pid, &p.name, e),
         }
     }
 
@@ -415,6 +432,24 @@ pub fn check_with(
     }
     report.damaged_chunks = dl;
     Ok(report)
+}
+
+/// A pack whose trailer does not read: damaged, or (an I/O or store error,
+/// or a version this ekko does not know) not judged.
+fn damaged_pack(
+    report: &mut CheckReport,
+    bad_packs: &mut HashSet<ObjectId>,
+    pid: ObjectId,
+    name: &str,
+    e: Error,
+) {
+    report.problems.push(format!("pack {name}: {e}"));
+    if e.is_damage() {
+        report.damage.bad_trailers.insert(pid);
+    } else {
+        report.damage.unreadable_packs.push((pid, e.to_string()));
+    }
+    bad_packs.insert(pid);
 }
 
 /// Open, decompress and re-hash the blobs of one pack (`entries` sorted by

@@ -163,6 +163,41 @@ pub fn packed_size(chunk_bytes: u64, chunks: u64) -> u64 {
 
 /// Read and authenticate a pack's trailer: the list of its chunks.
 pub fn read_trailer(backend: &dyn Backend, keys: &Keys, name: &str) -> Result<Vec<BlobEntry>> {
+    trailer(backend, keys, name, true)
+}
+
+/// The trailer of a pack whose header does not read (a damaged magic, or a
+/// version this ekko does not know). The trailer is sealed with the
+/// repository's key and the pack's id as associated data, so if it opens,
+/// it, and not the header, says what the pack holds.
+pub fn read_trailer_past_header(
+    backend: &dyn Backend,
+    keys: &Keys,
+    name: &str,
+) -> Result<Vec<BlobEntry>> {
+    trailer(backend, keys, name, false)
+}
+
+/// Whether `read_trailer` failed on what a damaged header gives.
+pub fn header_error(e: &Error) -> bool {
+    e.is_damage() || matches!(e, Error::UnsupportedVersion { .. })
+}
+
+/// `read_trailer`, or, when that fails as a damaged header would,
+/// `read_trailer_past_header` (keeping the first error if that fails too).
+pub fn read_any_trailer(backend: &dyn Backend, keys: &Keys, name: &str) -> Result<Vec<BlobEntry>> {
+    match read_trailer(backend, keys, name) {
+        Err(e) if header_error(&e) => read_trailer_past_header(backend, keys, name).map_err(|_| e),
+        r => r,
+    }
+}
+
+fn trailer(
+    backend: &dyn Backend,
+    keys: &Keys,
+    name: &str,
+    check_header: bool,
+) -> Result<Vec<BlobEntry>> {
     let id = pack_id_from_name(name).ok_or_else(|| Error::corrupt(name, "not a pack name"))?;
     let size = backend.size(name)?;
     let min = u64::try_from(HEADER_LEN + PACK_FOOTER_LEN).expect("small");
@@ -172,8 +207,10 @@ pub fn read_trailer(backend: &dyn Backend, keys: &Keys, name: &str) -> Result<Ve
             format!("only {size} bytes: truncated"),
         ));
     }
-    let head = backend.get_range(name, 0, HEADER_LEN)?;
-    format::check_header(name, &head, MAGIC_PACK, "pack")?;
+    if check_header {
+        let head = backend.get_range(name, 0, HEADER_LEN)?;
+        format::check_header(name, &head, MAGIC_PACK, "pack")?;
+    }
     let footer = backend.get_range(name, size - 16, PACK_FOOTER_LEN)?;
     let tlen = format::decode_pack_footer(name, &footer)?;
     let tstart = (size - 16)

@@ -54,7 +54,7 @@ pub fn rebuild_index(repo: &Repository) -> Result<RebuildReport> {
             continue;
         };
         report.packs += 1;
-        match pack::read_trailer(backend, keys, &p.name) {
+        match pack::read_any_trailer(backend, keys, &p.name) {
             Ok(blobs) => entries.extend(blobs.into_iter().map(|b| (b.id, b.located_in(pid)))),
             Err(e) => {
                 tracing::warn!("pack {}: {e}; its chunks stay unindexed", p.name);
@@ -401,7 +401,18 @@ pub fn check_and_repair(
 /// a pack it could not read (the store failed, or the pack names a format
 /// version this ekko does not know).
 fn refuse_unjudged(r: &CheckReport) -> Result<()> {
-    match r.damage.unreadable_packs.first() {
+    let d = &r.damage;
+    if let Some(p) = d
+        .unknown_versions
+        .iter()
+        .find(|p| d.bad_chunks.contains_key(*p))
+    {
+        return Err(Error::Invalid(format!(
+            "pack {} names a format version this ekko does not know, and some of its chunks fail verification: it may be a newer ekko's pack, or a pack with a damaged header and damaged chunks. Nothing was changed. If no newer ekko writes to this repository, delete that file and run `ekko check --repair` again: it records the chunks as lost, and the next backup of each affected VM stores them again",
+            pack::pack_name(p)
+        )));
+    }
+    match d.unreadable_packs.first() {
         None => Ok(()),
         Some((p, e)) => Err(Error::Invalid(format!(
             "pack {} could not be read ({e}); nothing was changed. If the store failed, run the repair again once it answers; if the pack names a version this ekko does not know while no newer ekko writes here, its header is damaged",
@@ -457,7 +468,7 @@ fn salvage(
     let backend = repo.backend().as_ref();
     let keys = repo.keys();
     let pname = pack::pack_name(pid);
-    let (listed, trailer_read) = match pack::read_trailer(backend, keys, &pname) {
+    let (listed, trailer_read) = match pack::read_any_trailer(backend, keys, &pname) {
         Ok(blobs) => (
             blobs.iter().map(|b| (b.id, b.located_in(*pid))).collect(),
             true,

@@ -111,6 +111,7 @@ local_only!(
     a_damaged_trailer_with_a_damaged_index_file_keeps_its_pack,
     a_repair_removes_damaged_marks_and_rewrites_protections,
     a_damaged_trailer_whose_index_entries_cover_the_pack_is_replaced,
+    a_pack_whose_header_rots_is_rewritten_from_its_trailer,
     killing_a_repair_at_random_points_loses_nothing_intact,
     prune_removes_temporary_files_that_killed_writers_left,
     a_backup_never_deduplicates_against_marked_packs,
@@ -1996,4 +1997,73 @@ fn a_damaged_trailer_whose_index_entries_cover_the_pack_is_replaced(store: Store
     // Only b's loss remains; its next backup heals it.
     backup(&env, "b", &bi, None);
     check_read_data(&env);
+}
+
+fn a_pack_whose_header_rots_is_rewritten_from_its_trailer(store: Store) {
+    // One pack's magic and another's version byte rot. Their trailers
+    // still open, so check says only the headers are damaged, and the
+    // repair copies every chunk into new packs.
+    let env = new_repo(store, "header");
+    let a = env.path("a.img");
+    write_file(&a, &random_bytes(48, 40 * MIB));
+    let sa = backup(&env, "a", &a, None);
+    let b = objects(&env);
+    let mut packs: Vec<_> = b.list("packs/").unwrap();
+    packs.sort_by_key(|o| std::cmp::Reverse(o.size));
+    assert!(packs.len() >= 2, "{packs:?}");
+    let (magic, version) = (packs[0].name.clone(), packs[1].name.clone());
+    xor_object(&b, &magic, 0, 0x20);
+    xor_object(&b, &version, 8, 0x06);
+    let (r, code) = check_json(&env, &[]);
+    assert_eq!(code, Some(3), "{r}");
+    let problems = r["problems"].to_string();
+    for p in [&magic, &version] {
+        assert!(problems.contains(&format!("pack {p}")), "{r}");
+    }
+    assert!(problems.contains("only the header is damaged"), "{r}");
+    assert_eq!(
+        r["damaged_snapshots"],
+        serde_json::json!([]),
+        "the chunks are all there: {r}"
+    );
+    assert_eq!(restore_sha(&env, &sa), sha256_file(&a));
+    let (r, code) = check_json(&env, &["--read-data", "--repair"]);
+    assert_eq!(code, Some(0), "{r}");
+    assert_eq!(r["repair"]["packs_replaced"], 2, "{r}");
+    assert_eq!(r["repair"]["chunks_dropped"], 0, "{r}");
+    assert_eq!(r["repair"]["chunks_lost"], 0, "{r}");
+    let left: Vec<String> = b
+        .list("packs/")
+        .unwrap()
+        .into_iter()
+        .map(|o| o.name)
+        .collect();
+    assert!(
+        !left.contains(&magic) && !left.contains(&version),
+        "{left:?}"
+    );
+    check_read_data(&env);
+    assert_eq!(restore_sha(&env, &sa), sha256_file(&a));
+
+    // A header naming an unknown version over a chunk that fails
+    // verification may be a newer ekko's pack: the repair changes nothing.
+    let (victim, _) = rot_one_chunk(&env, &b.list("packs/").unwrap());
+    xor_object(&b, &victim, 8, 0x06);
+    let before = repo_state(&env);
+    let out = run(&env, &["check", "--read-data", "--repair"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&victim) && err.contains("Nothing was changed"),
+        "{err}"
+    );
+    assert_eq!(repo_state(&env), before);
+    // As the message says: without the pack, the repair records the loss.
+    b.delete(&victim).unwrap();
+    let (r, code) = check_json(&env, &["--repair"]);
+    assert_eq!(code, Some(3), "{r}");
+    assert!(r["repair"]["chunks_lost"].as_u64().unwrap() > 0, "{r}");
+    backup(&env, "a", &a, None);
+    check_read_data(&env);
+    assert_eq!(restore_sha(&env, &sa), sha256_file(&a));
 }
