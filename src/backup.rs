@@ -287,6 +287,8 @@ pub struct Session<'r> {
     started: Instant,
     /// Marks seen at the start and packs relied on: see `crate::gc`.
     guard: Guard,
+    /// A disk kept chunks of its parent without reading them.
+    kept_parent_chunks: bool,
     /// The libvirt domain, recorded in the manifest.
     domain: Option<snapshot::DomainRecord>,
     /// When this session last shared its progress (see `maybe_share`), and
@@ -344,6 +346,7 @@ impl<'r> Session<'r> {
             disks: Vec::new(),
             started: Instant::now(),
             guard,
+            kept_parent_chunks: false,
             domain: None,
             shared_at: Mutex::new(Instant::now()),
             share_every: share_every(),
@@ -478,6 +481,7 @@ impl<'r> Session<'r> {
                 };
             }
         }
+        self.kept_parent_chunks |= plan.incremental_parent.is_some();
         let cs = u64::from(self.repo.config().chunk_size);
         let size = plan.source.size();
         let nchunks = size.div_ceil(cs);
@@ -796,6 +800,9 @@ impl<'r> Session<'r> {
             domain: self.domain.take(),
         };
         self.guard.before_commit(self.repo)?;
+        if let (true, Some(p)) = (self.kept_parent_chunks, &snap.parent) {
+            self.guard.before_commit_on(self.repo, p, &snap.disks)?;
+        }
         snapshot::save(self.repo.backend().as_ref(), self.repo.keys(), &snap)?;
         tracing::info!(snapshot = %snap.id, elapsed = ?self.started.elapsed(), "snapshot committed");
         Ok(snap)

@@ -423,6 +423,52 @@ impl Guard {
         }
         Ok(())
     }
+
+    /// Just before the manifest of a snapshot that kept chunks of `parent`
+    /// without reading them: is the parent still there? If it was
+    /// forgotten after the backup resolved it but before this guard read
+    /// the lost-chunk records, a prune may have deleted a record that named
+    /// one of those chunks (a record goes once no snapshot needs what it
+    /// names), and the snapshot would reference a chunk nothing holds. So,
+    /// with the parent gone, every chunk the snapshot's `disks` reference
+    /// must be indexed.
+    pub fn before_commit_on(
+        &self,
+        repo: &Repository,
+        parent: &str,
+        disks: &[crate::snapshot::Disk],
+    ) -> Result<()> {
+        match repo.backend().size(&crate::snapshot::snapshot_name(parent)) {
+            Ok(_) => return Ok(()),
+            Err(Error::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        repo.refresh_index()?;
+        let mut seen = HashSet::new();
+        for d in disks {
+            let mut missing = None;
+            let walked = walk_map(repo, &d.map, &mut seen, &mut |id, _| {
+                if missing.is_none() && repo.index().lookup(&id)?.is_none() {
+                    missing = Some(id.to_string());
+                }
+                Ok(())
+            });
+            match walked {
+                Err(e) if e.is_damage() => missing = Some(e.to_string()),
+                r => r?,
+            }
+            if let Some(what) = missing {
+                return Err(Error::GcRace {
+                    reason: format!(
+                        "the parent snapshot {parent} was forgotten while this backup started, and disk {} kept from it chunk {what}, which no index names; nothing was committed. Run the backup again: it builds on the VM's latest snapshot now",
+                        d.name
+                    ),
+                });
+            }
+        }
+        tracing::info!(parent, "the parent snapshot was forgotten meanwhile; every chunk this snapshot kept from it is still indexed");
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -112,6 +112,7 @@ local_only!(
     a_repair_removes_damaged_marks_and_rewrites_protections,
     a_damaged_trailer_whose_index_entries_cover_the_pack_is_replaced,
     a_pack_whose_header_rots_is_rewritten_from_its_trailer,
+    an_incremental_whose_parent_is_forgotten_as_it_starts_keeps_no_hole,
     killing_a_repair_at_random_points_loses_nothing_intact,
     prune_removes_temporary_files_that_killed_writers_left,
     a_backup_never_deduplicates_against_marked_packs,
@@ -2066,4 +2067,110 @@ fn a_pack_whose_header_rots_is_rewritten_from_its_trailer(store: Store) {
     backup(&env, "a", &a, None);
     check_read_data(&env);
     assert_eq!(restore_sha(&env, &sa), sha256_file(&a));
+}
+
+/// A file with a dirty bitmap of our choosing: an incremental's source.
+struct Dirty {
+    file: ekko::source::FileSource,
+    dirty: Vec<ekko::source::Range>,
+}
+
+impl ekko::source::Source for Dirty {
+    fn describe(&self) -> String {
+        self.file.describe()
+    }
+    fn size(&self) -> u64 {
+        self.file.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> ekko::Result<()> {
+        self.file.read_at(buf, offset)
+    }
+    fn data_ranges(&self) -> ekko::Result<Vec<ekko::source::Range>> {
+        self.file.data_ranges()
+    }
+    fn dirty_ranges(&self) -> ekko::Result<Option<Vec<ekko::source::Range>>> {
+        Ok(Some(self.dirty.clone()))
+    }
+}
+
+fn an_incremental_whose_parent_is_forgotten_as_it_starts_keeps_no_hole(store: Store) {
+    // A repair recorded a chunk of VM a as lost. A backup of a resolves
+    // its parent; then the parent is forgotten and a prune deletes the
+    // record (no snapshot needs the chunk any more), before the backup's
+    // guard reads the records. The other chunks live on in VM b, so prune
+    // marks no pack either: the backup sees nothing that says the parent
+    // has a hole. It must not commit a snapshot that references it.
+    use ekko::backup::{BackupOptions, DiskPlan, Session};
+    use ekko::snapshot::Capture;
+    let env = new_repo(store, "forgotten");
+    let a = env.path("a.img");
+    let mut data = random_bytes(49, MIB);
+    write_file(&a, &data);
+    let sa = backup(&env, "a", &a, None);
+    let b = objects(&env);
+    let (_, victim) = rot_one_chunk(&env, &b.list("packs/").unwrap());
+    // b holds all of a but the rotted chunk.
+    let repo = open_repo(&env);
+    let block = data
+        .chunks(64 * KIB)
+        .position(|c| repo.keys().chunk_id(c).to_hex() == victim)
+        .expect("the rotted chunk is one of a's blocks");
+    data[block * 64 * KIB..(block + 1) * 64 * KIB].copy_from_slice(&random_bytes(50, 64 * KIB));
+    let bi = env.path("b.img");
+    write_file(&bi, &data);
+    backup(&env, "b", &bi, None);
+    let (r, code) = check_json(&env, &["--read-data", "--repair"]);
+    assert_eq!(code, Some(3), "{r}");
+    assert_eq!(r["repair"]["chunks_lost"], 1, "{r}");
+
+    // The backup opens the repository and resolves its parent...
+    let repo = open_repo(&env);
+    let parent = ekko::snapshot::resolve(repo.backend().as_ref(), repo.keys(), "a@latest").unwrap();
+    assert_eq!(parent.id, sa);
+    // ...the parent is forgotten and a prune deletes the record...
+    ok(&env, &["forget", &sa]);
+    let p = prune(&env, &[]);
+    assert!(b.list("lost/").unwrap().is_empty(), "{p}");
+    assert!(b.list("gc/").unwrap().is_empty(), "{p}");
+    // ...and only then does the backup's guard start.
+    let src = Dirty {
+        file: ekko::source::FileSource::open(&a).unwrap(),
+        // One block changed, not the lost one.
+        dirty: vec![ekko::source::Range {
+            offset: u64::try_from(((block + 1) % 16) * 64 * KIB).unwrap(),
+            len: 64 * KIB as u64,
+        }],
+    };
+    let mut session = Session::new(&repo).unwrap();
+    let disk = session
+        .backup_disk(
+            DiskPlan {
+                name: "sda".into(),
+                source: &src,
+                incremental_parent: Some(parent.disk("sda").unwrap()),
+                first: false,
+                capture: Capture {
+                    mode: ekko::snapshot::CaptureMode::Incremental,
+                    bitmap: Some("b0".into()),
+                    next_bitmap: Some("b1".into()),
+                    reason: None,
+                },
+            },
+            &BackupOptions::default(),
+        )
+        .unwrap();
+    assert_eq!(disk.capture.mode, ekko::snapshot::CaptureMode::Incremental);
+    let err = session
+        .commit("a", ekko::time::now_rfc3339(), Some(parent.id.clone()))
+        .expect_err("a snapshot that references a chunk nothing holds");
+    assert!(err.to_string().contains("was forgotten"), "{err}");
+    assert_eq!(
+        snapshots(&env).values().filter(|s| s["vm"] == "a").count(),
+        0
+    );
+    check_read_data(&env);
+    // The next backup has no parent, reads in full, and stores the chunk.
+    let again = backup(&env, "a", &a, None);
+    check_read_data(&env);
+    assert_eq!(restore_sha(&env, &again), sha256_file(&a));
 }
