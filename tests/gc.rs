@@ -1870,6 +1870,28 @@ fn a_repair_puts_back_a_damaged_manifest_from_the_cache(store: Store) {
         serde_json::json!([name]),
         "{r}"
     );
+
+    // It can still be removed, by its full id only, once unprotected, and
+    // not under a --vm it cannot be shown to belong to.
+    let other = env.path("other");
+    write_file(&other, &random_bytes(45, MIB));
+    let bid = backup(&env, "b", &other, None);
+    assert_clean_failure(&run(&env, &["forget", &id]), "protected");
+    ok(&env, &["protect", "--remove", &id.to_ascii_uppercase()]);
+    assert_clean_failure(&run(&env, &["forget", &id[..8]]), "full id");
+    assert_clean_failure(&run(&env, &["forget", "--vm", "a", &id]), "without --vm");
+    assert_clean_failure(
+        &run(&env, &["forget", "--vm", "a", &bid]),
+        "belongs to VM b",
+    );
+    assert!(b.size(&name).is_ok(), "nothing was removed");
+    let r = json(&env, &["forget", &id]);
+    assert_eq!(r["remove_damaged"], serde_json::json!([id]), "{r}");
+    assert!(b.size(&name).is_err());
+    assert_eq!(snapshots(&env).keys().collect::<Vec<_>>(), [&bid]);
+    prune(&env, &[]);
+    check_read_data(&env);
+    assert_eq!(restore_sha(&env, &bid), sha256_file(&other));
 }
 
 fn nothing_is_pruned_below_a_lost_map_node_that_comes_back(store: Store) {

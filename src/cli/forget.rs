@@ -93,6 +93,11 @@ pub fn run(g: &Global, a: ForgetArgs) -> Result<ExitCode> {
                         }) =>
                 {
                     let id = spec.to_ascii_lowercase();
+                    if let Some(vm) = &a.vm {
+                        anyhow::bail!(
+                            "snapshot {id}: its manifest is damaged, so ekko cannot tell whether it belongs to VM {vm}; run the command without --vm to remove it (nothing was removed)"
+                        );
+                    }
                     if protected.contains(&id) {
                         anyhow::bail!(
                             "snapshot {id} is protected: run `ekko protect --remove {id}` first (nothing was removed)"
@@ -108,6 +113,13 @@ pub fn run(g: &Global, a: ForgetArgs) -> Result<ExitCode> {
                 }
                 r => r?,
             };
+            if let Some(vm) = a.vm.as_ref().filter(|v| **v != s.vm) {
+                anyhow::bail!(
+                    "snapshot {} belongs to VM {}, not {vm} (nothing was removed)",
+                    s.id,
+                    s.vm
+                );
+            }
             if protected.contains(&s.id) {
                 anyhow::bail!(
                     "snapshot {} is protected: run `ekko protect --remove {}` first (nothing was removed)",
