@@ -201,15 +201,27 @@ pub fn check_with(
             Err(e) if pack::header_error(&e) => {
                 match pack::read_trailer_past_header(backend, keys, &p.name) {
                     Ok(entries) => {
-                        report.problems.push(format!(
-                    "pack {}: {e}; its trailer opens, so only the header is damaged (`ekko check --repair` rewrites the pack)",
-                    p.name
-                ));
+                        let problem = if matches!(e, Error::UnsupportedVersion { .. }) {
+                            format!(
+                        "pack {}: {e}; but its trailer opens as a version-1 trailer: unless a newer ekko writes to this repository, only the header is damaged (`ekko check --read-data --repair` rewrites the pack)",
+                        p.name
+                    )
+                        } else {
+                            format!(
+                        "pack {}: {e}; its trailer opens, so only the header is damaged (`ekko check --read-data --repair` rewrites the pack)",
+                        p.name
+                    )
+                        };
+                        report.problems.push(problem);
                         report.damage.bad_headers.insert(pid);
                         if matches!(e, Error::UnsupportedVersion { .. }) {
                             report.damage.unknown_versions.insert(pid);
                         }
                         trailers.insert(pid, entries.into_iter().map(|e| (e.id, e)).collect());
+                    }
+                    // The store failed: not judged.
+                    Err(e2) if !pack::header_error(&e2) => {
+                        damaged_pack(&mut report, &mut bad_packs, pid, &p.name, e2)
                     }
                     Err(_) => damaged_pack(&mut report, &mut bad_packs, pid, &p.name, e),
                 }
@@ -275,7 +287,10 @@ pub fn check_with(
         .count();
 
     // 3. With --read-data: every chunk of every pack (or of a subset).
-    if read_data != ReadData::None || !also.is_empty() {
+    // A pack whose header is damaged is rewritten by a repair: its chunks
+    // are always verified, so that a repair acts on what they are now.
+    let bad_headers = report.damage.bad_headers.clone();
+    if read_data != ReadData::None || !also.is_empty() || !bad_headers.is_empty() {
         let mut salt = [0u8; 16];
         crate::crypto::random_bytes(&mut salt);
         let pool = rayon::ThreadPoolBuilder::new()
@@ -287,7 +302,9 @@ pub fn check_with(
         let read = std::sync::atomic::AtomicUsize::new(0);
         let pack_list: Vec<(&ObjectId, &HashMap<ChunkId, BlobEntry>)> = trailers
             .iter()
-            .filter(|(id, _)| also.contains(id) || read_data.reads(id, &salt))
+            .filter(|(id, _)| {
+                also.contains(id) || bad_headers.contains(id) || read_data.reads(id, &salt)
+            })
             .collect();
         report.packs_read = pack_list.len();
         pool.install(|| {

@@ -449,18 +449,20 @@ impl Guard {
             let mut missing = None;
             let walked = walk_map(repo, &d.map, &mut seen, &mut |id, _| {
                 if missing.is_none() && repo.index().lookup(&id)?.is_none() {
-                    missing = Some(id.to_string());
+                    missing = Some(format!("chunk {id}, which no index names"));
                 }
                 Ok(())
             });
             match walked {
-                Err(e) if e.is_damage() => missing = Some(e.to_string()),
+                Err(e) if e.is_damage() => {
+                    missing = Some(format!("a block-map node that cannot be read ({e})"))
+                }
                 r => r?,
             }
             if let Some(what) = missing {
                 return Err(Error::GcRace {
                     reason: format!(
-                        "the parent snapshot {parent} was forgotten while this backup started, and disk {} kept from it chunk {what}, which no index names; nothing was committed. Run the backup again: it builds on the VM's latest snapshot now",
+                        "the parent snapshot {parent} was forgotten while this backup started, and disk {} kept from it {what}; nothing was committed. Run the backup again: it builds on the VM's latest snapshot now",
                         d.name
                     ),
                 });

@@ -187,7 +187,14 @@ pub fn header_error(e: &Error) -> bool {
 /// `read_trailer_past_header` (keeping the first error if that fails too).
 pub fn read_any_trailer(backend: &dyn Backend, keys: &Keys, name: &str) -> Result<Vec<BlobEntry>> {
     match read_trailer(backend, keys, name) {
-        Err(e) if header_error(&e) => read_trailer_past_header(backend, keys, name).map_err(|_| e),
+        // A store failure on the second read is what is reported.
+        Err(e) if header_error(&e) => read_trailer_past_header(backend, keys, name).map_err(|e2| {
+            if header_error(&e2) {
+                e
+            } else {
+                e2
+            }
+        }),
         r => r,
     }
 }

@@ -173,6 +173,18 @@ impl Repaired {
     }
 }
 
+/// How `check --repair` may act.
+#[derive(Debug, Default, Clone)]
+pub struct RepairOptions {
+    /// Pause after every change to the repository (crash tests).
+    pub step_delay: Option<std::time::Duration>,
+    /// Treat a pack whose header names a version this ekko does not know,
+    /// and some of whose chunks fail verification, as a damaged version-1
+    /// pack: its intact chunks are kept and the rest recorded as lost. For
+    /// a repository that no newer ekko writes to.
+    pub rewrite_unknown_versions: bool,
+}
+
 /// `ekko check --repair`: check (reading the packs `read_data` names),
 /// then repair what was found. Chunk damage is only found in the packs
 /// that are read, so `ReadData::All` finds everything.
@@ -180,22 +192,21 @@ impl Repaired {
 /// The full check runs without a lock, so backups go on meanwhile. Only
 /// then does the repair take the exclusive lock, check the structure again
 /// and read the suspect packs again, and act on what it finds then.
-/// `step_delay` (crash tests) pauses after every change to the repository.
 pub fn check_and_repair(
     repo: &Repository,
     read_data: ReadData,
     threads: usize,
-    step_delay: Option<std::time::Duration>,
+    opts: &RepairOptions,
 ) -> Result<Repaired> {
     let step = || {
-        if let Some(d) = step_delay {
+        if let Some(d) = opts.step_delay {
             std::thread::sleep(d);
         }
     };
     let backend = repo.backend().as_ref();
     let keys = repo.keys();
     let first = check::check(repo, read_data, threads)?;
-    refuse_unjudged(&first)?;
+    refuse_unjudged(&first, opts)?;
     let lost_listed = !backend.list(crate::lost::LOST_PREFIX)?.is_empty();
     let mut report = RepairReport::default();
     if first.ok() && !lost_listed {
@@ -214,7 +225,7 @@ pub fn check_and_repair(
         threads,
         &first.damage.packs_to_repair(),
     )?;
-    refuse_unjudged(&now)?;
+    refuse_unjudged(&now, opts)?;
     let damage = &now.damage;
     // A pack the listing lacks may only be late to appear (some stores'
     // listings lag): dropping it from the index would let prune delete it.
@@ -400,15 +411,15 @@ pub fn check_and_repair(
 /// A repair judges every pack it touches: it stops, changing nothing, on
 /// a pack it could not read (the store failed, or the pack names a format
 /// version this ekko does not know).
-fn refuse_unjudged(r: &CheckReport) -> Result<()> {
+fn refuse_unjudged(r: &CheckReport, opts: &RepairOptions) -> Result<()> {
     let d = &r.damage;
     if let Some(p) = d
         .unknown_versions
         .iter()
-        .find(|p| d.bad_chunks.contains_key(*p))
+        .find(|p| d.bad_chunks.contains_key(*p) && !opts.rewrite_unknown_versions)
     {
         return Err(Error::Invalid(format!(
-            "pack {} names a format version this ekko does not know, and some of its chunks fail verification: it may be a newer ekko's pack, or a pack with a damaged header and damaged chunks. Nothing was changed. If no newer ekko writes to this repository, delete that file and run `ekko check --repair` again: it records the chunks as lost, and the next backup of each affected VM stores them again",
+            "pack {} names a format version this ekko does not know, and some of its chunks fail verification: it may be a newer ekko's pack, or a pack with a damaged header and damaged chunks. Nothing was changed. If no newer ekko writes to this repository, run `ekko check --read-data --repair --rewrite-unknown-versions`: it keeps every intact chunk of the pack and records the others as lost, and the next backup of each affected VM stores them again",
             pack::pack_name(p)
         )));
     }

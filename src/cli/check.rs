@@ -26,6 +26,13 @@ pub struct CheckArgs {
     /// with --read-data to find every damaged chunk.
     #[arg(long)]
     repair: bool,
+    /// With --repair: a pack whose header names a format version this ekko
+    /// does not know, and some of whose chunks fail verification, is
+    /// treated as a damaged pack of this version (its intact chunks are
+    /// kept, the others recorded as lost). Only for a repository that no
+    /// newer ekko writes to; without it the repair refuses such a pack.
+    #[arg(long, requires = "repair")]
+    rewrite_unknown_versions: bool,
     /// Crash tests: pause after every change a repair makes.
     #[arg(long, hide = true, value_parser = humantime::parse_duration)]
     crash_test_delay: Option<std::time::Duration>,
@@ -46,7 +53,11 @@ pub fn run(g: &Global, a: CheckArgs) -> Result<ExitCode> {
         if read == ReadData::None && !g.quiet {
             eprintln!("note: without --read-data only structural damage is found and repaired");
         }
-        let r = ekko::repair::check_and_repair(&repo, read, a.threads, a.crash_test_delay)?;
+        let opts = ekko::repair::RepairOptions {
+            step_delay: a.crash_test_delay,
+            rewrite_unknown_versions: a.rewrite_unknown_versions,
+        };
+        let r = ekko::repair::check_and_repair(&repo, read, a.threads, &opts)?;
         if a.json {
             println!(
                 "{}",
