@@ -240,7 +240,13 @@ pub fn load_all(backend: &dyn Backend, keys: &Keys) -> Result<(Vec<Snapshot>, Ve
 /// Resolve a full id, a unique prefix, or `VM@latest`.
 pub fn resolve(backend: &dyn Backend, keys: &Keys, spec: &str) -> Result<Snapshot> {
     if let Some(vm) = spec.strip_suffix("@latest") {
-        let (all, _) = load_all(backend, keys)?;
+        let (all, bad) = load_all(backend, keys)?;
+        if !bad.is_empty() {
+            tracing::warn!(
+                "{} snapshot manifest(s) do not open (`ekko check` names them): {spec} is the newest of those that do",
+                bad.len()
+            );
+        }
         return all
             .into_iter()
             .rev()

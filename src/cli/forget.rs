@@ -83,6 +83,12 @@ pub fn run(g: &Global, a: ForgetArgs) -> Result<ExitCode> {
     } else {
         let mut named = std::collections::HashSet::new();
         for spec in &a.snapshots {
+            if spec.ends_with("@latest") && !bad.is_empty() {
+                anyhow::bail!(
+                    "{spec}: {} snapshot manifest(s) do not open, and one may be {spec}'s newest snapshot; name the snapshot by its id (nothing was removed)",
+                    bad.len()
+                );
+            }
             let s = match ekko::snapshot::resolve(backend, keys, spec) {
                 // A manifest beyond repair, named by its full id: it goes.
                 Err(e)
