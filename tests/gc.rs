@@ -113,6 +113,7 @@ local_only!(
     a_damaged_trailer_whose_index_entries_cover_the_pack_is_replaced,
     a_pack_whose_header_rots_is_rewritten_from_its_trailer,
     an_incremental_whose_parent_is_forgotten_as_it_starts_keeps_no_hole,
+    forget_with_vm_narrows_a_prefix_that_other_vms_share,
     killing_a_repair_at_random_points_loses_nothing_intact,
     prune_removes_temporary_files_that_killed_writers_left,
     a_backup_never_deduplicates_against_marked_packs,
@@ -2211,4 +2212,30 @@ fn an_incremental_whose_parent_is_forgotten_as_it_starts_keeps_no_hole(store: St
     let again = backup(&env, "a", &a, None);
     check_read_data(&env);
     assert_eq!(restore_sha(&env, &again), sha256_file(&a));
+}
+
+fn forget_with_vm_narrows_a_prefix_that_other_vms_share(store: Store) {
+    // Snapshot ids are random: back up b until one of its ids shares a
+    // first digit with a's only snapshot.
+    let env = new_repo(store, "prefix");
+    let img = env.path("img");
+    write_file(&img, &random_bytes(51, MIB));
+    let a_id = backup(&env, "a", &img, None);
+    let prefix = a_id[..1].to_string();
+    let mut b_ids = Vec::new();
+    while !b_ids.iter().any(|id: &String| id.starts_with(&prefix)) {
+        assert!(b_ids.len() < 200, "ids are not random");
+        b_ids.push(backup(&env, "b", &img, None));
+    }
+    assert_clean_failure(&run(&env, &["forget", &prefix]), "ambiguous");
+    assert_eq!(
+        snapshots(&env).len(),
+        1 + b_ids.len(),
+        "nothing was removed"
+    );
+    let r = json(&env, &["forget", "--vm", "a", &prefix]);
+    assert_eq!(ids(&r, "remove"), [a_id.clone()].into(), "{r}");
+    let left = snapshots(&env);
+    assert!(!left.contains_key(&a_id));
+    assert_eq!(left.len(), b_ids.len());
 }

@@ -113,9 +113,19 @@ pub fn run(g: &Global, a: ForgetArgs) -> Result<ExitCode> {
                     continue;
                 }
                 Err(e) if e.is_damage() => {
+                    let without = if a.vm.is_some() { ", without --vm" } else { "" };
                     anyhow::bail!(
-                        "{e}; to remove a snapshot whose manifest is damaged, name it by its full id (nothing was removed)"
+                        "{e}; to remove a snapshot whose manifest is damaged, name it by its full id{without} (nothing was removed)"
                     )
+                }
+                // A prefix several VMs share: --vm narrows it.
+                Err(e @ ekko::Error::AmbiguousSnapshot { .. }) if a.vm.is_some() => {
+                    let prefix = spec.to_ascii_lowercase();
+                    let mut of_vm = snaps.iter().filter(|s| s.id.starts_with(&prefix));
+                    match (of_vm.next(), of_vm.next()) {
+                        (Some(one), None) => one.clone(),
+                        _ => return Err(e.into()),
+                    }
                 }
                 r => r?,
             };
