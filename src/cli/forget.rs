@@ -118,8 +118,11 @@ pub fn run(g: &Global, a: ForgetArgs) -> Result<ExitCode> {
                         "{e}; to remove a snapshot whose manifest is damaged, name it by its full id{without} (nothing was removed)"
                     )
                 }
-                // A prefix several VMs share: --vm narrows it.
-                Err(e @ ekko::Error::AmbiguousSnapshot { .. }) if a.vm.is_some() => {
+                // A prefix several VMs share: --vm narrows it (unless a
+                // manifest does not open: it may be that VM's too).
+                Err(e @ ekko::Error::AmbiguousSnapshot { .. })
+                    if a.vm.is_some() && bad.is_empty() =>
+                {
                     let prefix = spec.to_ascii_lowercase();
                     let mut of_vm = snaps.iter().filter(|s| s.id.starts_with(&prefix));
                     match (of_vm.next(), of_vm.next()) {
