@@ -201,20 +201,18 @@ pub fn check_with(
             Err(e) if pack::header_error(&e) => {
                 match pack::read_trailer_past_header(backend, keys, &p.name) {
                     Ok(entries) => {
-                        let problem = if matches!(e, Error::UnsupportedVersion { .. }) {
-                            format!(
-                        "pack {}: {e}; but its trailer opens as a version-1 trailer: unless a newer ekko writes to this repository, only the header is damaged (`ekko check --read-data --repair` rewrites the pack)",
-                        p.name
-                    )
+                        let unknown = matches!(e, Error::UnsupportedVersion { .. });
+                        let caveat = if unknown {
+                            "but its trailer opens as a version-1 trailer: unless a newer ekko writes to this repository,"
                         } else {
-                            format!(
-                        "pack {}: {e}; its trailer opens, so only the header is damaged (`ekko check --read-data --repair` rewrites the pack)",
-                        p.name
-                    )
+                            "its trailer opens, so"
                         };
-                        report.problems.push(problem);
+                        report.problems.push(format!(
+                            "pack {}: {e}; {caveat} only the header is damaged (`ekko check --read-data --repair` rewrites the pack)",
+                            p.name
+                        ));
                         report.damage.bad_headers.insert(pid);
-                        if matches!(e, Error::UnsupportedVersion { .. }) {
+                        if unknown {
                             report.damage.unknown_versions.insert(pid);
                         }
                         trailers.insert(pid, entries.into_iter().map(|e| (e.id, e)).collect());

@@ -276,8 +276,8 @@ pub fn check_and_repair(
         let mut packer = pack::Packer::new(backend, u64::from(repo.config().pack_size));
         let mut deletable: Vec<ObjectId> = Vec::new();
         for p in &to_repair {
-            let (blobs, trailer_read) = salvage(repo, p, &known, &mut report)?;
-            if trailer_read || !needed_elsewhere {
+            let (blobs, complete) = salvage(repo, p, &known, &mut report)?;
+            if complete || !needed_elsewhere {
                 deletable.push(*p);
             } else {
                 report.packs_kept.push(pack::pack_name(p));
@@ -496,7 +496,7 @@ fn salvage(
     // Without the trailer, the entries are all the pack holds if they tile
     // its data region exactly: from the header to the trailer, whose
     // length the footer still gives.
-    let trailer_read = trailer_read || tiles_data_region(&data, &listed);
+    let complete = trailer_read || tiles_data_region(&data, &listed);
     let mut good = Vec::new();
     let mut seen = HashSet::new();
     for (id, loc) in listed {
@@ -506,7 +506,7 @@ fn salvage(
             None => report.chunks_dropped += 1,
         }
     }
-    Ok((good, trailer_read))
+    Ok((good, complete))
 }
 
 /// Whether `entries` (sorted by offset) cover a pack's data region, from

@@ -237,6 +237,14 @@ pub fn load_all(backend: &dyn Backend, keys: &Keys) -> Result<(Vec<Snapshot>, Ve
     Ok((ok, bad))
 }
 
+/// Whether `spec` is a full snapshot id (in either case) that `snapshots/`
+/// holds: how a snapshot whose manifest does not open is named (by
+/// `forget` and `protect --remove`).
+pub fn is_listed_full_id(backend: &dyn Backend, spec: &str) -> bool {
+    ObjectId::from_hex(spec)
+        .is_some_and(|id| list_ids(backend).is_ok_and(|l| l.contains(&id.to_hex())))
+}
+
 /// Resolve a full id, a unique prefix, or `VM@latest`.
 pub fn resolve(backend: &dyn Backend, keys: &Keys, spec: &str) -> Result<Snapshot> {
     if let Some(vm) = spec.strip_suffix("@latest") {

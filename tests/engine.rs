@@ -443,6 +443,18 @@ fn a_key_file_is_removed_only_while_another_one_opens_the_repository() {
             .output()
             .unwrap()
     };
+    // `key add` under passphrase `pass`: the new key file's name.
+    let key_add = |pass: &str, new: &str| {
+        let out = env
+            .cmd()
+            .env("EKKO_PASSWORD", pass)
+            .env("EKKO_NEW_PASSWORD", new)
+            .args(["key", "add"])
+            .output()
+            .unwrap();
+        assert_success(&out, &["key add"]);
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
 
     let before = env.repo_state();
     assert_clean_failure(&env.run(&["key", "remove", &first]), "only key file");
@@ -458,14 +470,7 @@ fn a_key_file_is_removed_only_while_another_one_opens_the_repository() {
         "a refused removal changed the repository"
     );
 
-    let out = env
-        .cmd()
-        .env("EKKO_NEW_PASSWORD", "new one")
-        .args(["key", "add"])
-        .output()
-        .unwrap();
-    assert_success(&out, &["key add"]);
-    let mut second = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let mut second = key_add(PASSWORD, "new one");
     // The old passphrase opens only the first key file: it may not remove it.
     assert_clean_failure(&env.run(&["key", "remove", &first]), "lock you out");
     // The new one may, by name or by id alone.
@@ -489,15 +494,7 @@ fn a_key_file_is_removed_only_while_another_one_opens_the_repository() {
     // succeeds, and a key file always remains that opens the repository.
     // Each pauses between its checks and the deletion.
     for round in 0..3 {
-        let out = env
-            .cmd()
-            .env("EKKO_PASSWORD", "new one")
-            .env("EKKO_NEW_PASSWORD", "third")
-            .args(["key", "add"])
-            .output()
-            .unwrap();
-        assert_success(&out, &["key add"]);
-        let third = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let third = key_add("new one", "third");
         let spawn = |pass: &str, key: &str| {
             env.cmd()
                 .env("EKKO_PASSWORD", pass)
@@ -518,15 +515,7 @@ fn a_key_file_is_removed_only_while_another_one_opens_the_repository() {
         assert_success(&with(pass, &["snapshots"]), &["snapshots"]);
         // Back to the one key file `second` ("new one") for the next round.
         if rb.success() {
-            let out = env
-                .cmd()
-                .env("EKKO_PASSWORD", "third")
-                .env("EKKO_NEW_PASSWORD", "new one")
-                .args(["key", "add"])
-                .output()
-                .unwrap();
-            assert_success(&out, &["key add"]);
-            second = String::from_utf8(out.stdout).unwrap().trim().to_string();
+            second = key_add("third", "new one");
         }
         if env.ok(&["key", "list"]).lines().any(|k| k == third) {
             assert_success(

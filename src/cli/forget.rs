@@ -91,13 +91,7 @@ pub fn run(g: &Global, a: ForgetArgs) -> Result<ExitCode> {
             }
             let s = match ekko::snapshot::resolve(backend, keys, spec) {
                 // A manifest beyond repair, named by its full id: it goes.
-                Err(e)
-                    if e.is_damage()
-                        && ekko::ObjectId::from_hex(spec).is_some_and(|id| {
-                            ekko::snapshot::list_ids(backend)
-                                .is_ok_and(|l| l.contains(&id.to_hex()))
-                        }) =>
-                {
+                Err(e) if e.is_damage() && ekko::snapshot::is_listed_full_id(backend, spec) => {
                     let id = spec.to_ascii_lowercase();
                     if let Some(vm) = &a.vm {
                         anyhow::bail!(

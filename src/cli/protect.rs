@@ -26,9 +26,7 @@ pub fn run(g: &Global, a: ProtectArgs) -> Result<ExitCode> {
         Err(e)
             if a.remove
                 && e.is_damage()
-                && ekko::ObjectId::from_hex(&a.snapshot).is_some_and(|id| {
-                    ekko::snapshot::list_ids(backend).is_ok_and(|l| l.contains(&id.to_hex()))
-                }) =>
+                && ekko::snapshot::is_listed_full_id(backend, &a.snapshot) =>
         {
             let id = a.snapshot.to_ascii_lowercase();
             let had = ekko::gc::unprotect(backend, &id)?;
