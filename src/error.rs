@@ -80,7 +80,7 @@ pub enum Error {
     #[error("NBD: {0}")]
     Nbd(#[from] ekko_libnbd::Error),
 
-    #[error("invalid argument: {0}")]
+    #[error("{0}")]
     Invalid(String),
 
     #[error("repository is locked by {holder} ({name}); wait for it to finish. If that process is gone, `ekko unlock` removes the lock once it is stale (at once on its own host, after 30 min without refresh elsewhere), and `ekko unlock --remove-all` removes it now")]

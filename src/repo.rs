@@ -93,6 +93,8 @@ pub struct Repository {
     config: Config,
     keys: Keys,
     index: Index,
+    /// The key file the passphrase opened (none when unencrypted).
+    opened_with: Option<String>,
 }
 
 impl Repository {
@@ -208,7 +210,7 @@ impl Repository {
         use_cache: bool,
     ) -> Result<Repository> {
         let config = Self::read_config(backend.as_ref())?;
-        let keys = Self::unlock(backend.as_ref(), &config, passphrase)?;
+        let (keys, opened_with) = Self::unlock(backend.as_ref(), &config, passphrase)?;
         let cache = if use_cache {
             index::default_cache_path(&config.id)
         } else {
@@ -236,6 +238,7 @@ impl Repository {
             config,
             keys,
             index,
+            opened_with,
         })
     }
 
@@ -260,7 +263,7 @@ impl Repository {
         key_files: Vec<(String, Result<KeyFile>)>,
         passphrase: &[u8],
         repo_id: &str,
-    ) -> Result<[u8; MASTER_KEY_LEN]> {
+    ) -> Result<([u8; MASTER_KEY_LEN], String)> {
         let tried = key_files.len();
         let mut damage: Vec<Error> = Vec::new();
         let mut readable = Vec::new();
@@ -274,7 +277,7 @@ impl Repository {
         for (name, kf) in readable {
             match kf.unwrap_key(passphrase, repo_id, &name) {
                 Ok(Some(master)) => {
-                    found = Some(master);
+                    found = Some((master, name));
                     break;
                 }
                 Ok(None) => {}
@@ -282,11 +285,11 @@ impl Repository {
             }
         }
         match found {
-            Some(master) => {
+            Some(found) => {
                 for e in damage {
                     tracing::warn!("{e} (another key file opened the repository)");
                 }
-                Ok(master)
+                Ok(found)
             }
             None => Err(damage
                 .into_iter()
@@ -299,7 +302,7 @@ impl Repository {
         backend: &dyn Backend,
         config: &Config,
         passphrase: impl FnOnce() -> Result<Vec<u8>>,
-    ) -> Result<Keys> {
+    ) -> Result<(Keys, Option<String>)> {
         let key_files = Self::key_files(backend)?;
         match config.encryption.as_str() {
             "none" => {
@@ -316,7 +319,7 @@ impl Repository {
                 let mut k = [0u8; 32];
                 hex::decode_to_slice(hexkey, &mut k)
                     .map_err(|_| Error::corrupt("config", "id_key is not 32 hex bytes"))?;
-                Ok(Keys::clear(k))
+                Ok((Keys::clear(k), None))
             }
             "aes256-siv" => {
                 if key_files.is_empty() {
@@ -326,8 +329,8 @@ impl Repository {
                     ));
                 }
                 let pass = passphrase()?;
-                let master = Self::unwrap_any(key_files, &pass, &config.id)?;
-                Ok(Keys::from_master(&master))
+                let (master, name) = Self::unwrap_any(key_files, &pass, &config.id)?;
+                Ok((Keys::from_master(&master), Some(name)))
             }
             other => Err(Error::corrupt(
                 "config",
@@ -344,7 +347,7 @@ impl Repository {
             ));
         }
         let key_files = Self::key_files(self.backend.as_ref())?;
-        let master = Self::unwrap_any(key_files, current_passphrase, &self.config.id)?;
+        let (master, _) = Self::unwrap_any(key_files, current_passphrase, &self.config.id)?;
         let nk = KeyFile::wrap(&master, new_passphrase, &self.config.id)?;
         let name = format!("keys/{}", ObjectId::random());
         self.backend.put(&name, &encode_json_file(MAGIC_KEY, &nk))?;
@@ -435,6 +438,12 @@ impl Repository {
 
     pub fn keys(&self) -> &Keys {
         &self.keys
+    }
+
+    /// The key file (`keys/<id>`) whose passphrase opened the repository;
+    /// `None` when it is not encrypted.
+    pub fn opened_with(&self) -> Option<&str> {
+        self.opened_with.as_deref()
     }
 
     pub fn index(&self) -> &Index {

@@ -16,16 +16,34 @@ pub fn from_env(file: Option<&Path>) -> Result<Option<Vec<u8>>> {
     }
     if let Some(p) = std::env::var_os("EKKO_PASSWORD") {
         use std::os::unix::ffi::OsStringExt;
+        if p.is_empty() {
+            return Err(Error::Invalid(
+                "EKKO_PASSWORD is set but empty: set it to the passphrase, or unset it".into(),
+            ));
+        }
         return Ok(Some(p.into_vec()));
     }
     Ok(None)
 }
 
-fn read_file(f: &Path) -> Result<Vec<u8>> {
-    let mut data = std::fs::read(f).map_err(|e| Error::io(f, e))?;
+/// The passphrase in the file `f`, without a trailing newline. A missing
+/// or empty file is an error that names it as the password file.
+pub fn read_file(f: &Path) -> Result<Vec<u8>> {
+    let mut data = std::fs::read(f).map_err(|e| {
+        Error::Invalid(format!(
+            "cannot read the password file {}: {e}",
+            f.display()
+        ))
+    })?;
     // A trailing newline is an artefact of `echo pass > file`, not a secret.
     while data.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
         data.pop();
+    }
+    if data.is_empty() {
+        return Err(Error::Invalid(format!(
+            "the password file {} is empty: write the passphrase into it",
+            f.display()
+        )));
     }
     Ok(data)
 }

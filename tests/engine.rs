@@ -470,6 +470,14 @@ fn a_key_file_is_removed_only_while_another_one_opens_the_repository() {
         "a refused removal changed the repository"
     );
 
+    // `key list` under passphrase `pass`: it must open a key file.
+    let key_list = |pass: &str| {
+        let out = with(pass, &["key", "list"]);
+        assert_success(&out, &["key list"]);
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    assert_clean_failure(&with("not it", &["key", "list"]), "wrong passphrase");
+
     let mut second = key_add(PASSWORD, "new one");
     // The old passphrase opens only the first key file: it may not remove it.
     assert_clean_failure(&env.run(&["key", "remove", &first]), "lock you out");
@@ -479,7 +487,7 @@ fn a_key_file_is_removed_only_while_another_one_opens_the_repository() {
         &["key", "remove", first.trim_start_matches("keys/")],
     );
     assert_success(&out, &["key remove"]);
-    assert_eq!(env.ok(&["key", "list"]).trim(), second);
+    assert_eq!(key_list("new one"), second);
     assert_clean_failure(&env.run(&["snapshots"]), "wrong passphrase");
     let to = env.path("r.img");
     let out = with("new one", &["restore", &id, "--to", to.to_str().unwrap()]);
@@ -517,13 +525,13 @@ fn a_key_file_is_removed_only_while_another_one_opens_the_repository() {
         if rb.success() {
             second = key_add("third", "new one");
         }
-        if env.ok(&["key", "list"]).lines().any(|k| k == third) {
+        if key_list("new one").lines().any(|k| k == third) {
             assert_success(
                 &with("new one", &["key", "remove", &third]),
                 &["key remove"],
             );
         }
-        assert_eq!(env.ok(&["key", "list"]).trim(), second);
+        assert_eq!(key_list("new one"), second);
     }
 }
 
@@ -636,6 +644,99 @@ fn read_data_subsets_cover_every_pack_once() {
         let out = env.run(&["check", "--read-data-subset", bad]);
         assert_clean_failure(&out, bad);
     }
+}
+
+/// At a terminal, a new passphrase is typed twice and a mistyped one is
+/// asked for again (one typo must not lock a user out); `key add` asks for
+/// the current passphrase once. Without a terminal, a missing or empty
+/// passphrase says where to give one.
+#[test]
+fn passphrases_typed_at_a_terminal_are_confirmed() {
+    let env = Env::new();
+    let on_tty = |args: &[&str]| {
+        let mut c = env.cmd();
+        c.env_remove("EKKO_PASSWORD").args(args);
+        OnTty::spawn(c)
+    };
+    let mut t = on_tty(&["init"]);
+    t.expect("New passphrase:");
+    t.type_line("first");
+    t.expect("Repeat the new passphrase:");
+    t.type_line("frist");
+    t.expect("differ");
+    t.expect("New passphrase:");
+    t.type_line("first");
+    t.expect("Repeat the new passphrase:");
+    t.type_line("first");
+    let (status, shown) = t.finish();
+    assert!(status.success(), "init on a terminal failed: {shown}");
+    let with = |pass: &str, args: &[&str]| {
+        env.cmd()
+            .env("EKKO_PASSWORD", pass)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert_success(&with("first", &["snapshots"]), &["snapshots"]);
+    assert_clean_failure(&with("frist", &["snapshots"]), "wrong passphrase");
+
+    let mut t = on_tty(&["key", "add"]);
+    t.expect("Passphrase:");
+    t.type_line("first");
+    t.expect("New passphrase:");
+    t.type_line("second");
+    t.expect("Repeat the new passphrase:");
+    t.type_line("second");
+    let (status, shown) = t.finish();
+    assert!(status.success(), "key add on a terminal failed: {shown}");
+    assert!(
+        !shown.contains("Current passphrase"),
+        "key add asked for the current passphrase twice: {shown}"
+    );
+    assert_success(&with("second", &["snapshots"]), &["snapshots"]);
+
+    // No terminal: say which variables to set.
+    let out = env
+        .cmd()
+        .env("EKKO_PASSWORD", "first")
+        .env_remove("EKKO_NEW_PASSWORD")
+        .args(["key", "add"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, "EKKO_NEW_PASSWORD");
+    let fresh = Env::new();
+    let out = fresh
+        .cmd()
+        .env_remove("EKKO_PASSWORD")
+        .arg("init")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, "--encryption none");
+    assert!(!fresh.repo.exists(), "a refused init left a repository");
+    // A password file that is missing or empty is named as such.
+    let missing = env.path("no-such-file");
+    let out = env
+        .cmd()
+        .env_remove("EKKO_PASSWORD")
+        .arg("--password-file")
+        .arg(&missing)
+        .arg("snapshots")
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, "cannot read the password file");
+    let empty = env.path("empty-pass");
+    fs::write(&empty, b"\n").unwrap();
+    let out = env
+        .cmd()
+        .env_remove("EKKO_PASSWORD")
+        .arg("--password-file")
+        .arg(&empty)
+        .arg("snapshots")
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, "is empty");
 }
 
 #[test]

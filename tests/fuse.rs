@@ -948,3 +948,32 @@ fn fuse_snapshots_committed_after_mounting_appear() {
     assert!(m.path(&format!("ids/{first}/sda.img")).is_file());
     assert!(m.path(&format!("ids/{third}")).exists());
 }
+
+/// `ekko mount` at a terminal asks for the passphrase, as every other
+/// command does, and passes its tuning options on to ekko-fuse.
+#[test]
+fn fuse_ekko_mount_asks_for_the_passphrase_at_a_terminal() {
+    require_fuse();
+    let env = Env::init(&[]);
+    let disk = env.path("sda.raw");
+    make_image(&disk, 2 * MIB, &[(0, &random_bytes(41, MIB as usize)[..])]);
+    env.backup("vm1", &[("sda", &disk)]);
+    let mnt = env.path("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let mut c = env.cmd();
+    c.env_remove("EKKO_PASSWORD")
+        .args(["mount", "--cache-size", "32", "--read-ahead", "4"])
+        .arg(&mnt);
+    let mut t = OnTty::spawn(c);
+    t.expect("Passphrase:");
+    t.type_line(PASSWORD);
+    wait_until("the mount", Duration::from_secs(20), || is_mounted(&mnt));
+    assert_eq!(
+        sha256_file(&mnt.join("vm1/latest/sda.img")),
+        sha256_file(&disk)
+    );
+    run_tool(Command::new("umount").arg(&mnt));
+    let (status, shown) = t.finish();
+    assert!(status.success(), "ekko mount: {status}\n{shown}");
+    assert!(!is_mounted(&mnt));
+}

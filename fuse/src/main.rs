@@ -22,7 +22,7 @@ use ekko::backend::Backend;
 #[derive(Parser, Debug)]
 #[command(name = "ekko-fuse", version)]
 struct Cli {
-    /// Repository directory.
+    /// Repository: a folder, or s3://BUCKET/PREFIX (see docs/S3.md).
     #[arg(short = 'r', long, env = "EKKO_REPO")]
     repo: Option<PathBuf>,
 
@@ -30,7 +30,8 @@ struct Cli {
     #[arg(long, env = "EKKO_PASSWORD_FILE")]
     password_file: Option<PathBuf>,
 
-    /// Where to mount: an existing, empty directory.
+    /// Where to mount: an existing directory (what it holds is hidden
+    /// while the tree is mounted).
     mountpoint: PathBuf,
 
     /// Stay in the foreground. Accepted for compatibility: ekko-fuse always
@@ -112,6 +113,22 @@ fn sighup_ignored() -> bool {
     }
 }
 
+/// The passphrase from the environment or a file, or typed on a tty when
+/// the repository is encrypted; `None` leaves an encrypted repository to
+/// fail with a message that says how to give one.
+fn passphrase(cli: &Cli, backend: &dyn Backend) -> anyhow::Result<Option<Vec<u8>>> {
+    if let Some(p) = ekko::secret::from_env(cli.password_file.as_deref())? {
+        return Ok(Some(p));
+    }
+    if !std::io::stdin().is_terminal()
+        || ekko::repo::Repository::read_config(backend)?.encryption == "none"
+    {
+        return Ok(None);
+    }
+    let p = rpassword::prompt_password("Passphrase: ").context("reading the passphrase")?;
+    Ok(Some(p.into_bytes()))
+}
+
 fn run(cli: &Cli) -> anyhow::Result<()> {
     let repo = cli
         .repo
@@ -131,8 +148,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             .context("installing signal handlers")?;
     }
 
-    let passphrase = ekko::secret::from_env(cli.password_file.as_deref())?;
     let backend: Arc<dyn Backend> = ekko::backend::open(repo)
+        .with_context(|| format!("cannot open the repository at {}", repo.display()))?;
+    let passphrase = passphrase(cli, backend.as_ref())
         .with_context(|| format!("cannot open the repository at {}", repo.display()))?;
     let opts = ekko_fuse::MountOptions {
         threads: cli.threads.max(1),

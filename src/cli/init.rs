@@ -27,7 +27,7 @@ pub struct InitArgs {
 pub fn run(g: &Global, a: InitArgs) -> Result<ExitCode> {
     let encrypt = a.encryption != "none";
     let pass = if encrypt {
-        Some(g.passphrase("New passphrase: ")?)
+        Some(g.new_passphrase()?)
     } else {
         eprintln!("ekko: warning: creating an UNENCRYPTED repository: anyone who can read it can read your disks");
         None

@@ -26,14 +26,17 @@ pub enum KeyCommand {
 pub fn run(g: &Global, c: KeyCommand) -> Result<ExitCode> {
     match c {
         KeyCommand::Add => {
-            let repo = g.open()?;
-            let current = g.passphrase("Current passphrase: ")?;
+            let (repo, current) = g.open_keeping_passphrase()?;
+            let current = current.context("the repository is not encrypted; it has no keys")?;
             let new = if let Some(f) = std::env::var_os("EKKO_NEW_PASSWORD_FILE") {
-                ekko::secret::from_env(Some(std::path::Path::new(&f)))?.context("empty")?
+                ekko::secret::read_file(std::path::Path::new(&f))?
             } else if let Some(p) = std::env::var_os("EKKO_NEW_PASSWORD") {
+                anyhow::ensure!(!p.is_empty(), "EKKO_NEW_PASSWORD is set but empty");
                 p.into_encoded_bytes()
             } else {
-                rpassword::prompt_password("New passphrase: ")?.into_bytes()
+                super::prompt_new_passphrase().context(
+                    "no new passphrase: set EKKO_NEW_PASSWORD or EKKO_NEW_PASSWORD_FILE, or run on a terminal to type one",
+                )??
             };
             let name = repo.add_key(&current, &new)?;
             println!("{name}");
@@ -42,16 +45,23 @@ pub fn run(g: &Global, c: KeyCommand) -> Result<ExitCode> {
             key,
             crash_test_delay,
         } => {
-            let repo = g.open()?;
-            let current = g.passphrase("Current passphrase: ")?;
+            let (repo, current) = g.open_keeping_passphrase()?;
+            let current = current.context("the repository is not encrypted; it has no keys")?;
             let name = repo.remove_key_pausing(&current, &key, crash_test_delay)?;
             if !g.quiet {
                 eprintln!("removed {name}");
             }
         }
         KeyCommand::List => {
-            for o in g.backend()?.list("keys/")? {
+            // Opening checks the passphrase, as every other command does,
+            // and tells which key file it opens.
+            let repo = g.open()?;
+            let mine = repo.opened_with();
+            for o in repo.backend().list("keys/")? {
                 println!("{}", o.name);
+                if !g.quiet && mine == Some(o.name.as_str()) {
+                    eprintln!("(the passphrase given opens {})", o.name);
+                }
             }
         }
     }

@@ -149,11 +149,37 @@ impl Global {
         ))
     }
 
+    /// A passphrase for a new key file (`init`): from the environment or
+    /// a file, or typed twice on a tty.
+    pub fn new_passphrase(&self) -> ekko::Result<Vec<u8>> {
+        if let Some(p) = ekko::secret::from_env(self.password_file.as_deref())? {
+            return Ok(p);
+        }
+        prompt_new_passphrase().ok_or_else(|| {
+            ekko::Error::Invalid(
+                "no passphrase for the new repository: set EKKO_PASSWORD or EKKO_PASSWORD_FILE, pass --password-file, or run on a terminal to type one (or create it with --encryption none)".into(),
+            )
+        })?
+    }
+
     pub fn open(&self) -> Result<Repository> {
         let backend = self.backend()?;
         Ok(Repository::open(backend, || {
             self.passphrase("Passphrase: ")
         })?)
+    }
+
+    /// Open the repository and keep the passphrase that opened it (asked
+    /// for once), for commands that use it again.
+    pub fn open_keeping_passphrase(&self) -> Result<(Repository, Option<Vec<u8>>)> {
+        let backend = self.backend()?;
+        let mut kept = None;
+        let repo = Repository::open(backend, || {
+            let p = self.passphrase("Passphrase: ")?;
+            kept = Some(p.clone());
+            Ok(p)
+        })?;
+        Ok((repo, kept))
     }
 
     /// Open without the local index cache (index files may be missing).
@@ -169,6 +195,36 @@ impl Global {
     pub fn progress_enabled(&self) -> bool {
         !self.quiet && std::io::stderr().is_terminal()
     }
+}
+
+/// A new passphrase typed twice on a tty; `None` without a tty. An empty
+/// or mistyped one is asked for again, three times at most.
+pub fn prompt_new_passphrase() -> Option<ekko::Result<Vec<u8>>> {
+    if !std::io::stdin().is_terminal() {
+        return None;
+    }
+    let read = |prompt: &str| {
+        rpassword::prompt_password(prompt)
+            .map_err(|e| ekko::Error::Invalid(format!("reading the passphrase: {e}")))
+    };
+    for _ in 0..3 {
+        let first = match read("New passphrase: ") {
+            Ok(p) => p,
+            Err(e) => return Some(Err(e)),
+        };
+        if first.is_empty() {
+            eprintln!("ekko: the passphrase is empty; type one");
+            continue;
+        }
+        match read("Repeat the new passphrase: ") {
+            Ok(again) if again == first => return Some(Ok(first.into_bytes())),
+            Ok(_) => eprintln!("ekko: the two passphrases differ; type them again"),
+            Err(e) => return Some(Err(e)),
+        }
+    }
+    Some(Err(ekko::Error::Invalid(
+        "no passphrase was confirmed; nothing was written".into(),
+    )))
 }
 
 /// A progress bar on stderr when it is a terminal, hidden otherwise.

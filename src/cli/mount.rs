@@ -13,9 +13,24 @@ use super::Global;
 pub struct MountArgs {
     /// Where to mount.
     mountpoint: PathBuf,
-    /// Stay in the foreground (the default when run from a terminal).
+    /// Accepted for compatibility: the mount always stays in the
+    /// foreground until unmounted or signalled (run it with `&` or under
+    /// a service manager to background it).
     #[arg(long)]
     foreground: bool,
+    /// FUSE requests served at once [ekko-fuse's default: 8].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Memory for decoded chunks, in MiB, shared by all files [default: 256].
+    #[arg(long, value_name = "MIB")]
+    cache_size: Option<u64>,
+    /// Chunks to fetch ahead of a sequential reader (0: off) [default: 16].
+    #[arg(long, value_name = "CHUNKS")]
+    read_ahead: Option<u64>,
+    /// The kernel's read-ahead for the mount, in KiB (root only; 0: the
+    /// system's default) [default: 4096].
+    #[arg(long, value_name = "KIB")]
+    kernel_read_ahead: Option<u32>,
 }
 
 pub fn sibling(name: &str) -> Result<PathBuf> {
@@ -40,6 +55,20 @@ pub fn run(g: &Global, a: MountArgs) -> Result<ExitCode> {
     }
     if a.foreground {
         cmd.arg("--foreground");
+    }
+    let tuning = [
+        ("--threads", a.threads.map(|v| v.to_string())),
+        ("--cache-size", a.cache_size.map(|v| v.to_string())),
+        ("--read-ahead", a.read_ahead.map(|v| v.to_string())),
+        (
+            "--kernel-read-ahead",
+            a.kernel_read_ahead.map(|v| v.to_string()),
+        ),
+    ];
+    for (flag, value) in tuning {
+        if let Some(v) = value {
+            cmd.arg(flag).arg(v);
+        }
     }
     cmd.arg(&a.mountpoint);
     use std::os::unix::process::CommandExt;

@@ -359,3 +359,126 @@ impl Drop for TmpfsGuard {
             .status();
     }
 }
+
+/// A child process on a pseudo-terminal of its own, as a user at a
+/// terminal runs it: its stdin, stdout and stderr are the terminal, and so
+/// is its `/dev/tty`, where passphrase prompts read.
+pub struct OnTty {
+    child: std::process::Child,
+    master: File,
+    /// Everything the child wrote so far.
+    pub output: String,
+    /// How much of `output` an `expect` has consumed.
+    seen: usize,
+}
+
+impl OnTty {
+    pub fn spawn(mut cmd: Command) -> OnTty {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        use std::os::unix::process::CommandExt;
+        let (mut master, mut slave) = (0, 0);
+        // SAFETY: openpty writes two descriptors into the integers we own;
+        // the name, termios and winsize pointers may be null.
+        let rc = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: both descriptors were just opened and are owned here.
+        let (master, slave) = unsafe { (File::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+        let dup = || File::from(slave.try_clone().unwrap());
+        cmd.stdin(dup()).stdout(dup()).stderr(dup());
+        // SAFETY: setsid and ioctl are async-signal-safe; they make the
+        // terminal on stdin the new session's controlling terminal.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        drop(cmd);
+        drop(slave);
+        OnTty {
+            child,
+            master,
+            output: String::new(),
+            seen: 0,
+        }
+    }
+
+    /// Read what the child writes for up to `timeout`; false at its end.
+    fn read_some(&mut self, timeout: std::time::Duration) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut pfd = libc::pollfd {
+            fd: self.master.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd that we own.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n <= 0 {
+            return true;
+        }
+        let mut buf = [0u8; 4096];
+        match self.master.read(&mut buf) {
+            Ok(0) | Err(_) => false, // EIO: every copy of the terminal closed
+            Ok(n) => {
+                self.output.push_str(&String::from_utf8_lossy(&buf[..n]));
+                true
+            }
+        }
+    }
+
+    /// Wait (up to 60 s) until the child has written `text` after what
+    /// earlier calls consumed.
+    pub fn expect(&mut self, text: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if let Some(at) = self.output[self.seen..].find(text) {
+                self.seen += at + text.len();
+                return;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(
+                !left.is_zero() && self.read_some(left.min(std::time::Duration::from_millis(200)))
+                    || self.output[self.seen..].contains(text),
+                "waited for {text:?}; the terminal shows: {}",
+                self.output
+            );
+        }
+    }
+
+    /// Type `line` and Enter.
+    pub fn type_line(&mut self, line: &str) {
+        self.master.write_all(line.as_bytes()).unwrap();
+        self.master.write_all(b"\r").unwrap();
+    }
+
+    /// Read the rest, and the child's exit status.
+    pub fn finish(mut self) -> (std::process::ExitStatus, String) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while std::time::Instant::now() < deadline
+            && self.read_some(std::time::Duration::from_millis(200))
+        {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                while self.read_some(std::time::Duration::from_millis(50)) {}
+                return (status, self.output);
+            }
+        }
+        let status = self.child.wait().unwrap();
+        (status, self.output)
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+}
