@@ -785,6 +785,7 @@ impl<'r> Session<'r> {
         if self.disks.is_empty() {
             return Err(Error::Invalid("a snapshot needs at least one disk".into()));
         }
+        snapshot::check_vm_name(vm).map_err(Error::Invalid)?;
         self.flush_pack()?;
         self.repo
             .index()

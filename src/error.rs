@@ -57,8 +57,13 @@ pub enum Error {
     #[error("no snapshot matches {spec:?}; list them with `ekko snapshots`")]
     SnapshotNotFound { spec: String },
 
-    #[error("snapshot prefix {spec:?} is ambiguous: it matches {count} snapshots")]
-    AmbiguousSnapshot { spec: String, count: usize },
+    #[error("snapshot prefix {spec:?} is ambiguous: it matches {count} snapshots ({}); give more of the id", matches.join(", "))]
+    AmbiguousSnapshot {
+        spec: String,
+        count: usize,
+        /// The first few ids that match.
+        matches: Vec<String>,
+    },
 
     #[error("snapshot {snapshot} has no disk {disk:?} (it has: {available})")]
     DiskNotFound {

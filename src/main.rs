@@ -22,7 +22,12 @@ fn main() -> ExitCode {
             let damage = e
                 .downcast_ref::<ekko::Error>()
                 .is_some_and(ekko::Error::is_damage);
-            ExitCode::from(if damage { 3 } else { 1 })
+            let usage = e.downcast_ref::<cli::Usage>().is_some();
+            ExitCode::from(match (damage, usage) {
+                (true, _) => 3,
+                (_, true) => 2,
+                _ => 1,
+            })
         }
     }
 }

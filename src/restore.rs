@@ -168,10 +168,25 @@ pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Res
         .map(|m| m.file_type().is_block_device())
         .unwrap_or(false);
     if is_dev {
-        let file = OpenOptions::new()
+        if !opts.overwrite {
+            return Err(Error::Invalid(format!(
+                "{} is a block device: the restore overwrites all it holds; pass --force to do so",
+                to.display()
+            )));
+        }
+        let mut file = OpenOptions::new()
             .write(true)
             .open(to)
             .map_err(|e| Error::io(to, e))?;
+        let room = std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0))
+            .map_err(|e| Error::io(to, e))?;
+        if room < reader.size() {
+            return Err(Error::Invalid(format!(
+                "{} holds {room} bytes, but the disk is {} bytes: nothing was written",
+                to.display(),
+                reader.size()
+            )));
+        }
         return restore_into(reader, &file, true, to, opts);
     }
     // A file is written under a temporary name beside `to` and takes its
@@ -179,13 +194,19 @@ pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Res
     // interrupted leaves nothing that looks whole, and an old file that
     // `--force` would replace stays until then.
     match std::fs::symlink_metadata(to) {
-        Ok(_) if !opts.overwrite => return Err(crate::atomic_file::exists(to)),
-        Ok(m) if !m.is_file() => {
+        Ok(m) if m.is_dir() => {
             return Err(Error::Invalid(format!(
-                "{} exists and is not a regular file",
+                "{} is a folder: give a file path to restore to (or restore every disk into the folder with --all)",
                 to.display()
             )));
         }
+        Ok(m) if !m.is_file() => {
+            return Err(Error::Invalid(format!(
+                "{} exists and is not a regular file or block device; give another path",
+                to.display()
+            )));
+        }
+        Ok(_) if !opts.overwrite => return Err(crate::atomic_file::exists(to)),
         _ => {}
     }
     let out = AtomicFile::create(to.to_path_buf())?;

@@ -126,6 +126,36 @@ pub fn snapshot_name(id: &str) -> String {
     format!("snapshots/{id}")
 }
 
+/// Whether `vm` may name a VM in a new snapshot, with the reason if not.
+/// A name is a folder in the FUSE tree and comes before `@latest`, so it is
+/// non-empty, at most 200 bytes, not `.` or `..`, and holds no `/`, `@`,
+/// control character, or leading or trailing space. (Older snapshots with
+/// other names still read.)
+pub fn check_vm_name(vm: &str) -> std::result::Result<(), String> {
+    let bad = |why: &str| Err(format!("VM name {vm:?}: {why}"));
+    if vm.is_empty() {
+        return bad("must not be empty");
+    }
+    if vm.len() > 200 {
+        return bad("is longer than 200 bytes");
+    }
+    if vm == "." || vm == ".." {
+        return bad("must not be . or ..");
+    }
+    if let Some(c) = vm
+        .chars()
+        .find(|c| *c == '/' || *c == '@' || c.is_control())
+    {
+        return bad(&format!(
+            "must not contain {c:?} (it is a folder name in the mounted tree, and VM@latest names its newest snapshot)"
+        ));
+    }
+    if vm.trim() != vm {
+        return bad("must not begin or end with a space");
+    }
+    Ok(())
+}
+
 pub fn new_id() -> String {
     ObjectId::random().to_hex()
 }
@@ -275,6 +305,7 @@ pub fn resolve(backend: &dyn Backend, keys: &Keys, spec: &str) -> Result<Snapsho
         n => Err(Error::AmbiguousSnapshot {
             spec: spec.into(),
             count: n,
+            matches: matches.into_iter().take(5).collect(),
         }),
     }
 }

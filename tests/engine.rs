@@ -210,8 +210,48 @@ fn restore_onto_a_block_device_overwrites_holes_with_zeros() {
         }
     }
     let _detach = Detach(dev.clone());
-    env.ok(&["restore", &id, "--disk", "sda", "--to", &dev]);
+    let garbage = sha256_file(std::path::Path::new(&dev));
+    // A device is overwritten only when asked to.
+    let out = env.run(&["restore", &id, "--disk", "sda", "--to", &dev]);
+    assert_clean_failure(&out, "--force");
+    assert_eq!(sha256_file(std::path::Path::new(&dev)), garbage);
+    env.ok(&["restore", &id, "--disk", "sda", "--to", &dev, "--force"]);
     assert_eq!(sha256_file(std::path::Path::new(&dev)), sha256_file(&img));
+
+    // A device too small for the disk is refused before a byte is written.
+    let small = env.path("small.raw");
+    fs::write(&small, vec![0x5Au8; usize::try_from(size / 2).unwrap()]).unwrap();
+    let out = run_tool(
+        Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&small),
+    );
+    let small_dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let _detach_small = Detach(small_dev.clone());
+    let before = sha256_file(std::path::Path::new(&small_dev));
+    let out = env.run(&[
+        "restore", &id, "--disk", "sda", "--to", &small_dev, "--force",
+    ]);
+    assert_clean_failure(&out, "nothing was written");
+    assert_eq!(sha256_file(std::path::Path::new(&small_dev)), before);
+
+    // A folder is not a file to restore to, with or without --force.
+    let folder = env.path("a-folder");
+    fs::create_dir(&folder).unwrap();
+    for force in [false, true] {
+        let mut args = vec![
+            "restore",
+            &id,
+            "--disk",
+            "sda",
+            "--to",
+            folder.to_str().unwrap(),
+        ];
+        if force {
+            args.push("--force");
+        }
+        assert_clean_failure(&env.run(&args), "is a folder");
+    }
 }
 
 #[test]
@@ -240,6 +280,152 @@ fn qcow2_through_real_qemu_nbd() {
     assert!(v["bytes_read"].as_u64().unwrap() <= 5 * MIB, "{v}");
     let out = env.restore("vmq@latest", "sda");
     assert_eq!(sha256_file(&out), sha256_file(&raw));
+}
+
+/// A VM name is a folder in the mounted tree and the part before
+/// `@latest`: names that cannot be either are usage errors (exit 2) and
+/// write nothing.
+#[test]
+fn vm_names_that_cannot_name_a_folder_are_refused() {
+    let env = Env::init(&[]);
+    let img = env.path("d.img");
+    make_image(&img, MIB, &[(0, &random_bytes(60, MIB as usize))]);
+    let disk = format!("sda={}", img.display());
+    let before = env.repo_state();
+    for bad in ["", "a/b", "..", ".", "a@b", " a", "a\tb"] {
+        let out = env.run(&["backup", "--vm", bad, "--disk", &disk]);
+        assert_clean_failure(&out, "VM name");
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+    }
+    assert_eq!(env.repo_state(), before, "a refused backup wrote");
+    for good in ["web-1.example.com", "instance-0000002a", "db_2 (old)"] {
+        env.backup(good, &[("sda", &img)]);
+        env.restore(&format!("{good}@latest"), "sda");
+    }
+}
+
+/// Every image format qemu-nbd reads is read through it, never stored as
+/// its container's bytes; a LUKS image, a missing backing file and a
+/// missing bitmap are refused in words that say what is wrong.
+#[test]
+fn other_image_formats_are_read_through_qemu_nbd_and_failures_say_why() {
+    require("qemu-img");
+    require("qemu-nbd");
+    let env = Env::init(&[]);
+    let raw = env.path("src.raw");
+    make_image(
+        &raw,
+        12 * MIB + 512,
+        &[
+            (0, &random_bytes(70, MIB as usize)),
+            (9 * MIB, &text_bytes(71, 200_000)),
+        ],
+    );
+    for (i, format) in ["vmdk", "vdi", "vhdx", "vpc", "qed", "qcow"]
+        .into_iter()
+        .enumerate()
+    {
+        let img = env.path(&format!("src.{format}"));
+        run_tool(
+            Command::new("qemu-img")
+                .args(["convert", "-q", "-f", "raw", "-O", format])
+                .arg(&raw)
+                .arg(&img),
+        );
+        let vm = format!("vm{i}");
+        let v = env.backup_json(&vm, &[("sda", img.to_str().unwrap())], &[]);
+        // vpc rounds the size up to its own geometry: compare the prefix.
+        let size = v["disks"][0]["size"].as_u64().unwrap_or(0);
+        assert!(size >= 12 * MIB + 512, "{format}: {v}");
+        let out = env.restore(&format!("{vm}@latest"), "sda");
+        let got = fs::read(&out).unwrap();
+        let want = fs::read(&raw).unwrap();
+        assert_eq!(
+            sha256_bytes(&got[..want.len()]),
+            sha256_bytes(&want),
+            "{format}: the restore differs from the disk inside the image"
+        );
+        assert!(got[want.len()..].iter().all(|b| *b == 0), "{format}");
+    }
+
+    let luks = env.path("secret.luks");
+    run_tool(
+        Command::new("qemu-img")
+            .args(["create", "-q", "--object", "secret,id=s0,data=abc"])
+            .args(["-f", "luks", "-o", "key-secret=s0,iter-time=10"])
+            .arg(&luks)
+            .arg("4M"),
+    );
+    let before = env.repo_state();
+    let out = env.run(&[
+        "backup",
+        "--vm",
+        "l",
+        "--disk",
+        &format!("sda={}", luks.display()),
+    ]);
+    assert_clean_failure(&out, "LUKS");
+
+    let base = env.path("base.qcow2");
+    let top = env.path("top.qcow2");
+    run_tool(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&base)
+            .arg("4M"),
+    );
+    run_tool(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(&base)
+            .arg(&top),
+    );
+    fs::remove_file(&base).unwrap();
+    let out = env.run(&[
+        "backup",
+        "--vm",
+        "t",
+        "--disk",
+        &format!("sda={}", top.display()),
+    ]);
+    let err = assert_clean_failure(&out, "QEMU cannot open it");
+    assert!(
+        err.contains("base.qcow2"),
+        "the missing backing file is not named: {err}"
+    );
+
+    let q = env.path("b.qcow2");
+    run_tool(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&q)
+            .arg("4M"),
+    );
+    run_tool(
+        Command::new("qemu-img")
+            .args(["bitmap", "--add"])
+            .arg(&q)
+            .arg("ekko-a"),
+    );
+    let out = env.run(&[
+        "backup",
+        "--vm",
+        "b",
+        "--bitmap",
+        "nosuch",
+        "--disk",
+        &format!("sda={}", q.display()),
+    ]);
+    let err = assert_clean_failure(&out, "no dirty bitmap named \"nosuch\"");
+    assert!(
+        err.contains("ekko-a"),
+        "the bitmaps it has are not listed: {err}"
+    );
+    assert_eq!(
+        env.repo_state(),
+        before,
+        "a refused backup changed the repository"
+    );
 }
 
 #[test]

@@ -2227,7 +2227,9 @@ fn forget_with_vm_narrows_a_prefix_that_other_vms_share(store: Store) {
         assert!(b_ids.len() < 200, "ids are not random");
         b_ids.push(backup(&env, "b", &img, None));
     }
-    assert_clean_failure(&run(&env, &["forget", &prefix]), "ambiguous");
+    let err = assert_clean_failure(&run(&env, &["forget", &prefix]), "ambiguous");
+    // The message lists the ids it matches, so the user can pick one.
+    assert!(err.contains(&a_id), "{err}");
     assert_eq!(
         snapshots(&env).len(),
         1 + b_ids.len(),

@@ -83,7 +83,7 @@ pub struct BackupArgs {
     #[arg(long, conflicts_with_all = ["qmp", "domain"])]
     allow_in_use: bool,
     /// Worker threads (and twice as many NBD connections, up to 8).
-    #[arg(long, default_value_t = super::default_threads())]
+    #[arg(long, default_value_t = super::default_threads(), value_parser = super::at_least_one)]
     threads: usize,
     /// Cap the reads from the sources at this many MB/s (10^6 bytes per
     /// second), for all workers together.
@@ -127,14 +127,14 @@ pub fn resource_usage() -> (f64, u64) {
 fn parse_disks(args: &[String]) -> Result<Vec<(String, String)>> {
     let mut specs: Vec<(String, String)> = Vec::new();
     for d in args {
-        let (name, src) = d
-            .split_once('=')
-            .with_context(|| format!("--disk {d:?}: expected NAME=SOURCE"))?;
+        let Some((name, src)) = d.split_once('=') else {
+            super::usage!("--disk {d:?}: expected NAME=SOURCE");
+        };
         if name.is_empty() || name.contains('/') {
-            bail!("--disk {d:?}: the name must be non-empty and contain no '/'");
+            super::usage!("--disk {d:?}: the name must be non-empty and contain no '/'");
         }
         if specs.iter().any(|(n, _)| n == name) {
-            bail!("disk {name:?} given twice");
+            super::usage!("disk {name:?} given twice");
         }
         specs.push((name.to_string(), src.to_string()));
     }
@@ -254,24 +254,28 @@ pub fn run(g: &Global, a: BackupArgs) -> Result<ExitCode> {
     if !a.normal_priority {
         lower_priority();
     }
-    if a.threads == 0 {
-        bail!("--threads must be at least 1");
-    }
     if a.workdir_reserve.is_some() && a.qmp.is_none() && a.domain.is_none() {
-        bail!("--workdir-reserve needs --qmp or --domain");
+        super::usage!("--workdir-reserve needs --qmp or --domain");
     }
     if a.workdir.is_some() && a.qmp.is_none() && a.domain.is_none() {
-        bail!("--workdir needs --qmp or --domain");
+        super::usage!("--workdir needs --qmp or --domain");
     }
     match (&a.fsfreeze, &a.qmp, &a.domain) {
         (Some(None), Some(_), _) => {
-            bail!("--fsfreeze with --qmp needs the qemu-guest-agent socket: --fsfreeze SOCKET")
+            super::usage!(
+                "--fsfreeze with --qmp needs the qemu-guest-agent socket: --fsfreeze SOCKET"
+            )
         }
         (Some(Some(_)), _, Some(_)) => {
-            bail!("--fsfreeze with --domain takes no value: libvirt talks to the guest agent")
+            super::usage!(
+                "--fsfreeze with --domain takes no value: libvirt talks to the guest agent"
+            )
         }
-        (Some(_), None, None) => bail!("--fsfreeze needs --qmp or --domain"),
+        (Some(_), None, None) => super::usage!("--fsfreeze needs --qmp or --domain"),
         _ => {}
+    }
+    if let Err(why) = ekko::snapshot::check_vm_name(vm(&a)) {
+        super::usage!("{why}");
     }
     preload_libraries(&a);
     if let Some(d) = a.domain.clone() {
@@ -300,7 +304,7 @@ fn run_domain(g: &Global, a: &BackupArgs, domain: String) -> Result<ExitCode> {
     }
     for d in &a.disks {
         if d.is_empty() || d.contains('=') || d.contains('/') {
-            bail!("--disk {d:?}: with --domain, give a disk target such as vda");
+            super::usage!("--disk {d:?}: with --domain, give a disk target such as vda");
         }
     }
     opts.disks = a.disks.clone();
@@ -308,7 +312,7 @@ fn run_domain(g: &Global, a: &BackupArgs, domain: String) -> Result<ExitCode> {
     opts.fsfreeze = a.fsfreeze.is_some();
     opts.require_fsfreeze = a.require_fsfreeze;
     if opts.require_fsfreeze && !opts.fsfreeze {
-        bail!("--require-fsfreeze needs --fsfreeze");
+        super::usage!("--require-fsfreeze needs --fsfreeze");
     }
     if let Some(w) = &a.workdir {
         opts.workdir = w.clone();

@@ -36,9 +36,11 @@ pub struct CheckArgs {
     /// Crash tests: pause after every change a repair makes.
     #[arg(long, hide = true, value_parser = humantime::parse_duration)]
     crash_test_delay: Option<std::time::Duration>,
+    /// The report as JSON on stdout.
     #[arg(long)]
     json: bool,
-    #[arg(long, default_value_t = super::default_threads())]
+    /// Threads reading and verifying packs.
+    #[arg(long, default_value_t = super::default_threads(), value_parser = super::at_least_one)]
     threads: usize,
 }
 

@@ -11,7 +11,8 @@ pub struct InitArgs {
     /// Chunk size: a power of two from 64K to 4M.
     #[arg(long, value_parser = super::parse_size, default_value_t = DEFAULT_CHUNK_SIZE)]
     chunk_size: u32,
-    /// zstd level (0 = no compression).
+    /// zstd level: 1 (fastest) to 22 (smallest), negative (-7 to -1) for
+    /// faster still, 0 for no compression.
     #[arg(long, default_value_t = DEFAULT_ZSTD_LEVEL, allow_negative_numbers = true)]
     compression: i32,
     /// aes256-siv (default) or none.

@@ -63,7 +63,7 @@ pub enum Command {
     Backup(backup::BackupArgs),
     /// List snapshots.
     Snapshots(snapshots::SnapshotsArgs),
-    /// Restore one disk of a snapshot to a file.
+    /// Restore a disk of a snapshot to a file or block device (or --all disks into a folder).
     Restore(restore::RestoreArgs),
     /// Verify the repository.
     Check(check::CheckArgs),
@@ -105,6 +105,20 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Unlock(a) => unlock::run(g, a),
     }
 }
+
+/// A usage error: wrong or conflicting options. Exits with code 2, as
+/// clap's own usage errors do.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(pub String);
+
+/// Return a [`Usage`] error from the enclosing function.
+macro_rules! usage {
+    ($($t:tt)*) => {
+        return Err(anyhow::Error::new($crate::cli::Usage(format!($($t)*))))
+    };
+}
+pub(crate) use usage;
 
 pub fn init_logging(verbose: u8, quiet: bool) {
     let default = match (quiet, verbose) {
@@ -261,6 +275,15 @@ pub fn cancelled(flag: &AtomicBool) -> bool {
 /// Bytes as decimal megabytes, for people.
 pub fn mb(b: u64) -> String {
     format!("{:.1} MB", b as f64 / 1e6)
+}
+
+/// A count of threads: 1 or more.
+pub fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 pub fn default_threads() -> usize {

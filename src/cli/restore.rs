@@ -26,10 +26,11 @@ pub struct RestoreArgs {
     /// (created if missing).
     #[arg(long)]
     to: PathBuf,
-    /// Overwrite an existing file.
+    /// Overwrite an existing file, or write onto a block device.
     #[arg(long)]
     force: bool,
-    #[arg(long, default_value_t = super::default_threads())]
+    /// Threads decompressing and decrypting chunks.
+    #[arg(long, default_value_t = super::default_threads(), value_parser = super::at_least_one)]
     threads: usize,
     /// Write through the page cache instead of with O_DIRECT (which is used
     /// where the filesystem allows it, for all but a short last block).

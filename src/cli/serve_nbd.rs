@@ -11,6 +11,7 @@ use ekko::serve_nbd::{Listen, ServeOptions};
 use super::Global;
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("address").required(true).args(["listen", "socket"])))]
 pub struct ServeNbdArgs {
     /// Snapshot id, unique id prefix, or VM@latest.
     snapshot: String,
@@ -18,12 +19,7 @@ pub struct ServeNbdArgs {
     #[arg(long)]
     disk: Option<String>,
     /// Listen on this TCP address, e.g. 127.0.0.1:10809.
-    #[arg(
-        long,
-        value_name = "ADDR:PORT",
-        required_unless_present = "socket",
-        conflicts_with = "socket"
-    )]
+    #[arg(long, value_name = "ADDR:PORT", conflicts_with = "socket")]
     listen: Option<SocketAddr>,
     /// Listen on this Unix socket.
     #[arg(long, value_name = "PATH")]

@@ -12,6 +12,7 @@ pub struct SnapshotsArgs {
     /// Only this VM's snapshots.
     #[arg(long)]
     vm: Option<String>,
+    /// One JSON array on stdout (id, vm, time, parent, host, disks, …).
     #[arg(long)]
     json: bool,
 }

@@ -151,17 +151,52 @@ fn is_nbd_uri(spec: &str) -> bool {
         .any(|p| spec.starts_with(p))
 }
 
-/// Sniff the image format from its first bytes.
+/// Sniff the image format from its first bytes, as QEMU's own probes do,
+/// for the formats qemu-nbd reads. Anything else is raw. A LUKS image is
+/// refused: its key is not ekko's to have.
 fn image_format(path: &std::path::Path) -> Result<&'static str> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut magic = [0u8; 4];
-    let n = f.read(&mut magic).map_err(|e| Error::io(path, e))?;
-    Ok(if n == 4 && magic == *b"QFI\xfb" {
-        "qcow2"
+    let mut head = [0u8; 512];
+    let mut n = 0;
+    while n < head.len() {
+        match f.read(&mut head[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io(path, e)),
+        }
+    }
+    let head = &head[..n];
+    let at = |off: usize, magic: &[u8]| head.get(off..off + magic.len()) == Some(magic);
+    let format = if at(0, b"QFI\xfb") {
+        // Version 1 is the old qcow format; 2 and 3 are qcow2.
+        if at(4, &[0, 0, 0, 1]) {
+            "qcow"
+        } else {
+            "qcow2"
+        }
+    } else if at(0, b"KDMV") || at(0, b"# Disk DescriptorFile") || at(0, b"COWD") {
+        "vmdk"
+    } else if at(0x40, &[0x7f, 0x10, 0xda, 0xbe]) {
+        "vdi"
+    } else if at(0, b"vhdxfile") {
+        "vhdx"
+    } else if at(0, b"conectix") {
+        "vpc"
+    } else if at(0, b"QED\0") {
+        "qed"
+    } else if at(0, b"WithoutFreeSpace") || at(0, b"WithouFreSpacExt") {
+        "parallels"
+    } else if at(0, b"LUKS\xba\xbe") {
+        return Err(Error::Source {
+            source_name: path.display().to_string(),
+            reason: "is a LUKS-encrypted image, which ekko cannot open without its key: back the VM up live (--qmp or --domain), where QEMU decrypts it, or serve it over NBD and back up the nbd:// URI".into(),
+        });
     } else {
         "raw"
-    })
+    };
+    Ok(format)
 }
 
 /// Merge sorted-or-not ranges into sorted, non-overlapping ones.

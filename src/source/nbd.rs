@@ -112,7 +112,8 @@ impl NbdSource {
             h.connect_systemd_socket_activation(&argv)
                 .map_err(|e| Error::Source {
                     source_name: p.to_string(),
-                    reason: format!("qemu-nbd could not open it: {e}"),
+                    reason: why_qemu_cannot_open(path, format, bitmap, force_share)
+                        .unwrap_or_else(|| format!("qemu-nbd could not open it: {e}")),
                 })
         })
     }
@@ -121,6 +122,52 @@ impl NbdSource {
         let h = self.handles[0].lock().expect("nbd handle lock");
         Ok(h.extents(context, 0, self.size)?)
     }
+}
+
+/// Why qemu-nbd failed to serve `path`, in QEMU's own words: `qemu-img
+/// info` opens the image the same way and says what is wrong (a missing
+/// backing file, an encrypted image), or lists the bitmaps when the one
+/// asked for is not there. `None` if it finds nothing wrong.
+fn why_qemu_cannot_open(
+    path: &Path,
+    format: &str,
+    bitmap: Option<&str>,
+    force_share: bool,
+) -> Option<String> {
+    let mut cmd = std::process::Command::new("qemu-img");
+    // The whole chain: a missing backing file fails only then.
+    cmd.args(["info", "--backing-chain", "--output=json", "-f", format]);
+    if force_share {
+        cmd.arg("-U");
+    }
+    let out = cmd.arg(path).output().ok()?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let err = err.trim().trim_start_matches("qemu-img: ");
+        return Some(format!("QEMU cannot open it: {err}"));
+    }
+    let want = bitmap?;
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let names: Vec<&str> = info
+        .pointer("/0/format-specific/data/bitmaps")
+        .and_then(|b| b.as_array())
+        .map(|b| {
+            b.iter()
+                .filter_map(|m| m.get("name").and_then(|n| n.as_str()))
+                .collect()
+        })
+        .unwrap_or_default();
+    if names.contains(&want) {
+        return None;
+    }
+    Some(if names.is_empty() {
+        format!("it has no dirty bitmap (asked for {want:?}): drop --bitmap for a full backup, or add one with `qemu-img bitmap --add`")
+    } else {
+        format!(
+            "it has no dirty bitmap named {want:?}; it has: {}",
+            names.join(", ")
+        )
+    })
 }
 
 impl Source for NbdSource {

@@ -244,6 +244,10 @@ pub fn sha256_file(p: &Path) -> String {
     hex(&h.finalize())
 }
 
+pub fn sha256_bytes(b: &[u8]) -> String {
+    hex(&Sha256::digest(b))
+}
+
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
