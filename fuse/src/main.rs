@@ -63,9 +63,11 @@ struct Cli {
 }
 
 fn init_logging(verbose: u8) {
-    // fuser logs every request at debug: only from -vv on.
+    // fuser logs every request at debug: only from -vv on. By default, not
+    // fuser's warning that its own unmount failed after `umount` did it,
+    // nor fatfs's about layouts that mkfs.vfat makes and that read fine.
     let default = match verbose {
-        0 => "info",
+        0 => "info,fuser::mnt=error,fatfs=error",
         1 => "debug,fuser=info",
         _ => "trace",
     };

@@ -214,11 +214,11 @@ fn print_summary(
         writeln!(std::io::stdout().lock(), "{}", snap.id)?;
         if !g.quiet {
             eprintln!(
-                "snapshot {} of {}: read {} MB, stored {} MB new, {:.1} s",
+                "snapshot {} of {}: read {}, stored {} new, {:.1} s",
                 snap.short_id(),
                 snap.vm,
-                read / 1_000_000,
-                stored / 1_000_000,
+                super::mb(read),
+                super::mb(stored),
                 start.elapsed().as_secs_f64()
             );
         }

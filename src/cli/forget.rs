@@ -76,6 +76,11 @@ pub fn run(g: &Global, a: ForgetArgs) -> Result<ExitCode> {
         .into_iter()
         .filter(|s| a.vm.as_ref().is_none_or(|v| &s.vm == v))
         .collect();
+    if let Some(vm) = &a.vm {
+        if snaps.is_empty() && !g.quiet {
+            eprintln!("ekko: warning: no snapshot of VM {vm:?}; `ekko snapshots` lists the VMs");
+        }
+    }
     let protected = ekko::gc::protected_ids(backend)?;
     let mut damaged_named: Vec<String> = Vec::new();
     let decisions = if a.snapshots.is_empty() {
@@ -179,7 +184,10 @@ pub fn run(g: &Global, a: ForgetArgs) -> Result<ExitCode> {
     }
     if !a.json && !g.quiet {
         let mut vm = None;
-        for d in &decisions {
+        // Snapshots named on the command line: show what goes, not every
+        // snapshot that stays.
+        let by_name = !a.snapshots.is_empty();
+        for d in decisions.iter().filter(|d| !(by_name && d.keep)) {
             if vm != Some(&d.vm) {
                 println!("{}:", d.vm);
                 vm = Some(&d.vm);

@@ -108,10 +108,10 @@ fn restore_one(
     if !g.quiet {
         let secs = start.elapsed().as_secs_f64();
         eprintln!(
-            "restored {} ({} MB, {} MB of data) to {} in {:.1} s",
+            "restored {} ({}, {} of data) to {} in {:.1} s",
             disk,
-            stats.bytes / 1_000_000,
-            stats.bytes_data / 1_000_000,
+            super::mb(stats.bytes),
+            super::mb(stats.bytes_data),
             to.display(),
             secs
         );
