@@ -1091,6 +1091,18 @@ fn bad_arguments_are_clear() {
         "no snapshot",
     );
     let e2 = Env::new();
+    // A folder holding other things is not where a repository goes.
+    fs::create_dir_all(&e2.repo).unwrap();
+    fs::write(e2.repo.join("notes.txt"), b"mine").unwrap();
+    let out = e2.run(&["init"]);
+    assert_clean_failure(&out, "not empty");
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        fs::read_dir(&e2.repo).unwrap().count(),
+        1,
+        "init wrote into it"
+    );
+    fs::remove_dir_all(&e2.repo).unwrap();
     assert_clean_failure(&e2.run(&["init", "--chunk-size", "100K"]), "power of two");
     assert_clean_failure(&e2.run(&["snapshots"]), "ekko init");
 }

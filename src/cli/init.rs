@@ -26,6 +26,25 @@ pub struct InitArgs {
 }
 
 pub fn run(g: &Global, a: InitArgs) -> Result<ExitCode> {
+    let path = g.repo_path()?;
+    // A local folder that holds other things is not where a repository
+    // goes (a typo, or the wrong variable); an existing repository is
+    // refused below with its own message. (`keys/` alone is what an init
+    // that failed before writing its config leaves.)
+    let entries = std::fs::read_dir(&path).ok();
+    if let Some(entries) = entries.filter(|_| !path.join("config").exists()) {
+        let other = entries
+            .flatten()
+            .map(|e| e.file_name())
+            .find(|n| n != "keys" && n != "config");
+        if let Some(n) = other {
+            super::usage!(
+                "{} is not empty (it holds {:?}, among others): give a new or empty folder for the repository",
+                path.display(),
+                n
+            );
+        }
+    }
     let encrypt = a.encryption != "none";
     let pass = if encrypt {
         Some(g.new_passphrase()?)
