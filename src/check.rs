@@ -179,6 +179,13 @@ pub fn check_with(
     let mut report = CheckReport::default();
     let mut damaged: HashMap<ChunkId, String> = HashMap::new();
 
+    // 0. Key files: one that does not decode locks its passphrase out.
+    for (name, why) in repo.damaged_key_files()? {
+        report.problems.push(format!(
+            "{why}: its passphrase no longer opens the repository. Remove it (`ekko key remove {name}`) and add that passphrase again (`ekko key add`)"
+        ));
+    }
+
     // 1. Packs and their trailers.
     let packs = backend.list("packs/")?;
     report.packs = packs.len();
@@ -208,7 +215,7 @@ pub fn check_with(
                             "its trailer opens, so"
                         };
                         report.problems.push(format!(
-                            "pack {}: {e}; {caveat} only the header is damaged (`ekko check --read-data --repair` rewrites the pack)",
+                            "pack {}: {e}; {caveat} only its unsealed header or footer bytes are damaged (`ekko check --read-data --repair` rewrites the pack)",
                             p.name
                         ));
                         report.damage.bad_headers.insert(pid);

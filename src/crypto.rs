@@ -157,9 +157,13 @@ const ARGON_M_KIB: u32 = 19 * 1024;
 const ARGON_T: u32 = 2;
 const ARGON_P: u32 = 1;
 
-fn kek(passphrase: &[u8], salt: &[u8], m: u32, t: u32, p: u32) -> Result<[u8; 64]> {
-    let params = Params::new(m, t, p, Some(64))
-        .map_err(|e| Error::corrupt("key file", format!("bad Argon2 parameters: {e}")))?;
+fn argon_params(name: &str, m: u32, t: u32, p: u32) -> Result<Params> {
+    Params::new(m, t, p, Some(64))
+        .map_err(|e| Error::corrupt(name, format!("bad Argon2 parameters: {e}")))
+}
+
+fn kek(name: &str, passphrase: &[u8], salt: &[u8], m: u32, t: u32, p: u32) -> Result<[u8; 64]> {
+    let params = argon_params(name, m, t, p)?;
     let memory = KdfMemory::new(params.block_count());
     let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
     let mut out = [0u8; 64];
@@ -167,7 +171,7 @@ fn kek(passphrase: &[u8], salt: &[u8], m: u32, t: u32, p: u32) -> Result<[u8; 64
         Some(memory) => argon.hash_password_into_with_memory(passphrase, salt, &mut out, memory),
         None => argon.hash_password_into(passphrase, salt, &mut out),
     }
-    .map_err(|e| Error::corrupt("key file", format!("Argon2 failed: {e}")))?;
+    .map_err(|e| Error::corrupt(name, format!("Argon2 failed: {e}")))?;
     Ok(out)
 }
 
@@ -175,7 +179,14 @@ impl KeyFile {
     pub fn wrap(master: &[u8; MASTER_KEY_LEN], passphrase: &[u8], repo_id: &str) -> Result<Self> {
         let mut salt = [0u8; 16];
         random_bytes(&mut salt);
-        let k = kek(passphrase, &salt, ARGON_M_KIB, ARGON_T, ARGON_P)?;
+        let k = kek(
+            "new key file",
+            passphrase,
+            &salt,
+            ARGON_M_KIB,
+            ARGON_T,
+            ARGON_P,
+        )?;
         let siv = Aes256Siv::new(&k).expect("a 64-byte key");
         let wrapped = siv.seal(&[b"ekko key file", repo_id.as_bytes()], master);
         Ok(KeyFile {
@@ -191,12 +202,9 @@ impl KeyFile {
     }
 
     /// The master key, or `None` if the passphrase does not open this file.
-    pub fn unwrap_key(
-        &self,
-        passphrase: &[u8],
-        repo_id: &str,
-        name: &str,
-    ) -> Result<Option<[u8; MASTER_KEY_LEN]>> {
+    /// What can be checked without the passphrase: a known KDF with sane
+    /// costs, and hex salt and wrapped key. Returns those two, decoded.
+    pub fn check(&self, name: &str) -> Result<(Vec<u8>, Vec<u8>)> {
         if self.kdf != "argon2id" {
             return Err(Error::corrupt(name, format!("unknown KDF {:?}", self.kdf)));
         }
@@ -204,10 +212,21 @@ impl KeyFile {
         if self.m_kib > 4 * 1024 * 1024 || self.t > 64 || self.p > 64 {
             return Err(Error::corrupt(name, "Argon2 cost out of range"));
         }
+        argon_params(name, self.m_kib, self.t, self.p)?;
         let salt = hex::decode(&self.salt).map_err(|_| Error::corrupt(name, "salt is not hex"))?;
         let wrapped = hex::decode(&self.wrapped)
             .map_err(|_| Error::corrupt(name, "wrapped key is not hex"))?;
-        let k = kek(passphrase, &salt, self.m_kib, self.t, self.p)?;
+        Ok((salt, wrapped))
+    }
+
+    pub fn unwrap_key(
+        &self,
+        passphrase: &[u8],
+        repo_id: &str,
+        name: &str,
+    ) -> Result<Option<[u8; MASTER_KEY_LEN]>> {
+        let (salt, wrapped) = self.check(name)?;
+        let k = kek(name, passphrase, &salt, self.m_kib, self.t, self.p)?;
         let siv = Aes256Siv::new(&k).expect("a 64-byte key");
         let Some(master) = siv.open(&[b"ekko key file", repo_id.as_bytes()], &wrapped) else {
             return Ok(None);

@@ -139,6 +139,12 @@ pub fn check_header(name: &str, data: &[u8], magic: &[u8; 8], what: &'static str
             supported: u32::from(VERSION),
         });
     }
+    if data[11..HEADER_LEN].iter().any(|b| *b != 0) {
+        return Err(Error::corrupt(
+            name,
+            "header damaged: its reserved bytes are not zero",
+        ));
+    }
     Ok(data[10])
 }
 
@@ -341,6 +347,19 @@ pub fn encode_pack_footer(trailer_len: u32) -> [u8; PACK_FOOTER_LEN] {
 
 /// Returns the sealed trailer's length.
 pub fn decode_pack_footer(name: &str, f: &[u8]) -> Result<u32> {
+    let len = pack_footer_trailer_len(name, f)?;
+    if f[4..8] != [0; 4] {
+        return Err(Error::corrupt(
+            name,
+            "pack footer damaged: its reserved bytes are not zero",
+        ));
+    }
+    Ok(len)
+}
+
+/// The trailer length a footer gives, its reserved bytes unread: for
+/// reading a pack whose unsealed bytes are damaged from its sealed trailer.
+pub fn pack_footer_trailer_len(name: &str, f: &[u8]) -> Result<u32> {
     if f.len() != PACK_FOOTER_LEN || &f[8..] != MAGIC_PACK_END {
         return Err(Error::corrupt(
             name,

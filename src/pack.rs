@@ -199,12 +199,7 @@ pub fn read_any_trailer(backend: &dyn Backend, keys: &Keys, name: &str) -> Resul
     }
 }
 
-fn trailer(
-    backend: &dyn Backend,
-    keys: &Keys,
-    name: &str,
-    check_header: bool,
-) -> Result<Vec<BlobEntry>> {
+fn trailer(backend: &dyn Backend, keys: &Keys, name: &str, strict: bool) -> Result<Vec<BlobEntry>> {
     let id = pack_id_from_name(name).ok_or_else(|| Error::corrupt(name, "not a pack name"))?;
     let size = backend.size(name)?;
     let min = u64::try_from(HEADER_LEN + PACK_FOOTER_LEN).expect("small");
@@ -214,12 +209,22 @@ fn trailer(
             format!("only {size} bytes: truncated"),
         ));
     }
-    if check_header {
+    // Strict: the unsealed header and footer bytes must be as written.
+    if strict {
         let head = backend.get_range(name, 0, HEADER_LEN)?;
-        format::check_header(name, &head, MAGIC_PACK, "pack")?;
+        if format::check_header(name, &head, MAGIC_PACK, "pack")? != 0 {
+            return Err(Error::corrupt(
+                name,
+                "header damaged: a pack's flags byte is not zero",
+            ));
+        }
     }
     let footer = backend.get_range(name, size - 16, PACK_FOOTER_LEN)?;
-    let tlen = format::decode_pack_footer(name, &footer)?;
+    let tlen = if strict {
+        format::decode_pack_footer(name, &footer)?
+    } else {
+        format::pack_footer_trailer_len(name, &footer)?
+    };
     let tstart = (size - 16)
         .checked_sub(u64::from(tlen))
         .filter(|&s| s >= 16)

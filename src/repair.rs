@@ -515,7 +515,7 @@ fn tiles_data_region(pack: &[u8], entries: &[(ChunkId, Location)]) -> bool {
     let Some(footer_at) = pack.len().checked_sub(format::PACK_FOOTER_LEN) else {
         return false;
     };
-    let Ok(tlen) = format::decode_pack_footer("pack", &pack[footer_at..]) else {
+    let Ok(tlen) = format::pack_footer_trailer_len("pack", &pack[footer_at..]) else {
         return false;
     };
     let Some(end) = usize::try_from(tlen)

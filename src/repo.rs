@@ -242,6 +242,18 @@ impl Repository {
         })
     }
 
+    /// Key files that are damaged as far as can be told without their
+    /// passphrases: (name, what is wrong).
+    pub fn damaged_key_files(&self) -> Result<Vec<(String, String)>> {
+        Ok(Self::key_files(self.store.as_ref())?
+            .into_iter()
+            .filter_map(|(name, kf)| match kf.and_then(|k| k.check(&name)) {
+                Ok(_) => None,
+                Err(e) => Some((name, e.to_string())),
+            })
+            .collect())
+    }
+
     /// Every key file, each read and decoded on its own: a damaged one
     /// must not keep another passphrase's key file from opening the
     /// repository.

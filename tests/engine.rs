@@ -609,6 +609,12 @@ fn wrong_passphrase_is_refused_and_writes_nothing() {
         .output()
         .unwrap();
     assert_clean_failure(&out, "is damaged");
+    // check reports it (its passphrase is locked out) and says what to do.
+    let out = env.run(&["check"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("ekko key remove"), "{text}");
 }
 
 /// Rotating passphrases: add a new one, then remove the old key file with

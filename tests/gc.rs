@@ -2036,17 +2036,30 @@ fn a_pack_whose_header_rots_is_rewritten_from_its_trailer(store: Store) {
     let b = objects(&env);
     let mut packs: Vec<_> = b.list("packs/").unwrap();
     packs.sort_by_key(|o| std::cmp::Reverse(o.size));
-    assert!(packs.len() >= 2, "{packs:?}");
+    assert!(packs.len() >= 4, "{packs:?}");
     let (magic, version) = (packs[0].name.clone(), packs[1].name.clone());
     xor_object(&b, &magic, 0, 0x20);
     xor_object(&b, &version, 8, 0x06);
+    // Reserved bytes of a header and of a footer: unsealed too, and no
+    // less a flipped bit that check must find.
+    let (reserved, footer) = (packs[2].name.clone(), packs[3].name.clone());
+    xor_object(&b, &reserved, 13, 0x01);
+    xor_object(
+        &b,
+        &footer,
+        usize::try_from(packs[3].size).unwrap() - 11,
+        0x80,
+    );
     let (r, code) = check_json(&env, &[]);
     assert_eq!(code, Some(3), "{r}");
     let problems = r["problems"].to_string();
-    for p in [&magic, &version] {
+    for p in [&magic, &version, &reserved, &footer] {
         assert!(problems.contains(&format!("pack {p}")), "{r}");
     }
-    assert!(problems.contains("only the header is damaged"), "{r}");
+    assert!(
+        problems.contains("only its unsealed header or footer bytes are damaged"),
+        "{r}"
+    );
     assert_eq!(
         r["damaged_snapshots"],
         serde_json::json!([]),
@@ -2055,7 +2068,7 @@ fn a_pack_whose_header_rots_is_rewritten_from_its_trailer(store: Store) {
     assert_eq!(restore_sha(&env, &sa), sha256_file(&a));
     let (r, code) = check_json(&env, &["--read-data", "--repair"]);
     assert_eq!(code, Some(0), "{r}");
-    assert_eq!(r["repair"]["packs_replaced"], 2, "{r}");
+    assert_eq!(r["repair"]["packs_replaced"], 4, "{r}");
     assert_eq!(r["repair"]["chunks_dropped"], 0, "{r}");
     assert_eq!(r["repair"]["chunks_lost"], 0, "{r}");
     let left: Vec<String> = b
@@ -2064,10 +2077,9 @@ fn a_pack_whose_header_rots_is_rewritten_from_its_trailer(store: Store) {
         .into_iter()
         .map(|o| o.name)
         .collect();
-    assert!(
-        !left.contains(&magic) && !left.contains(&version),
-        "{left:?}"
-    );
+    for p in [&magic, &version, &reserved, &footer] {
+        assert!(!left.contains(p), "{p} is still there: {left:?}");
+    }
     check_read_data(&env);
     assert_eq!(restore_sha(&env, &sa), sha256_file(&a));
 
