@@ -9,13 +9,21 @@
 //! packs' trailers). When the cache cannot be opened, the index is loaded into
 //! memory instead.
 //!
+//! The cache is not trusted further than that: each entry carries a keyed
+//! tag over its chunk id and location, and a lookup that finds a bad tag, a
+//! cache database that fails or panics, or a chunk a snapshot references
+//! that the cache lacks but an index file lists, deletes the cache and
+//! serves the rest of the process from the index files in memory. The next
+//! process builds a new cache.
+//!
 //! Why redb and not sled: sled is beta, its last stable release was in 2021
 //! and its own README advises against it where reliability matters. redb has
 //! a stable file format and supports several processes at once.
 
 use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -27,8 +35,15 @@ use crate::error::{Error, Result};
 use crate::format::{self, ChunkKind, Location, MAGIC_INDEX};
 use crate::id::{ChunkId, ObjectId};
 
-const CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunks");
-const FILES: TableDefinition<&str, u64> = TableDefinition::new("index_files");
+/// Chunk id → location (34 bytes) and its tag (16 bytes).
+const CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunks-v2");
+const FILES: TableDefinition<&str, u64> = TableDefinition::new("index_files-v2");
+/// The tables of caches from before entries had tags; deleted on sight.
+const OLD_CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunks");
+const OLD_FILES: TableDefinition<&str, u64> = TableDefinition::new("index_files");
+
+const TAG_LEN: usize = 16;
+const VALUE_LEN: usize = 34 + TAG_LEN;
 
 /// Entries per index file; bounds a session's memory on huge disks.
 const FLUSH_ENTRIES: usize = 65_536;
@@ -46,6 +61,70 @@ fn loc_bytes(l: &Location) -> [u8; 34] {
     b[32] = l.kind as u8;
     b[33] = u8::from(l.compressed);
     b
+}
+
+fn entry_tag(tag_key: &[u8; 32], id: &ChunkId, loc: &[u8]) -> [u8; TAG_LEN] {
+    let mut h = blake3::Hasher::new_keyed(tag_key);
+    h.update(&id.0);
+    h.update(loc);
+    let mut tag = [0u8; TAG_LEN];
+    tag.copy_from_slice(&h.finalize().as_bytes()[..TAG_LEN]);
+    tag
+}
+
+/// A cache entry's value: the location and its tag.
+fn cache_value(tag_key: &[u8; 32], id: &ChunkId, loc: &Location) -> [u8; VALUE_LEN] {
+    let mut v = [0u8; VALUE_LEN];
+    let l = loc_bytes(loc);
+    v[..34].copy_from_slice(&l);
+    v[34..].copy_from_slice(&entry_tag(tag_key, id, &l));
+    v
+}
+
+/// The location in a cache entry's value, if its tag holds.
+fn cache_location(tag_key: &[u8; 32], id: &ChunkId, v: &[u8]) -> Result<Location> {
+    let bad = |why: &str| Error::Cache(format!("the entry of chunk {id} {why}"));
+    if v.len() != VALUE_LEN {
+        return Err(bad("has the wrong length"));
+    }
+    let (l, tag) = v.split_at(34);
+    if entry_tag(tag_key, id, l) != tag {
+        return Err(bad("fails its checksum"));
+    }
+    loc_from(l).ok_or_else(|| bad("is malformed"))
+}
+
+/// Run `f`, which uses the cache database, turning a panic in it (redb
+/// panics on some damaged files) into a cache error.
+fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    quiet_cache_panics();
+    match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(Error::Cache(format!("the cache database failed: {what}")))
+        }
+    }
+}
+
+/// Panics inside redb are caught (see `guarded`) and reported as a damaged
+/// cache: they are not printed as a crash. Others are, as before.
+fn quiet_cache_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if info.location().is_some_and(|l| l.file().contains("/redb-")) {
+                tracing::debug!("index cache: {info}");
+                return;
+            }
+            previous(info);
+        }));
+    });
 }
 
 fn loc_from(b: &[u8]) -> Option<Location> {
@@ -75,7 +154,18 @@ enum Store {
 }
 
 pub struct Index {
-    store: Store,
+    store: RwLock<Store>,
+    /// Where the index files are, to read them when the cache fails.
+    origin: Arc<dyn Backend>,
+    keys: Keys,
+    cache_path: Option<PathBuf>,
+    /// Keys the cache entries' tags.
+    tag_key: [u8; 32],
+    /// Serialises falling back from the cache to memory.
+    falling_back: Mutex<()>,
+    /// Whether a referenced chunk the cache lacks was looked for in the
+    /// index files already (once per process is enough).
+    miss_checked: AtomicBool,
     /// Entries stored by this process and not yet written to an index file.
     pending: RwLock<HashMap<ChunkId, Location>>,
     /// The cache as one read transaction saw it, shared by every lookup
@@ -144,12 +234,16 @@ pub fn read_index_file(
 impl Index {
     /// Open the index, bringing the cache at `cache_path` in step with the
     /// repository's index files. `None` keeps everything in memory.
-    pub fn open(backend: &dyn Backend, keys: &Keys, cache_path: Option<&Path>) -> Result<Index> {
+    pub fn open(
+        backend: &Arc<dyn Backend>,
+        keys: &Keys,
+        cache_path: Option<&Path>,
+    ) -> Result<Index> {
         if let Some(path) = cache_path {
-            match Self::open_cache(path) {
+            match guarded(|| Self::open_cache(path)) {
                 Ok(db) => {
-                    let idx = Index::with_store(Store::Redb(db));
-                    idx.refresh(backend, keys)?;
+                    let idx = Index::with_store(Store::Redb(db), backend, keys, cache_path);
+                    idx.refresh(backend.as_ref(), keys)?;
                     return Ok(idx);
                 }
                 Err(e) => tracing::warn!(
@@ -158,14 +252,25 @@ impl Index {
                 ),
             }
         }
-        let idx = Index::with_store(Store::Memory(RwLock::default()));
-        idx.refresh(backend, keys)?;
+        let idx = Index::with_store(Store::Memory(RwLock::default()), backend, keys, None);
+        idx.refresh(backend.as_ref(), keys)?;
         Ok(idx)
     }
 
-    fn with_store(store: Store) -> Index {
+    fn with_store(
+        store: Store,
+        backend: &Arc<dyn Backend>,
+        keys: &Keys,
+        cache_path: Option<&Path>,
+    ) -> Index {
         Index {
-            store,
+            store: RwLock::new(store),
+            origin: Arc::clone(backend),
+            keys: keys.clone(),
+            cache_path: cache_path.map(Path::to_path_buf),
+            tag_key: keys.chunk_id(b"ekko index cache entry tags").0,
+            falling_back: Mutex::default(),
+            miss_checked: AtomicBool::new(false),
             pending: RwLock::default(),
             view: Arc::default(),
             generation: AtomicU64::new(0),
@@ -210,9 +315,14 @@ impl Index {
         let mut attempt = 0;
         loop {
             let listed = list_index_files(backend)?;
-            let r = match &self.store {
-                Store::Redb(_) => self.sync_cache(backend, keys, &listed),
-                Store::Memory(_) => self.load_new_into_memory(backend, keys, &listed),
+            let cached = matches!(*self.store.read().expect("index lock"), Store::Redb(_));
+            let r = if cached {
+                match guarded(|| self.sync_cache(backend, keys, &listed)) {
+                    Err(e @ Error::Cache(_)) => self.fall_back(&e),
+                    r => r,
+                }
+            } else {
+                self.load_new_into_memory(backend, keys, &listed)
             };
             // Even when this process added nothing, another may have
             // brought the shared cache further: later lookups look afresh.
@@ -233,7 +343,8 @@ impl Index {
         keys: &Keys,
         listed: &HashMap<String, u64>,
     ) -> Result<()> {
-        let Store::Memory(m) = &self.store else {
+        let store = self.store.read().expect("index lock");
+        let Store::Memory(m) = &*store else {
             return Ok(());
         };
         let new: Vec<&String> = {
@@ -285,7 +396,8 @@ impl Index {
         keys: &Keys,
         listed: &HashMap<String, u64>,
     ) -> Result<()> {
-        let Store::Redb(db) = &self.store else {
+        let store = self.store.read().expect("index lock");
+        let Store::Redb(db) = &*store else {
             return Ok(());
         };
         let known: HashMap<String, u64> = {
@@ -326,6 +438,10 @@ impl Index {
                 tx.delete_table(CHUNKS).map_err(cache_err)?;
                 tx.delete_table(FILES).map_err(cache_err)?;
             }
+            if known.is_empty() {
+                tx.delete_table(OLD_CHUNKS).map_err(cache_err)?;
+                tx.delete_table(OLD_FILES).map_err(cache_err)?;
+            }
             let mut chunks = tx.open_table(CHUNKS).map_err(cache_err)?;
             let mut files = tx.open_table(FILES).map_err(cache_err)?;
             let todo: Vec<&String> = if vanished {
@@ -341,7 +457,10 @@ impl Index {
                 };
                 for (id, loc) in entries {
                     chunks
-                        .insert(id.0.as_slice(), loc_bytes(&loc).as_slice())
+                        .insert(
+                            id.0.as_slice(),
+                            cache_value(&self.tag_key, &id, &loc).as_slice(),
+                        )
                         .map_err(cache_err)?;
                 }
                 files
@@ -357,17 +476,94 @@ impl Index {
         if let Some(l) = self.pending.read().expect("index lock").get(id) {
             return Ok(Some(*l));
         }
-        match &self.store {
+        match self.lookup_stored(id) {
+            Err(e @ Error::Cache(_)) => {
+                self.fall_back(&e)?;
+                self.lookup_stored(id)
+            }
+            r => r,
+        }
+    }
+
+    /// The location of a chunk that a snapshot references: a chunk the
+    /// cache lacks is looked for in the index files too (a damaged cache
+    /// can lose entries without a bad tag to show it).
+    pub fn lookup_referenced(&self, id: &ChunkId) -> Result<Location> {
+        if let Some(l) = self.lookup(id)? {
+            return Ok(l);
+        }
+        let cached = matches!(*self.store.read().expect("index lock"), Store::Redb(_));
+        if cached && !self.miss_checked.swap(true, Ordering::AcqRel) {
+            let (entries, _) = self.read_index_files()?;
+            if entries.contains_key(id) {
+                self.fall_back(&Error::Cache(format!(
+                    "it lacks chunk {id}, which an index file lists"
+                )))?;
+                return self.lookup(id)?.ok_or(Error::ChunkMissing { id: *id });
+            }
+        }
+        Err(Error::ChunkMissing { id: *id })
+    }
+
+    fn lookup_stored(&self, id: &ChunkId) -> Result<Option<Location>> {
+        let store = self.store.read().expect("index lock");
+        match &*store {
             Store::Memory(m) => Ok(m.read().expect("index lock").0.get(id).copied()),
-            Store::Redb(db) => {
+            Store::Redb(db) => guarded(|| {
                 let view = self.read_view(db)?;
                 let Some(chunks) = &view.chunks else {
                     return Ok(None);
                 };
                 let v = chunks.get(id.0.as_slice()).map_err(cache_err)?;
-                Ok(v.and_then(|g| loc_from(g.value())))
+                v.map(|g| cache_location(&self.tag_key, id, g.value()))
+                    .transpose()
+            }),
+        }
+    }
+
+    /// Every index file's entries, and the files read.
+    #[allow(clippy::type_complexity)]
+    fn read_index_files(&self) -> Result<(HashMap<ChunkId, Location>, HashSet<String>)> {
+        let backend = self.origin.as_ref();
+        let mut entries = HashMap::new();
+        let mut files = HashSet::new();
+        for name in list_index_files(backend)?.into_keys() {
+            if let Some(e) = self.read_or_skip(backend, &self.keys, &name)? {
+                entries.extend(e);
+                files.insert(name);
             }
         }
+        Ok((entries, files))
+    }
+
+    /// The cache failed (`why`): delete it, and serve this process from
+    /// the index files in memory. The next process builds a new cache.
+    fn fall_back(&self, why: &Error) -> Result<()> {
+        let _one = self.falling_back.lock().expect("index lock");
+        if matches!(*self.store.read().expect("index lock"), Store::Memory(_)) {
+            return Ok(());
+        }
+        let path = self
+            .cache_path
+            .as_deref()
+            .map_or_else(String::new, |p| format!(" {}", p.display()));
+        tracing::warn!(
+            "the local index cache{path} is damaged or failed ({why}); deleting it and reading the repository's index files instead (the next run builds a new cache)"
+        );
+        let loaded = self.read_index_files()?;
+        // The read view's transaction must end before the database goes.
+        self.view.write().expect("index lock").view = None;
+        let old = std::mem::replace(
+            &mut *self.store.write().expect("index lock"),
+            Store::Memory(RwLock::new(loaded)),
+        );
+        // Closing a database that panicked may panic again.
+        let _ = std::panic::catch_unwind(AssertUnwindSafe(move || drop(old)));
+        if let Some(p) = &self.cache_path {
+            let _ = std::fs::remove_file(p);
+        }
+        self.move_on();
+        Ok(())
     }
 
     /// The current read view of the cache, opened again if the generation
@@ -443,26 +639,39 @@ impl Index {
         let data = format::seal_file(keys, MAGIC_INDEX, &name, &body);
         backend.put(&name, &data)?;
         let size = u64::try_from(data.len()).expect("fits");
-        match &self.store {
-            Store::Memory(m) => {
-                let mut g = m.write().expect("index lock");
-                g.0.extend(entries.iter().copied());
-                g.1.insert(name.clone());
-            }
-            Store::Redb(db) => {
-                let tx = db.begin_write().map_err(cache_err)?;
-                {
-                    let mut chunks = tx.open_table(CHUNKS).map_err(cache_err)?;
-                    let mut files = tx.open_table(FILES).map_err(cache_err)?;
-                    for (id, loc) in &entries {
-                        chunks
-                            .insert(id.0.as_slice(), loc_bytes(loc).as_slice())
-                            .map_err(cache_err)?;
-                    }
-                    files.insert(name.as_str(), size).map_err(cache_err)?;
+        let cached = {
+            let store = self.store.read().expect("index lock");
+            match &*store {
+                Store::Memory(m) => {
+                    let mut g = m.write().expect("index lock");
+                    g.0.extend(entries.iter().copied());
+                    g.1.insert(name.clone());
+                    Ok(())
                 }
-                tx.commit().map_err(cache_err)?;
+                Store::Redb(db) => guarded(|| {
+                    let tx = db.begin_write().map_err(cache_err)?;
+                    {
+                        let mut chunks = tx.open_table(CHUNKS).map_err(cache_err)?;
+                        let mut files = tx.open_table(FILES).map_err(cache_err)?;
+                        for (id, loc) in &entries {
+                            chunks
+                                .insert(
+                                    id.0.as_slice(),
+                                    cache_value(&self.tag_key, id, loc).as_slice(),
+                                )
+                                .map_err(cache_err)?;
+                        }
+                        files.insert(name.as_str(), size).map_err(cache_err)?;
+                    }
+                    tx.commit().map_err(cache_err)
+                }),
             }
+        };
+        if let Err(e @ Error::Cache(_)) = cached {
+            // The index file is stored: reading the files takes it in.
+            self.fall_back(&e)?;
+        } else {
+            cached?;
         }
         self.move_on();
         let mut p = self.pending.write().expect("index lock");
@@ -531,7 +740,7 @@ mod tests {
     #[test]
     fn refresh_takes_in_index_files_of_other_writers() {
         let dir = tempfile::tempdir().unwrap();
-        let backend = LocalBackend::new(dir.path().join("repo"));
+        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(dir.path().join("repo")));
         let keys = Keys::from_master(&[8; 64]);
         let cache = dir.path().join("cache/index.redb");
         for cache in [None, Some(cache.as_path())] {
@@ -539,9 +748,9 @@ mod tests {
             let writer = Index::open(&backend, &keys, None).unwrap();
             let id = ChunkId([rand_byte(cache.is_some()); 32]);
             writer.add_pending(vec![(id, loc(1))]);
-            writer.flush(&backend, &keys).unwrap();
+            writer.flush(backend.as_ref(), &keys).unwrap();
             assert_eq!(reader.lookup(&id).unwrap(), None);
-            reader.refresh(&backend, &keys).unwrap();
+            reader.refresh(backend.as_ref(), &keys).unwrap();
             assert_eq!(reader.lookup(&id).unwrap(), Some(loc(1)));
         }
     }
@@ -551,11 +760,11 @@ mod tests {
         // Lookups share one read view of the cache; flush must make them
         // open a new one before its entries leave `pending`.
         let dir = tempfile::tempdir().unwrap();
-        let backend = LocalBackend::new(dir.path().join("repo"));
+        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(dir.path().join("repo")));
         let keys = Keys::from_master(&[8; 64]);
         let cache = dir.path().join("cache/index.redb");
         let index = Index::open(&backend, &keys, Some(&cache)).unwrap();
-        assert!(matches!(index.store, Store::Redb(_)));
+        assert!(matches!(*index.store.read().unwrap(), Store::Redb(_)));
         let id = |n: u64| {
             let mut a = [0u8; 32];
             a[..8].copy_from_slice(&(n + 1).to_le_bytes());
@@ -577,7 +786,7 @@ mod tests {
             for n in 0..300 {
                 index.add_pending(vec![(id(n), loc(1))]);
                 added.store(n + 1, Ordering::Release);
-                index.flush(&backend, &keys).unwrap();
+                index.flush(backend.as_ref(), &keys).unwrap();
             }
         });
         assert_eq!(index.lookup(&id(300)).unwrap(), None);
@@ -588,7 +797,7 @@ mod tests {
         // An open read transaction keeps other processes from reusing the
         // cache's freed pages: an idle reader must not keep one.
         let dir = tempfile::tempdir().unwrap();
-        let backend = LocalBackend::new(dir.path().join("repo"));
+        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(dir.path().join("repo")));
         let keys = Keys::from_master(&[8; 64]);
         let index = Index::open(&backend, &keys, Some(&dir.path().join("c/index.redb"))).unwrap();
         assert_eq!(index.lookup(&ChunkId([5; 32])).unwrap(), None);
@@ -600,6 +809,70 @@ mod tests {
         // And the next lookup opens one again.
         assert_eq!(index.lookup(&ChunkId([5; 32])).unwrap(), None);
         assert!(index.view.read().unwrap().view.is_some());
+    }
+
+    /// A cache entry that rots (its location changes, or its tag) is
+    /// caught: the lookup answers from the index files, and the cache is
+    /// deleted. A cache that lost an entry is caught when a snapshot needs
+    /// that chunk.
+    #[test]
+    fn a_damaged_cache_entry_is_never_believed() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(dir.path().join("repo")));
+        let keys = Keys::from_master(&[8; 64]);
+        let cache = dir.path().join("c/index.redb");
+        let id = ChunkId([7; 32]);
+        let writer = Index::open(&backend, &keys, None).unwrap();
+        writer.add_pending(vec![(id, loc(3))]);
+        writer.flush(backend.as_ref(), &keys).unwrap();
+        for damage in [16usize, 40, 49] {
+            {
+                let index = Index::open(&backend, &keys, Some(&cache)).unwrap();
+                drop(index);
+            }
+            // Flip one bit of the entry's value, as rot would.
+            {
+                let db = redb::Database::create(&cache).unwrap();
+                let tx = db.begin_write().unwrap();
+                {
+                    let mut t = tx.open_table(CHUNKS).unwrap();
+                    let mut v = t.get(id.0.as_slice()).unwrap().unwrap().value().to_vec();
+                    v[damage] ^= 1;
+                    t.insert(id.0.as_slice(), v.as_slice()).unwrap();
+                }
+                tx.commit().unwrap();
+            }
+            let index = Index::open(&backend, &keys, Some(&cache)).unwrap();
+            assert_eq!(index.lookup(&id).unwrap(), Some(loc(3)), "byte {damage}");
+            assert!(matches!(*index.store.read().unwrap(), Store::Memory(_)));
+            assert!(!cache.exists(), "the damaged cache is still there");
+        }
+        // An entry gone from the cache (its tree damaged) while the index
+        // files list it.
+        drop(Index::open(&backend, &keys, Some(&cache)).unwrap());
+        {
+            let db = redb::Database::create(&cache).unwrap();
+            let tx = db.begin_write().unwrap();
+            tx.open_table(CHUNKS)
+                .unwrap()
+                .remove(id.0.as_slice())
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let index = Index::open(&backend, &keys, Some(&cache)).unwrap();
+        assert_eq!(
+            index.lookup(&id).unwrap(),
+            None,
+            "a plain lookup trusts a miss"
+        );
+        assert_eq!(index.lookup_referenced(&id).unwrap(), loc(3));
+        assert!(!cache.exists());
+        // A chunk no index file lists is missing, and stays so.
+        let absent = ChunkId([9; 32]);
+        assert!(matches!(
+            index.lookup_referenced(&absent),
+            Err(Error::ChunkMissing { .. })
+        ));
     }
 
     fn rand_byte(second: bool) -> u8 {

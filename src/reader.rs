@@ -287,11 +287,7 @@ impl DiskReader {
                 holes.push(idx);
                 continue;
             }
-            let loc = self
-                .repo
-                .index()
-                .lookup(&id)?
-                .ok_or(Error::ChunkMissing { id })?;
+            let loc = self.repo.index().lookup_referenced(&id)?;
             wanted.push((idx, id, loc));
         }
         wanted.sort_by_key(|(_, _, l)| (l.pack.0, l.offset));

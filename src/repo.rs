@@ -216,7 +216,7 @@ impl Repository {
         } else {
             None
         };
-        let index = Index::open(backend.as_ref(), &keys, cache.as_deref())?;
+        let index = Index::open(&backend, &keys, cache.as_deref())?;
         let store = Arc::clone(&backend);
         let manifests = cache
             .as_deref()
@@ -476,10 +476,7 @@ impl Repository {
     /// Fetch and decode one stored chunk. If its pack is gone, a prune may
     /// have moved the chunk since the index was loaded: look it up again once.
     pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        let loc = self
-            .index
-            .lookup(id)?
-            .ok_or(Error::ChunkMissing { id: *id })?;
+        let loc = self.index.lookup_referenced(id)?;
         match self.read_chunk_at(id, &loc) {
             Err(e @ Error::ChunkDamaged { .. }) if self.pack_missing(&loc)? => {
                 self.refresh_index()?;

@@ -931,6 +931,90 @@ fn passphrases_typed_at_a_terminal_are_confirmed() {
     assert_clean_failure(&out, "is empty");
 }
 
+/// The local index cache is only a cache: bits flipped anywhere in its
+/// used pages never make a restore fail, panic or return wrong bytes, nor
+/// a backup fail. (redb panics on some damaged files, and a flipped entry
+/// would point at the wrong place.)
+#[test]
+fn a_damaged_index_cache_is_never_believed() {
+    let env = Env::init(&["--chunk-size", "64K"]);
+    let img = env.path("d.img");
+    make_image(
+        &img,
+        12 * MIB + 4096,
+        &[
+            (0, &random_bytes(80, 6 * MIB as usize)),
+            (8 * MIB, &text_bytes(81, 3 * MIB as usize)),
+        ],
+    );
+    let id = env.backup("vm", &[("sda", &img)]);
+    let want = sha256_file(&img);
+    assert_eq!(sha256_file(&env.restore(&id, "sda")), want);
+    let cache = fs::read_dir(&env.cache)
+        .unwrap()
+        .map(|e| e.unwrap().path().join("index.redb"))
+        .find(|p| p.exists())
+        .expect("an index cache");
+    let pristine = fs::read(&cache).unwrap();
+    // Offsets spread over the pages that hold anything.
+    let used: Vec<usize> = pristine
+        .chunks(4096)
+        .enumerate()
+        .filter(|(_, page)| page.iter().any(|b| *b != 0))
+        .map(|(i, _)| i * 4096)
+        .collect();
+    assert!(!used.is_empty());
+    let mut offsets = Vec::new();
+    for (n, page) in used.iter().enumerate() {
+        for k in 0..6 {
+            offsets.push(page + (n * 977 + k * 683) % 4096);
+        }
+    }
+    let (mut caught, mut runs) = (0, 0);
+    for (n, off) in offsets.into_iter().enumerate().step_by(2) {
+        let mut damaged = pristine.clone();
+        damaged[off] ^= 1 << (n % 8);
+        fs::write(&cache, &damaged).unwrap();
+        let to = env.path("r.img");
+        let _ = fs::remove_file(&to);
+        let out = env.run(&[
+            "restore",
+            &id,
+            "--disk",
+            "sda",
+            "--to",
+            to.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !err.contains("panicked"),
+            "byte {off}: {err}"
+        );
+        assert_eq!(sha256_file(&to), want, "byte {off}");
+        if err.contains("index cache") {
+            caught += 1;
+        }
+        if n % 8 == 0 {
+            fs::write(&cache, &damaged).unwrap();
+            let out = env.run(&[
+                "backup",
+                "--vm",
+                "vm",
+                "--disk",
+                &format!("sda={}", img.display()),
+            ]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success() && !err.contains("panicked"),
+                "byte {off}: {err}"
+            );
+        }
+        runs += 1;
+    }
+    assert!(caught > 0, "no damage was noticed in {runs} runs");
+    env.ok(&["check", "--read-data"]);
+}
+
 #[test]
 fn truncated_empty_or_missing_files_give_precise_errors() {
     let env = Env::init(&[]);
