@@ -361,9 +361,13 @@ pub fn check_with(
     for e in bad_marks {
         report.problems.push(format!("GC mark: {e}"));
     }
+    let mut protected = Vec::new();
     for o in backend.list(crate::gc::PROTECT_PREFIX)? {
         match crate::gc::read_protection(backend, keys, &o.name) {
-            Ok(_) => report.protected_snapshots += 1,
+            Ok(p) => {
+                report.protected_snapshots += 1;
+                protected.push(p.snapshot);
+            }
             Err(e) if e.is_damage() || matches!(e, Error::UnsupportedVersion { .. }) => {
                 report.problems.push(format!("protect object: {e}"));
             }
@@ -374,6 +378,14 @@ pub fn check_with(
     // 5. Snapshots: walk every map; note which reference damage.
     let (snaps, bad_snaps) = snapshot::load_all(backend, keys)?;
     report.snapshots = snaps.len() + bad_snaps.len();
+    // Forget never removes a protected snapshot: one whose manifest is
+    // gone was lost some other way.
+    let listed: HashSet<String> = snapshot::list_ids(backend)?.into_iter().collect();
+    for id in protected.iter().filter(|id| !listed.contains(*id)) {
+        report.problems.push(format!(
+            "snapshot {id} is protected, but its manifest is gone: it was deleted outside ekko, or lost. If it was meant to go, `ekko protect --remove {id}`"
+        ));
+    }
     for e in bad_snaps {
         report.problems.push(format!("snapshot manifest: {e}"));
     }

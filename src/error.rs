@@ -29,7 +29,7 @@ pub enum Error {
     #[error("a repository already exists at {path}")]
     AlreadyExists { path: PathBuf },
 
-    #[error("wrong passphrase: none of the {tried} key file(s) in the repository opens with it")]
+    #[error("wrong passphrase: none of the {tried} key file(s) in the repository opens with it (if the passphrase is right, the key files or the config are damaged or from another repository)")]
     WrongPassphrase { tried: usize },
 
     #[error("{name} is damaged: {reason}")]

@@ -1841,6 +1841,20 @@ fn a_repair_removes_damaged_marks_and_rewrites_protections(store: Store) {
     let out = run(&env, &["forget", &id]);
     assert!(!out.status.success());
     assert_eq!(snapshots(&env).len(), 1);
+
+    // A protected snapshot's manifest that goes another way than forget
+    // (deleted by hand) was lost: check says so, and `protect --remove`
+    // by its id accepts that it is gone.
+    b.delete(&format!("snapshots/{id}")).unwrap();
+    let (r, code) = check_json(&env, &[]);
+    assert_eq!(code, Some(3), "{r}");
+    assert!(
+        r["problems"].to_string().contains("manifest is gone"),
+        "{r}"
+    );
+    ok(&env, &["protect", "--remove", &id]);
+    let (r, code) = check_json(&env, &[]);
+    assert_eq!(code, Some(0), "{r}");
 }
 
 fn a_repair_puts_back_a_damaged_manifest_from_the_cache(store: Store) {

@@ -44,6 +44,20 @@ pub fn run(g: &Global, a: ProtectArgs) -> Result<ExitCode> {
             println!("{id}");
             return Ok(ExitCode::SUCCESS);
         }
+        // A protected snapshot whose manifest is gone: check reports it,
+        // and this is how a user who meant it to go says so.
+        Err(ekko::Error::SnapshotNotFound { .. })
+            if a.remove
+                && ekko::gc::protected_ids(backend)?.contains(&a.snapshot.to_ascii_lowercase()) =>
+        {
+            let id = a.snapshot.to_ascii_lowercase();
+            ekko::gc::unprotect(backend, &id)?;
+            if !g.quiet {
+                eprintln!("snapshot {id} (its manifest is gone) is no longer protected");
+            }
+            println!("{id}");
+            return Ok(ExitCode::SUCCESS);
+        }
         Err(e) if a.remove && e.is_damage() => {
             anyhow::bail!(
                 "{e}; to unprotect a snapshot whose manifest is damaged, name it by its full id"
