@@ -97,8 +97,7 @@ fn cache_location(tag_key: &[u8; 32], id: &ChunkId, v: &[u8]) -> Result<Location
 /// Run `f`, which uses the cache database, turning a panic in it (redb
 /// panics on some damaged files) into a cache error.
 fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
-    quiet_cache_panics();
-    match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+    match caught(f) {
         Ok(r) => r,
         Err(p) => {
             let what = p
@@ -111,20 +110,30 @@ fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     }
 }
 
-/// Panics inside redb are caught (see `guarded`) and reported as a damaged
-/// cache: they are not printed as a crash. Others are, as before.
-fn quiet_cache_panics() {
+thread_local! {
+    /// Whether this thread runs cache code whose panics `caught` catches.
+    static IN_CACHE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` (cache database code), catching a panic. Such panics are
+/// reported as a damaged cache, not printed as a crash; every other panic
+/// is printed as before.
+fn caught<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if info.location().is_some_and(|l| l.file().contains("/redb-")) {
+            if IN_CACHE.with(std::cell::Cell::get) {
                 tracing::debug!("index cache: {info}");
                 return;
             }
             previous(info);
         }));
     });
+    let outer = IN_CACHE.with(|c| c.replace(true));
+    let r = std::panic::catch_unwind(AssertUnwindSafe(f));
+    IN_CACHE.with(|c| c.set(outer));
+    r
 }
 
 fn loc_from(b: &[u8]) -> Option<Location> {
@@ -164,8 +173,10 @@ pub struct Index {
     /// Serialises falling back from the cache to memory.
     falling_back: Mutex<()>,
     /// Whether a referenced chunk the cache lacks was looked for in the
-    /// index files already (once per process is enough).
+    /// index files already (once per process is enough), and the lock
+    /// under which that happens.
     miss_checked: AtomicBool,
+    checking_miss: Mutex<()>,
     /// Entries stored by this process and not yet written to an index file.
     pending: RwLock<HashMap<ChunkId, Location>>,
     /// The cache as one read transaction saw it, shared by every lookup
@@ -240,7 +251,18 @@ impl Index {
         cache_path: Option<&Path>,
     ) -> Result<Index> {
         if let Some(path) = cache_path {
-            match guarded(|| Self::open_cache(path)) {
+            let opened = match guarded(|| Self::open_cache(path)) {
+                Err(Error::Cache(e)) if e.starts_with("the cache database failed") => {
+                    tracing::warn!(
+                        "index cache {} is damaged ({e}); rebuilding it",
+                        path.display()
+                    );
+                    let _ = std::fs::remove_file(path);
+                    guarded(|| Self::open_cache(path))
+                }
+                r => r,
+            };
+            match opened {
                 Ok(db) => {
                     let idx = Index::with_store(Store::Redb(db), backend, keys, cache_path);
                     idx.refresh(backend.as_ref(), keys)?;
@@ -271,6 +293,7 @@ impl Index {
             tag_key: keys.chunk_id(b"ekko index cache entry tags").0,
             falling_back: Mutex::default(),
             miss_checked: AtomicBool::new(false),
+            checking_miss: Mutex::default(),
             pending: RwLock::default(),
             view: Arc::default(),
             generation: AtomicU64::new(0),
@@ -398,7 +421,9 @@ impl Index {
     ) -> Result<()> {
         let store = self.store.read().expect("index lock");
         let Store::Redb(db) = &*store else {
-            return Ok(());
+            // A fall-back came in between: the store is memory now.
+            drop(store);
+            return self.load_new_into_memory(backend, keys, listed);
         };
         let known: HashMap<String, u64> = {
             let tx = db.begin_read().map_err(cache_err)?;
@@ -492,14 +517,30 @@ impl Index {
         if let Some(l) = self.lookup(id)? {
             return Ok(l);
         }
-        let cached = matches!(*self.store.read().expect("index lock"), Store::Redb(_));
-        if cached && !self.miss_checked.swap(true, Ordering::AcqRel) {
-            let (entries, _) = self.read_index_files()?;
-            if entries.contains_key(id) {
-                self.fall_back(&Error::Cache(format!(
-                    "it lacks chunk {id}, which an index file lists"
-                )))?;
-                return self.lookup(id)?.ok_or(Error::ChunkMissing { id: *id });
+        let cached = || matches!(*self.store.read().expect("index lock"), Store::Redb(_));
+        if cached() && !self.miss_checked.load(Ordering::Acquire) {
+            let _one = self.checking_miss.lock().expect("index lock");
+            // Another thread may have checked (and fallen back) meanwhile.
+            if let Some(l) = self.lookup(id)? {
+                return Ok(l);
+            }
+            if cached() && !self.miss_checked.load(Ordering::Acquire) {
+                // A cache that is only behind (a backup committed since it
+                // was brought in step) is not damaged: catch up first.
+                self.refresh(self.origin.as_ref(), &self.keys)?;
+                if let Some(l) = self.lookup(id)? {
+                    return Ok(l);
+                }
+                let (entries, _) = self.read_index_files()?;
+                self.miss_checked.store(true, Ordering::Release);
+                if entries.contains_key(id) {
+                    self.fall_back(&Error::Cache(format!(
+                        "it lacks chunk {id}, which an index file lists"
+                    )))?;
+                }
+            }
+            if let Some(l) = self.lookup(id)? {
+                return Ok(l);
             }
         }
         Err(Error::ChunkMissing { id: *id })
@@ -551,17 +592,22 @@ impl Index {
             "the local index cache{path} is damaged or failed ({why}); deleting it and reading the repository's index files instead (the next run builds a new cache)"
         );
         let loaded = self.read_index_files()?;
-        // The read view's transaction must end before the database goes.
-        self.view.write().expect("index lock").view = None;
-        let old = std::mem::replace(
-            &mut *self.store.write().expect("index lock"),
-            Store::Memory(RwLock::new(loaded)),
-        );
+        let old = {
+            let mut store = self.store.write().expect("index lock");
+            // The read view's transaction must end before the database goes.
+            let view = self.view.write().expect("index lock").view.take();
+            let _ = caught(move || drop(view));
+            std::mem::replace(&mut *store, Store::Memory(RwLock::new(loaded)))
+        };
         // Closing a database that panicked may panic again.
-        let _ = std::panic::catch_unwind(AssertUnwindSafe(move || drop(old)));
+        let _ = caught(move || drop(old));
         if let Some(p) = &self.cache_path {
             let _ = std::fs::remove_file(p);
         }
+        // Index files written (by this process's flush, or others) while
+        // the files were read above: take them in too.
+        let listed = list_index_files(self.origin.as_ref())?;
+        self.load_new_into_memory(self.origin.as_ref(), &self.keys, &listed)?;
         self.move_on();
         Ok(())
     }
@@ -685,7 +731,23 @@ impl Index {
 impl Drop for Index {
     fn drop(&mut self) {
         // The read view's transaction must end before the database closes.
-        self.view.write().expect("index lock").view = None;
+        let view = self.view.write().map(|mut v| v.view.take());
+        let store = std::mem::replace(
+            self.store.get_mut().unwrap_or_else(|p| p.into_inner()),
+            Store::Memory(RwLock::default()),
+        );
+        // redb reads its own tables when it closes, and panics on some
+        // damage there: the cache goes, not the process.
+        let closed = caught(move || {
+            drop(view);
+            drop(store);
+        });
+        if closed.is_err() {
+            if let Some(p) = &self.cache_path {
+                tracing::warn!("index cache {} is damaged; deleting it", p.display());
+                let _ = std::fs::remove_file(p);
+            }
+        }
     }
 }
 
@@ -809,6 +871,25 @@ mod tests {
         // And the next lookup opens one again.
         assert_eq!(index.lookup(&ChunkId([5; 32])).unwrap(), None);
         assert!(index.view.read().unwrap().view.is_some());
+    }
+
+    /// A cache that is only behind (a backup committed since it was
+    /// brought in step) is not damaged: a referenced chunk is found by
+    /// catching up, and the cache stays.
+    #[test]
+    fn a_cache_that_is_only_behind_is_not_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(dir.path().join("repo")));
+        let keys = Keys::from_master(&[8; 64]);
+        let cache = dir.path().join("c/index.redb");
+        let reader = Index::open(&backend, &keys, Some(&cache)).unwrap();
+        let writer = Index::open(&backend, &keys, None).unwrap();
+        let id = ChunkId([4; 32]);
+        writer.add_pending(vec![(id, loc(2))]);
+        writer.flush(backend.as_ref(), &keys).unwrap();
+        assert_eq!(reader.lookup_referenced(&id).unwrap(), loc(2));
+        assert!(matches!(*reader.store.read().unwrap(), Store::Redb(_)));
+        assert!(cache.exists());
     }
 
     /// A cache entry that rots (its location changes, or its tag) is

@@ -127,10 +127,11 @@ pub fn snapshot_name(id: &str) -> String {
 }
 
 /// Whether `vm` may name a VM in a new snapshot, with the reason if not.
-/// A name is a folder in the FUSE tree and comes before `@latest`, so it is
-/// non-empty, at most 200 bytes, not `.` or `..`, and holds no `/`, `@`,
-/// control character, or leading or trailing space. (Older snapshots with
-/// other names still read.)
+/// A name is a folder in the FUSE tree, so it is non-empty, at most 200
+/// bytes, not `.` or `..`, and holds no `/`, control character, or leading
+/// or trailing space. (`@` is allowed, as libvirt allows it: `a@b@latest`
+/// names `a@b`'s newest snapshot. Older snapshots with other names still
+/// read.)
 pub fn check_vm_name(vm: &str) -> std::result::Result<(), String> {
     let bad = |why: &str| Err(format!("VM name {vm:?}: {why}"));
     if vm.is_empty() {
@@ -142,12 +143,9 @@ pub fn check_vm_name(vm: &str) -> std::result::Result<(), String> {
     if vm == "." || vm == ".." {
         return bad("must not be . or ..");
     }
-    if let Some(c) = vm
-        .chars()
-        .find(|c| *c == '/' || *c == '@' || c.is_control())
-    {
+    if let Some(c) = vm.chars().find(|c| *c == '/' || c.is_control()) {
         return bad(&format!(
-            "must not contain {c:?} (it is a folder name in the mounted tree, and VM@latest names its newest snapshot)"
+            "must not contain {c:?} (it is a folder name in the mounted tree)"
         ));
     }
     if vm.trim() != vm {

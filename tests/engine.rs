@@ -292,13 +292,18 @@ fn vm_names_that_cannot_name_a_folder_are_refused() {
     make_image(&img, MIB, &[(0, &random_bytes(60, MIB as usize))]);
     let disk = format!("sda={}", img.display());
     let before = env.repo_state();
-    for bad in ["", "a/b", "..", ".", "a@b", " a", "a\tb"] {
+    for bad in ["", "a/b", "..", ".", " a", "a\tb"] {
         let out = env.run(&["backup", "--vm", bad, "--disk", &disk]);
         assert_clean_failure(&out, "VM name");
         assert_eq!(out.status.code(), Some(2), "{bad:?}");
     }
     assert_eq!(env.repo_state(), before, "a refused backup wrote");
-    for good in ["web-1.example.com", "instance-0000002a", "db_2 (old)"] {
+    for good in [
+        "web-1.example.com",
+        "instance-0000002a",
+        "db_2 (old)",
+        "web@prod",
+    ] {
         env.backup(good, &[("sda", &img)]);
         env.restore(&format!("{good}@latest"), "sda");
     }
@@ -356,15 +361,50 @@ fn other_image_formats_are_read_through_qemu_nbd_and_failures_say_why() {
             .arg(&luks)
             .arg("4M"),
     );
+    // A LUKS container is its own bytes: the restore is the same container.
+    env.backup("l", &[("sda", &luks)]);
+    assert_eq!(
+        sha256_file(&env.restore("l@latest", "sda")),
+        sha256_file(&luks)
+    );
     let before = env.repo_state();
+
+    // A raw disk whose guest wrote a VMDK descriptor into sector 0, naming
+    // a host file: a sniffed format must not make ekko read that file.
+    let secret = env.path("host-secret");
+    fs::write(&secret, random_bytes(82, 65536)).unwrap();
+    let guest = env.path("guest.raw");
+    let descriptor = format!(
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\nRW 128 FLAT \"{}\" 0\nddb.adapterType = \"ide\"\n",
+        secret.display()
+    );
+    make_image(&guest, 4 * MIB, &[(0, descriptor.as_bytes())]);
     let out = env.run(&[
         "backup",
         "--vm",
-        "l",
+        "g",
         "--disk",
-        &format!("sda={}", luks.display()),
+        &format!("sda={}", guest.display()),
     ]);
-    assert_clean_failure(&out, "LUKS");
+    let err = assert_clean_failure(&out, "refers to other files");
+    assert!(err.contains("raw:"), "no way out is named: {err}");
+    assert_eq!(
+        env.repo_state(),
+        before,
+        "a refused backup changed the repository"
+    );
+    // Named as raw, the file's own bytes are backed up.
+    env.ok(&[
+        "backup",
+        "--vm",
+        "g",
+        "--disk",
+        &format!("sda=raw:{}", guest.display()),
+    ]);
+    assert_eq!(
+        sha256_file(&env.restore("g@latest", "sda")),
+        sha256_file(&guest)
+    );
 
     let base = env.path("base.qcow2");
     let top = env.path("top.qcow2");
@@ -380,13 +420,30 @@ fn other_image_formats_are_read_through_qemu_nbd_and_failures_say_why() {
             .arg(&base)
             .arg(&top),
     );
-    fs::remove_file(&base).unwrap();
+    // An overlay is followed to its backing file only when named qcow2.
     let out = env.run(&[
         "backup",
         "--vm",
         "t",
         "--disk",
         &format!("sda={}", top.display()),
+    ]);
+    assert_clean_failure(&out, "refers to other files");
+    env.ok(&[
+        "backup",
+        "--vm",
+        "t",
+        "--disk",
+        &format!("sda=qcow2:{}", top.display()),
+    ]);
+    let before = env.repo_state();
+    fs::remove_file(&base).unwrap();
+    let out = env.run(&[
+        "backup",
+        "--vm",
+        "t",
+        "--disk",
+        &format!("sda=qcow2:{}", top.display()),
     ]);
     let err = assert_clean_failure(&out, "QEMU cannot open it");
     assert!(

@@ -33,10 +33,14 @@ pub fn run(g: &Global, a: InitArgs) -> Result<ExitCode> {
     // that failed before writing its config leaves.)
     let entries = std::fs::read_dir(&path).ok();
     if let Some(entries) = entries.filter(|_| !path.join("config").exists()) {
-        let other = entries
-            .flatten()
-            .map(|e| e.file_name())
-            .find(|n| n != "keys" && n != "config");
+        let other = entries.flatten().map(|e| e.file_name()).find(|n| {
+            // A fresh file system's lost+found, and temporary files of
+            // a killed init, are not someone else's things.
+            n != "keys"
+                && n != "config"
+                && n != "lost+found"
+                && !n.to_string_lossy().starts_with(".tmp-")
+        });
         if let Some(n) = other {
             super::usage!(
                 "{} is not empty (it holds {:?}, among others): give a new or empty folder for the repository",

@@ -81,7 +81,8 @@ pub fn open(spec: &str, opts: &OpenOptions<'_>) -> Result<Box<dyn Source>> {
     if is_nbd_uri(spec) {
         return Ok(Box::new(NbdSource::connect_uri(spec, bitmap, connections)?));
     }
-    let path = std::path::Path::new(spec);
+    let (explicit, file) = split_format(spec);
+    let path = std::path::Path::new(file);
     let meta = std::fs::metadata(path).map_err(|e| Error::Source {
         source_name: spec.into(),
         reason: format!("cannot open: {e}"),
@@ -92,7 +93,16 @@ pub fn open(spec: &str, opts: &OpenOptions<'_>) -> Result<Box<dyn Source>> {
             reason: "is a directory, not a disk image".into(),
         });
     }
-    let format = image_format(path)?;
+    let format = match explicit {
+        Some(f) => f,
+        None => {
+            let f = image_format(path)?;
+            if f != "raw" {
+                refuse_references(path, f, allow_in_use)?;
+            }
+            f
+        }
+    };
     if format == "raw" && bitmap.is_some() {
         return Err(Error::Source {
             source_name: spec.into(),
@@ -142,7 +152,93 @@ pub fn open(spec: &str, opts: &OpenOptions<'_>) -> Result<Box<dyn Source>> {
 /// URI, or an image that is not raw. Guesses `false` for what `open`
 /// would refuse.
 pub fn needs_nbd(spec: &str) -> bool {
-    is_nbd_uri(spec) || image_format(std::path::Path::new(spec)).is_ok_and(|f| f != "raw")
+    if is_nbd_uri(spec) {
+        return true;
+    }
+    match split_format(spec) {
+        (Some(f), _) => f != "raw",
+        (None, file) => image_format(std::path::Path::new(file)).is_ok_and(|f| f != "raw"),
+    }
+}
+
+/// The image formats a source may name before its path (`qcow2:/path`).
+const FORMATS: [&str; 9] = [
+    "raw",
+    "qcow2",
+    "qcow",
+    "vmdk",
+    "vdi",
+    "vhdx",
+    "vpc",
+    "qed",
+    "parallels",
+];
+
+/// `FORMAT:PATH` → (the format, the path); anything else is a path whose
+/// format is sniffed.
+fn split_format(spec: &str) -> (Option<&'static str>, &str) {
+    if let Some((f, path)) = spec.split_once(':') {
+        if let Some(known) = FORMATS.iter().find(|k| **k == f) {
+            return (Some(known), path);
+        }
+    }
+    (None, spec)
+}
+
+/// A format that was only sniffed comes from bytes that whoever wrote the
+/// image controls (a guest writing sector 0 of its raw disk): such an image
+/// may not make ekko read other files (a backing file, VMDK extents, an
+/// external data file). Naming the format says the image is what it looks
+/// like. `qemu-img info` (without the chain) says what it refers to.
+fn refuse_references(path: &std::path::Path, format: &str, force_share: bool) -> Result<()> {
+    let mut cmd = std::process::Command::new("qemu-img");
+    cmd.args(["info", "--output=json", "-f", format]);
+    if force_share {
+        cmd.arg("-U");
+    }
+    let out = cmd.arg(path).output().map_err(|e| Error::Source {
+        source_name: path.display().to_string(),
+        reason: format!("running qemu-img info: {e}"),
+    })?;
+    if !out.status.success() {
+        // qemu-nbd will fail on it too, and say why.
+        return Ok(());
+    }
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let me = path.display().to_string();
+    let mut refs: Vec<String> = Vec::new();
+    if let Some(b) = info.get("backing-filename").and_then(|v| v.as_str()) {
+        refs.push(b.to_string());
+    }
+    if let Some(d) = info
+        .pointer("/format-specific/data/data-file")
+        .and_then(|v| v.as_str())
+    {
+        refs.push(d.to_string());
+    }
+    for e in info
+        .pointer("/format-specific/data/extents")
+        .and_then(|v| v.as_array())
+        .into_iter()
+        .flatten()
+    {
+        if let Some(f) = e.get("filename").and_then(|v| v.as_str()) {
+            let same = std::fs::canonicalize(f).ok() == std::fs::canonicalize(path).ok();
+            if !same {
+                refs.push(f.to_string());
+            }
+        }
+    }
+    if refs.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Source {
+        source_name: me.clone(),
+        reason: format!(
+            "looks like a {format} image that refers to other files ({}). ekko follows such references only when the format is named: --disk NAME={format}:{me} if this is a {format} image you trust, or raw:{me} to back up the file's own bytes",
+            refs.join(", ")
+        ),
+    })
 }
 
 fn is_nbd_uri(spec: &str) -> bool {
@@ -152,8 +248,7 @@ fn is_nbd_uri(spec: &str) -> bool {
 }
 
 /// Sniff the image format from its first bytes, as QEMU's own probes do,
-/// for the formats qemu-nbd reads. Anything else is raw. A LUKS image is
-/// refused: its key is not ekko's to have.
+/// for the formats qemu-nbd reads. Anything else, LUKS included, is raw.
 fn image_format(path: &std::path::Path) -> Result<&'static str> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
@@ -189,10 +284,13 @@ fn image_format(path: &std::path::Path) -> Result<&'static str> {
     } else if at(0, b"WithoutFreeSpace") || at(0, b"WithouFreSpacExt") {
         "parallels"
     } else if at(0, b"LUKS\xba\xbe") {
-        return Err(Error::Source {
-            source_name: path.display().to_string(),
-            reason: "is a LUKS-encrypted image, which ekko cannot open without its key: back the VM up live (--qmp or --domain), where QEMU decrypts it, or serve it over NBD and back up the nbd:// URI".into(),
-        });
+        // A LUKS container (QEMU's, or a guest's whole-disk one): its bytes
+        // are the disk, and a restore gives back the same container.
+        tracing::info!(
+            "{}: a LUKS container; its encrypted bytes are backed up as they are (they neither compress nor deduplicate)",
+            path.display()
+        );
+        "raw"
     } else {
         "raw"
     };
