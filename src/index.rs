@@ -156,10 +156,13 @@ fn loc_from(b: &[u8]) -> Option<Location> {
     })
 }
 
+/// Every entry of the index files read, and those files' names.
+type Loaded = (HashMap<ChunkId, Location>, HashSet<String>);
+
 enum Store {
     Redb(redb::Database),
     /// The entries, and the index files they came from.
-    Memory(RwLock<(HashMap<ChunkId, Location>, HashSet<String>)>),
+    Memory(RwLock<Loaded>),
 }
 
 pub struct Index {
@@ -251,18 +254,7 @@ impl Index {
         cache_path: Option<&Path>,
     ) -> Result<Index> {
         if let Some(path) = cache_path {
-            let opened = match guarded(|| Self::open_cache(path)) {
-                Err(Error::Cache(e)) if e.starts_with("the cache database failed") => {
-                    tracing::warn!(
-                        "index cache {} is damaged ({e}); rebuilding it",
-                        path.display()
-                    );
-                    let _ = std::fs::remove_file(path);
-                    guarded(|| Self::open_cache(path))
-                }
-                r => r,
-            };
-            match opened {
+            match Self::open_cache(path) {
                 Ok(db) => {
                     let idx = Index::with_store(Store::Redb(db), backend, keys, cache_path);
                     idx.refresh(backend.as_ref(), keys)?;
@@ -338,8 +330,7 @@ impl Index {
         let mut attempt = 0;
         loop {
             let listed = list_index_files(backend)?;
-            let cached = matches!(*self.store.read().expect("index lock"), Store::Redb(_));
-            let r = if cached {
+            let r = if self.is_cached() {
                 match guarded(|| self.sync_cache(backend, keys, &listed)) {
                     Err(e @ Error::Cache(_)) => self.fall_back(&e),
                     r => r,
@@ -392,11 +383,19 @@ impl Index {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
+        // redb panics on some damaged files: that is damage like any other.
         let open = || {
-            redb::Database::builder()
-                .set_concurrency_mode(redb::ConcurrencyMode::MultiWriter)
-                .set_cache_size(8 << 20)
-                .create(path)
+            caught(|| {
+                redb::Database::builder()
+                    .set_concurrency_mode(redb::ConcurrencyMode::MultiWriter)
+                    .set_cache_size(8 << 20)
+                    .create(path)
+            })
+            .unwrap_or_else(|_| {
+                Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(
+                    "redb could not read it".into(),
+                )))
+            })
         };
         match open() {
             Ok(db) => Ok(db),
@@ -517,26 +516,31 @@ impl Index {
         if let Some(l) = self.lookup(id)? {
             return Ok(l);
         }
-        let cached = || matches!(*self.store.read().expect("index lock"), Store::Redb(_));
-        if cached() && !self.miss_checked.load(Ordering::Acquire) {
+        if self.is_cached() && !self.miss_checked.load(Ordering::Acquire) {
             let _one = self.checking_miss.lock().expect("index lock");
             // Another thread may have checked (and fallen back) meanwhile.
             if let Some(l) = self.lookup(id)? {
                 return Ok(l);
             }
-            if cached() && !self.miss_checked.load(Ordering::Acquire) {
+            if self.is_cached() && !self.miss_checked.load(Ordering::Acquire) {
                 // A cache that is only behind (a backup committed since it
                 // was brought in step) is not damaged: catch up first.
                 self.refresh(self.origin.as_ref(), &self.keys)?;
                 if let Some(l) = self.lookup(id)? {
                     return Ok(l);
                 }
-                let (entries, _) = self.read_index_files()?;
+                let loaded = self.read_index_files()?;
                 self.miss_checked.store(true, Ordering::Release);
-                if entries.contains_key(id) {
-                    self.fall_back(&Error::Cache(format!(
-                        "it lacks chunk {id}, which an index file lists"
-                    )))?;
+                if loaded.0.contains_key(id) {
+                    let _one = self.falling_back.lock().expect("index lock");
+                    if self.is_cached() {
+                        self.fall_back_locked(
+                            &Error::Cache(format!(
+                                "it lacks chunk {id}, which an index file lists"
+                            )),
+                            loaded,
+                        )?;
+                    }
                 }
             }
             if let Some(l) = self.lookup(id)? {
@@ -563,8 +567,7 @@ impl Index {
     }
 
     /// Every index file's entries, and the files read.
-    #[allow(clippy::type_complexity)]
-    fn read_index_files(&self) -> Result<(HashMap<ChunkId, Location>, HashSet<String>)> {
+    fn read_index_files(&self) -> Result<Loaded> {
         let backend = self.origin.as_ref();
         let mut entries = HashMap::new();
         let mut files = HashSet::new();
@@ -577,13 +580,24 @@ impl Index {
         Ok((entries, files))
     }
 
+    /// Whether lookups go to the cache (not to memory).
+    fn is_cached(&self) -> bool {
+        matches!(*self.store.read().expect("index lock"), Store::Redb(_))
+    }
+
     /// The cache failed (`why`): delete it, and serve this process from
     /// the index files in memory. The next process builds a new cache.
     fn fall_back(&self, why: &Error) -> Result<()> {
         let _one = self.falling_back.lock().expect("index lock");
-        if matches!(*self.store.read().expect("index lock"), Store::Memory(_)) {
+        if !self.is_cached() {
             return Ok(());
         }
+        self.fall_back_locked(why, self.read_index_files()?)
+    }
+
+    /// `fall_back`, under its lock, with the index files already read
+    /// into `loaded`.
+    fn fall_back_locked(&self, why: &Error, loaded: Loaded) -> Result<()> {
         let path = self
             .cache_path
             .as_deref()
@@ -591,7 +605,6 @@ impl Index {
         tracing::warn!(
             "the local index cache{path} is damaged or failed ({why}); deleting it and reading the repository's index files instead (the next run builds a new cache)"
         );
-        let loaded = self.read_index_files()?;
         let old = {
             let mut store = self.store.write().expect("index lock");
             // The read view's transaction must end before the database goes.
@@ -788,6 +801,14 @@ mod tests {
     use super::*;
     use crate::backend::LocalBackend;
 
+    /// A scratch folder, a local store in it, keys, and a cache path.
+    fn fixture() -> (tempfile::TempDir, Arc<dyn Backend>, Keys, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(dir.path().join("repo")));
+        let cache = dir.path().join("c/index.redb");
+        (dir, backend, Keys::from_master(&[8; 64]), cache)
+    }
+
     fn loc(i: u8) -> Location {
         Location {
             pack: ObjectId([i; 16]),
@@ -801,10 +822,7 @@ mod tests {
 
     #[test]
     fn refresh_takes_in_index_files_of_other_writers() {
-        let dir = tempfile::tempdir().unwrap();
-        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(dir.path().join("repo")));
-        let keys = Keys::from_master(&[8; 64]);
-        let cache = dir.path().join("cache/index.redb");
+        let (_dir, backend, keys, cache) = fixture();
         for cache in [None, Some(cache.as_path())] {
             let reader = Index::open(&backend, &keys, cache).unwrap();
             let writer = Index::open(&backend, &keys, None).unwrap();
@@ -821,10 +839,7 @@ mod tests {
     fn a_flushed_chunk_is_never_missed_by_concurrent_lookups() {
         // Lookups share one read view of the cache; flush must make them
         // open a new one before its entries leave `pending`.
-        let dir = tempfile::tempdir().unwrap();
-        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(dir.path().join("repo")));
-        let keys = Keys::from_master(&[8; 64]);
-        let cache = dir.path().join("cache/index.redb");
+        let (_dir, backend, keys, cache) = fixture();
         let index = Index::open(&backend, &keys, Some(&cache)).unwrap();
         assert!(matches!(*index.store.read().unwrap(), Store::Redb(_)));
         let id = |n: u64| {
@@ -858,10 +873,8 @@ mod tests {
     fn an_idle_read_view_is_dropped() {
         // An open read transaction keeps other processes from reusing the
         // cache's freed pages: an idle reader must not keep one.
-        let dir = tempfile::tempdir().unwrap();
-        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(dir.path().join("repo")));
-        let keys = Keys::from_master(&[8; 64]);
-        let index = Index::open(&backend, &keys, Some(&dir.path().join("c/index.redb"))).unwrap();
+        let (_dir, backend, keys, cache) = fixture();
+        let index = Index::open(&backend, &keys, Some(&cache)).unwrap();
         assert_eq!(index.lookup(&ChunkId([5; 32])).unwrap(), None);
         assert!(index.view.read().unwrap().view.is_some());
         std::thread::sleep(VIEW_MAX_AGE * 3);
@@ -878,10 +891,7 @@ mod tests {
     /// catching up, and the cache stays.
     #[test]
     fn a_cache_that_is_only_behind_is_not_damaged() {
-        let dir = tempfile::tempdir().unwrap();
-        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(dir.path().join("repo")));
-        let keys = Keys::from_master(&[8; 64]);
-        let cache = dir.path().join("c/index.redb");
+        let (_dir, backend, keys, cache) = fixture();
         let reader = Index::open(&backend, &keys, Some(&cache)).unwrap();
         let writer = Index::open(&backend, &keys, None).unwrap();
         let id = ChunkId([4; 32]);
@@ -898,10 +908,7 @@ mod tests {
     /// that chunk.
     #[test]
     fn a_damaged_cache_entry_is_never_believed() {
-        let dir = tempfile::tempdir().unwrap();
-        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(dir.path().join("repo")));
-        let keys = Keys::from_master(&[8; 64]);
-        let cache = dir.path().join("c/index.redb");
+        let (_dir, backend, keys, cache) = fixture();
         let id = ChunkId([7; 32]);
         let writer = Index::open(&backend, &keys, None).unwrap();
         writer.add_pending(vec![(id, loc(3))]);

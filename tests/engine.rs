@@ -317,6 +317,14 @@ fn other_image_formats_are_read_through_qemu_nbd_and_failures_say_why() {
     require("qemu-img");
     require("qemu-nbd");
     let env = Env::init(&[]);
+    // `ekko backup` of one disk `sda` from `source`.
+    let backup_of = |vm: &str, source: &str| {
+        env.run(&["backup", "--vm", vm, "--disk", &format!("sda={source}")])
+    };
+    let backed_up = |vm: &str, source: &str| {
+        let out = backup_of(vm, source);
+        assert_success(&out, &["backup", vm, source]);
+    };
     let raw = env.path("src.raw");
     make_image(
         &raw,
@@ -379,13 +387,7 @@ fn other_image_formats_are_read_through_qemu_nbd_and_failures_say_why() {
         secret.display()
     );
     make_image(&guest, 4 * MIB, &[(0, descriptor.as_bytes())]);
-    let out = env.run(&[
-        "backup",
-        "--vm",
-        "g",
-        "--disk",
-        &format!("sda={}", guest.display()),
-    ]);
+    let out = backup_of("g", &guest.display().to_string());
     let err = assert_clean_failure(&out, "refers to other files");
     assert!(err.contains("raw:"), "no way out is named: {err}");
     assert_eq!(
@@ -394,13 +396,7 @@ fn other_image_formats_are_read_through_qemu_nbd_and_failures_say_why() {
         "a refused backup changed the repository"
     );
     // Named as raw, the file's own bytes are backed up.
-    env.ok(&[
-        "backup",
-        "--vm",
-        "g",
-        "--disk",
-        &format!("sda=raw:{}", guest.display()),
-    ]);
+    backed_up("g", &format!("raw:{}", guest.display()));
     assert_eq!(
         sha256_file(&env.restore("g@latest", "sda")),
         sha256_file(&guest)
@@ -421,30 +417,12 @@ fn other_image_formats_are_read_through_qemu_nbd_and_failures_say_why() {
             .arg(&top),
     );
     // An overlay is followed to its backing file only when named qcow2.
-    let out = env.run(&[
-        "backup",
-        "--vm",
-        "t",
-        "--disk",
-        &format!("sda={}", top.display()),
-    ]);
+    let out = backup_of("t", &top.display().to_string());
     assert_clean_failure(&out, "refers to other files");
-    env.ok(&[
-        "backup",
-        "--vm",
-        "t",
-        "--disk",
-        &format!("sda=qcow2:{}", top.display()),
-    ]);
+    backed_up("t", &format!("qcow2:{}", top.display()));
     let before = env.repo_state();
     fs::remove_file(&base).unwrap();
-    let out = env.run(&[
-        "backup",
-        "--vm",
-        "t",
-        "--disk",
-        &format!("sda=qcow2:{}", top.display()),
-    ]);
+    let out = backup_of("t", &format!("qcow2:{}", top.display()));
     let err = assert_clean_failure(&out, "QEMU cannot open it");
     assert!(
         err.contains("base.qcow2"),

@@ -185,26 +185,45 @@ fn split_format(spec: &str) -> (Option<&'static str>, &str) {
     (None, spec)
 }
 
+/// What `qemu-img info` says of the image at `path` opened as `format`
+/// (with its whole backing chain, an array, when `chain`): its JSON, or
+/// QEMU's reason why the image does not open.
+fn qemu_img_info(
+    path: &std::path::Path,
+    format: &str,
+    force_share: bool,
+    chain: bool,
+) -> std::io::Result<std::result::Result<serde_json::Value, String>> {
+    let mut cmd = std::process::Command::new("qemu-img");
+    cmd.args(["info", "--output=json", "-f", format]);
+    if chain {
+        cmd.arg("--backing-chain");
+    }
+    if force_share {
+        cmd.arg("-U");
+    }
+    let out = cmd.arg(path).output()?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Ok(Err(err.trim().trim_start_matches("qemu-img: ").to_string()));
+    }
+    Ok(Ok(serde_json::from_slice(&out.stdout).unwrap_or_default()))
+}
+
 /// A format that was only sniffed comes from bytes that whoever wrote the
 /// image controls (a guest writing sector 0 of its raw disk): such an image
 /// may not make ekko read other files (a backing file, VMDK extents, an
 /// external data file). Naming the format says the image is what it looks
 /// like. `qemu-img info` (without the chain) says what it refers to.
 fn refuse_references(path: &std::path::Path, format: &str, force_share: bool) -> Result<()> {
-    let mut cmd = std::process::Command::new("qemu-img");
-    cmd.args(["info", "--output=json", "-f", format]);
-    if force_share {
-        cmd.arg("-U");
-    }
-    let out = cmd.arg(path).output().map_err(|e| Error::Source {
+    let info = qemu_img_info(path, format, force_share, false).map_err(|e| Error::Source {
         source_name: path.display().to_string(),
         reason: format!("running qemu-img info: {e}"),
     })?;
-    if !out.status.success() {
-        // qemu-nbd will fail on it too, and say why.
+    // One that does not open: qemu-nbd fails on it too, and says why.
+    let Ok(info) = info else {
         return Ok(());
-    }
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    };
     let me = path.display().to_string();
     let mut refs: Vec<String> = Vec::new();
     if let Some(b) = info.get("backing-filename").and_then(|v| v.as_str()) {

@@ -134,20 +134,12 @@ fn why_qemu_cannot_open(
     bitmap: Option<&str>,
     force_share: bool,
 ) -> Option<String> {
-    let mut cmd = std::process::Command::new("qemu-img");
     // The whole chain: a missing backing file fails only then.
-    cmd.args(["info", "--backing-chain", "--output=json", "-f", format]);
-    if force_share {
-        cmd.arg("-U");
-    }
-    let out = cmd.arg(path).output().ok()?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let err = err.trim().trim_start_matches("qemu-img: ");
-        return Some(format!("QEMU cannot open it: {err}"));
-    }
+    let info = match super::qemu_img_info(path, format, force_share, true).ok()? {
+        Ok(info) => info,
+        Err(err) => return Some(format!("QEMU cannot open it: {err}")),
+    };
     let want = bitmap?;
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     let names: Vec<&str> = info
         .pointer("/0/format-specific/data/bitmaps")
         .and_then(|b| b.as_array())
