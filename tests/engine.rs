@@ -1082,6 +1082,13 @@ fn truncated_empty_or_missing_files_give_precise_errors() {
             err.contains("damaged") || err.contains("truncated"),
             "{what}: {err}"
         );
+        // The list goes on without it, and says it is incomplete.
+        let out = env.run(&["snapshots", "--json"]);
+        assert_eq!(out.status.code(), Some(3), "{what}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("missing from this list"), "{what}: {err}");
+        let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(listed, serde_json::json!([]), "{what}");
     }
     fs::write(&snap, &orig).unwrap();
     assert_success(&restore(&env), &["restore"]);

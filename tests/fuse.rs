@@ -977,3 +977,25 @@ fn fuse_ekko_mount_asks_for_the_passphrase_at_a_terminal() {
     assert!(status.success(), "ekko mount: {status}\n{shown}");
     assert!(!is_mounted(&mnt));
 }
+
+#[test]
+fn fuse_an_unencrypted_repository_mounts_whatever_the_passphrase_variables_hold() {
+    require_fuse();
+    let mut env = Env::init(&["--encryption", "none"]);
+    let disk = env.path("sda.raw");
+    make_image(
+        &disk,
+        2 * MIB,
+        &[(MIB, &random_bytes(42, MIB as usize)[..])],
+    );
+    env.backup("vm1", &[("sda", &disk)]);
+    // An empty EKKO_PASSWORD is refused where a passphrase is needed;
+    // here none is, as `ekko snapshots` agrees.
+    env.vars.push(("EKKO_PASSWORD".into(), String::new()));
+    env.ok(&["snapshots"]);
+    let m = Mounted::start(&env, &env.path("mnt"));
+    assert_eq!(
+        sha256_file(&m.path("vm1/latest/sda.img")),
+        sha256_file(&disk)
+    );
+}

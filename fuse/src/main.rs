@@ -119,12 +119,15 @@ fn sighup_ignored() -> bool {
 /// the repository is encrypted; `None` leaves an encrypted repository to
 /// fail with a message that says how to give one.
 fn passphrase(cli: &Cli, backend: &dyn Backend) -> anyhow::Result<Option<Vec<u8>>> {
+    // An unencrypted repository needs none, whatever the environment
+    // holds (an empty EKKO_PASSWORD, say), as with `ekko`.
+    if ekko::repo::Repository::read_config(backend)?.encryption == "none" {
+        return Ok(None);
+    }
     if let Some(p) = ekko::secret::from_env(cli.password_file.as_deref())? {
         return Ok(Some(p));
     }
-    if !std::io::stdin().is_terminal()
-        || ekko::repo::Repository::read_config(backend)?.encryption == "none"
-    {
+    if !std::io::stdin().is_terminal() {
         return Ok(None);
     }
     let p = rpassword::prompt_password("Passphrase: ").context("reading the passphrase")?;
