@@ -20,6 +20,7 @@ pub mod gc;
 pub mod id;
 pub mod index;
 mod kdf_memory;
+pub mod keyring;
 pub mod lock;
 pub mod lost;
 pub mod pack;

@@ -66,7 +66,7 @@ impl Default for InitOptions {
     }
 }
 
-fn encode_json_file(magic: &[u8; 8], value: &impl Serialize) -> Vec<u8> {
+pub(crate) fn encode_json_file(magic: &[u8; 8], value: &impl Serialize) -> Vec<u8> {
     let mut out = format::header(magic, 0).to_vec();
     out.extend_from_slice(&serde_json::to_vec_pretty(value).expect("serializable"));
     out
@@ -93,8 +93,6 @@ pub struct Repository {
     config: Config,
     keys: Keys,
     index: Index,
-    /// The key file the passphrase opened (none when unencrypted).
-    opened_with: Option<String>,
 }
 
 impl Repository {
@@ -210,7 +208,7 @@ impl Repository {
         use_cache: bool,
     ) -> Result<Repository> {
         let config = Self::read_config(backend.as_ref())?;
-        let (keys, opened_with) = Self::unlock(backend.as_ref(), &config, passphrase)?;
+        let (keys, _) = Self::unlock(backend.as_ref(), &config, passphrase)?;
         let cache = if use_cache {
             index::default_cache_path(&config.id)
         } else {
@@ -238,7 +236,6 @@ impl Repository {
             config,
             keys,
             index,
-            opened_with,
         })
     }
 
@@ -257,7 +254,7 @@ impl Repository {
     /// Every key file, each read and decoded on its own: a damaged one
     /// must not keep another passphrase's key file from opening the
     /// repository.
-    fn key_files(backend: &dyn Backend) -> Result<Vec<(String, Result<KeyFile>)>> {
+    pub(crate) fn key_files(backend: &dyn Backend) -> Result<Vec<(String, Result<KeyFile>)>> {
         let mut out = Vec::new();
         for o in backend.list("keys/")? {
             let kf = backend
@@ -271,7 +268,7 @@ impl Repository {
     /// The master key from the first key file that `passphrase` unwraps.
     /// Damaged key files are skipped (with a warning) as long as another
     /// one opens; if none does, the first damage is the error.
-    fn unwrap_any(
+    pub(crate) fn unwrap_any(
         key_files: Vec<(String, Result<KeyFile>)>,
         passphrase: &[u8],
         repo_id: &str,
@@ -310,7 +307,7 @@ impl Repository {
         }
     }
 
-    fn unlock(
+    pub(crate) fn unlock(
         backend: &dyn Backend,
         config: &Config,
         passphrase: impl FnOnce() -> Result<Vec<u8>>,
@@ -351,83 +348,6 @@ impl Repository {
         }
     }
 
-    /// Add a key file so that `new_passphrase` also opens the repository.
-    pub fn add_key(&self, current_passphrase: &[u8], new_passphrase: &[u8]) -> Result<String> {
-        if !self.keys.is_encrypted() {
-            return Err(Error::Invalid(
-                "the repository is not encrypted; it has no keys".into(),
-            ));
-        }
-        let key_files = Self::key_files(self.backend.as_ref())?;
-        let (master, _) = Self::unwrap_any(key_files, current_passphrase, &self.config.id)?;
-        let nk = KeyFile::wrap(&master, new_passphrase, &self.config.id)?;
-        let name = format!("keys/{}", ObjectId::random());
-        self.backend.put(&name, &encode_json_file(MAGIC_KEY, &nk))?;
-        Ok(name)
-    }
-
-    /// Remove the key file `key` (`keys/<id>` or `<id>`), so that its
-    /// passphrase no longer opens the repository. `current_passphrase` must
-    /// open another key file: nobody can lock themselves out, nor remove
-    /// the last key. A damaged key file may be removed too. Removing a key
-    /// file does not change the master key (see docs/FORMAT.md).
-    pub fn remove_key(&self, current_passphrase: &[u8], key: &str) -> Result<String> {
-        self.remove_key_pausing(current_passphrase, key, None)
-    }
-
-    /// `remove_key`, pausing between its checks and the deletion (crash
-    /// and race tests).
-    pub fn remove_key_pausing(
-        &self,
-        current_passphrase: &[u8],
-        key: &str,
-        pause: Option<std::time::Duration>,
-    ) -> Result<String> {
-        if !self.keys.is_encrypted() {
-            return Err(Error::Invalid(
-                "the repository is not encrypted; it has no keys".into(),
-            ));
-        }
-        let id = key.strip_prefix("keys/").unwrap_or(key);
-        if ObjectId::from_hex(id).is_none() {
-            return Err(Error::Invalid(format!(
-                "{key:?} is not a key file name: give one that `ekko key list` prints (keys/ and 32 hex digits)"
-            )));
-        }
-        let name = format!("keys/{id}");
-        // One removal at a time, and none beside a running backup: two
-        // removals that each checked the other's key was still there
-        // could otherwise delete both. The keys are read under the lock.
-        let _lock = crate::lock::Lock::exclusive(&self.backend, &self.keys, "key remove")?;
-        let key_files = Self::key_files(self.backend.as_ref())?;
-        if !key_files.iter().any(|(n, _)| *n == name) {
-            return Err(Error::Invalid(format!(
-                "no key file {name} in this repository (see `ekko key list`)"
-            )));
-        }
-        let others: Vec<(String, Result<KeyFile>)> =
-            key_files.into_iter().filter(|(n, _)| *n != name).collect();
-        if others.is_empty() {
-            return Err(Error::Invalid(format!(
-                "{name} is the repository's only key file: removing it would make the repository unreadable"
-            )));
-        }
-        match Self::unwrap_any(others, current_passphrase, &self.config.id) {
-            Ok(_) => {}
-            Err(Error::WrongPassphrase { .. }) => {
-                return Err(Error::Invalid(format!(
-                    "the passphrase given opens no key file but {name}: removing it would lock you out. Add another passphrase first (`ekko key add`), or give one that another key file opens"
-                )));
-            }
-            Err(e) => return Err(e),
-        }
-        if let Some(d) = pause {
-            std::thread::sleep(d);
-        }
-        self.backend.delete(&name)?;
-        Ok(name)
-    }
-
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
     }
@@ -450,12 +370,6 @@ impl Repository {
 
     pub fn keys(&self) -> &Keys {
         &self.keys
-    }
-
-    /// The key file (`keys/<id>`) whose passphrase opened the repository;
-    /// `None` when it is not encrypted.
-    pub fn opened_with(&self) -> Option<&str> {
-        self.opened_with.as_deref()
     }
 
     pub fn index(&self) -> &Index {

@@ -663,6 +663,23 @@ fn a_key_file_is_removed_only_while_another_one_opens_the_repository() {
     let id = env.backup("vm", &[("sda", &img)]);
     let first = env.ok(&["key", "list"]).trim().to_string();
     assert!(first.starts_with("keys/"), "{first}");
+    // Key commands never open the index: a damaged index file (which
+    // every other command warns about) goes unread, and no cache is made.
+    let ix = fs::read_dir(env.repo.join("index"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let ix_orig = fs::read(&ix).unwrap();
+    fs::write(&ix, b"garbage").unwrap();
+    fs::remove_dir_all(&env.cache).unwrap();
+    let out = env.run(&["key", "list"]);
+    assert_success(&out, &["key list"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("index"), "{err}");
+    assert!(!env.cache.exists());
+    fs::write(&ix, &ix_orig).unwrap();
     let with = |pass: &str, args: &[&str]| {
         env.cmd()
             .env("EKKO_PASSWORD", pass)

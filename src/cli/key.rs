@@ -26,7 +26,7 @@ pub enum KeyCommand {
 pub fn run(g: &Global, c: KeyCommand) -> Result<ExitCode> {
     match c {
         KeyCommand::Add => {
-            let (repo, current) = g.open_keeping_passphrase()?;
+            let (ring, current) = g.open_keyring()?;
             let current = current.context("the repository is not encrypted; it has no keys")?;
             let new = if let Some(f) = std::env::var_os("EKKO_NEW_PASSWORD_FILE") {
                 ekko::secret::read_file(std::path::Path::new(&f))?
@@ -38,16 +38,16 @@ pub fn run(g: &Global, c: KeyCommand) -> Result<ExitCode> {
                     "no new passphrase: set EKKO_NEW_PASSWORD or EKKO_NEW_PASSWORD_FILE, or run on a terminal to type one",
                 )??
             };
-            let name = repo.add_key(&current, &new)?;
+            let name = ring.add_key(&current, &new)?;
             println!("{name}");
         }
         KeyCommand::Remove {
             key,
             crash_test_delay,
         } => {
-            let (repo, current) = g.open_keeping_passphrase()?;
+            let (ring, current) = g.open_keyring()?;
             let current = current.context("the repository is not encrypted; it has no keys")?;
-            let name = repo.remove_key_pausing(&current, &key, crash_test_delay)?;
+            let name = ring.remove_key_pausing(&current, &key, crash_test_delay)?;
             if !g.quiet {
                 eprintln!("removed {name}");
             }
@@ -55,12 +55,12 @@ pub fn run(g: &Global, c: KeyCommand) -> Result<ExitCode> {
         KeyCommand::List => {
             // Opening checks the passphrase, as every other command does,
             // and tells which key file it opens.
-            let repo = g.open()?;
-            let mine = repo.opened_with();
-            for o in repo.backend().list("keys/")? {
-                println!("{}", o.name);
-                if !g.quiet && mine == Some(o.name.as_str()) {
-                    eprintln!("(the passphrase given opens {})", o.name);
+            let (ring, _) = g.open_keyring()?;
+            let mine = ring.opened_with();
+            for name in ring.list()? {
+                println!("{name}");
+                if !g.quiet && mine == Some(name.as_str()) {
+                    eprintln!("(the passphrase given opens {name})");
                 }
             }
         }

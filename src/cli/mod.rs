@@ -183,17 +183,18 @@ impl Global {
         })?)
     }
 
-    /// Open the repository and keep the passphrase that opened it (asked
-    /// for once), for commands that use it again.
-    pub fn open_keeping_passphrase(&self) -> Result<(Repository, Option<Vec<u8>>)> {
+    /// Open the repository's key files only (not the index), and keep
+    /// the passphrase that opened one (asked for once), for the key
+    /// commands that use it again.
+    pub fn open_keyring(&self) -> Result<(ekko::keyring::Keyring, Option<Vec<u8>>)> {
         let backend = self.backend()?;
         let mut kept = None;
-        let repo = Repository::open(backend, || {
+        let ring = ekko::keyring::Keyring::open(backend, || {
             let p = self.passphrase("Passphrase: ")?;
             kept = Some(p.clone());
             Ok(p)
         })?;
-        Ok((repo, kept))
+        Ok((ring, kept))
     }
 
     /// Open without the local index cache (index files may be missing).
