@@ -788,3 +788,92 @@ fn a_filling_workdir_stops_the_backup_not_the_guest() {
     assert_eq!(v["parent"], first["id"], "{v}");
     assert_restores(&env, v["id"].as_str().unwrap(), &["disk0"], &refs);
 }
+
+/// Run `args`, killing ekko (and failing) if it takes longer than `limit`.
+fn run_bounded(env: &Env, args: &[String], limit: Duration) -> Output {
+    let mut child = spawn_ekko(env, args);
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = finish(child);
+            panic!(
+                "{args:?} still ran after {limit:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    finish(child)
+}
+
+/// Servers that take fewer clients than ekko opens connections (QEMU's
+/// `max-connections`, qemu-nbd's default of one client, nbdkit's limit
+/// filter) leave the extra connections waiting or refuse them: the backup
+/// reads over the connections it has, instead of hanging.
+#[test]
+fn servers_that_take_one_client_are_read_over_one_connection() {
+    require("qemu-nbd");
+    require("nbdkit");
+    let env = Env::init(&[]);
+    let qsd = Qsd::start_with(1, SIZE, ",max-connections=1");
+    qsd.write("disk0", 0x41, 5 * MIB, 3 * MIB);
+    let refs = references(&qsd, &env, &["disk0"]);
+    let out = run_bounded(&env, &live_args(&qsd, &[]), Duration::from_secs(60));
+    assert_success(&out, &["backup --qmp, max-connections=1"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_restores(&env, v["id"].as_str().unwrap(), &["disk0"], &refs);
+    assert_no_leftovers(&qsd);
+
+    // Offline servers, read as nbd+unix:// sources.
+    let raw = env.path("plain.raw");
+    // A multiple of 512 bytes (QEMU rounds a raw image up to one), not
+    // of the chunk size.
+    let data = random_bytes(77, 5 * MIB as usize + 12288);
+    std::fs::write(&raw, &data).unwrap();
+    let raw_s = raw.to_str().unwrap();
+    for (name, server) in [
+        ("qemu-nbd", vec!["qemu-nbd", "-r", "-f", "raw", "-k"]),
+        (
+            "nbdkit-limit",
+            vec![
+                "nbdkit",
+                "-f",
+                "--filter=limit",
+                "file",
+                raw_s,
+                "limit=1",
+                "-U",
+            ],
+        ),
+    ] {
+        let sock = env.path(&format!("{name}.sock"));
+        let mut cmd = Command::new(server[0]);
+        cmd.args(&server[1..]).arg(&sock);
+        if name == "qemu-nbd" {
+            cmd.arg(raw_s);
+        }
+        let mut srv = cmd.stdin(Stdio::null()).spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "{name} did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let uri = format!("nbd+unix:///?socket={}", sock.display());
+        let args: Vec<String> = ["backup", "--vm", name, "--disk", &format!("sda={uri}")]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let out = run_bounded(&env, &args, Duration::from_secs(60));
+        let _ = srv.kill();
+        let _ = srv.wait();
+        assert_success(&out, &[name]);
+        let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        assert_eq!(
+            sha256_file(&env.restore(&id, "sda")),
+            sha256_file(&raw),
+            "{name}"
+        );
+    }
+    env.ok(&["check", "--read-data"]);
+}

@@ -11,7 +11,7 @@ pub enum Error {
     /// A libnbd function returned an error.  `message` is libnbd's own
     /// description (`nbd_get_error`), `errno` its error number
     /// (`nbd_get_errno`, 0 when libnbd had none).
-    #[error("libnbd: {}{}", describe(.call, .message), hint(.call, *.errno))]
+    #[error("libnbd: {}{}", describe(.call, .message), hint(.call, .message, *.errno))]
     Nbd {
         /// The libnbd function that failed, e.g. `"nbd_connect_unix"`.
         call: &'static str,
@@ -43,6 +43,23 @@ pub enum Error {
         call: &'static str,
         /// What was wrong with it.
         reason: String,
+    },
+
+    /// The server accepted the connection but did not finish the NBD
+    /// handshake in time: typically a server that serves a limited number
+    /// of clients at once and has them all (qemu-nbd serves one unless
+    /// started with `--shared`).
+    #[error(
+        "the NBD server at {uri} accepted the connection but did not complete the handshake \
+         within {} s: it may serve a limited number of clients and have them all \
+         (qemu-nbd serves one unless started with --shared N)",
+        .after.as_secs_f64()
+    )]
+    Timeout {
+        /// Where it connected.
+        uri: String,
+        /// How long it waited.
+        after: std::time::Duration,
     },
 
     /// `nbd_block_status` succeeded but gave no usable extents for the
@@ -106,8 +123,12 @@ fn describe(call: &str, message: &str) -> String {
     }
 }
 
-fn hint(call: &str, errno: i32) -> &'static str {
-    if call.starts_with("nbd_connect") {
+fn hint(call: &str, message: &str, errno: i32) -> &'static str {
+    if message.contains("invalid state") && !call.contains("connect") {
+        // The handle is dead or closed: the server went away (or closed
+        // the connection after an earlier error), whatever the request.
+        "; the connection to the NBD server is closed: the server exited or dropped it"
+    } else if call.contains("connect") {
         "; check that the NBD server is running and that the URI, socket path or server \
          command is correct"
     } else if call == "nbd_pwrite" && (errno == libc::EPERM || errno == libc::EROFS) {

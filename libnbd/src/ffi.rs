@@ -45,6 +45,10 @@ ekko_dl::api! {
         set_export_name = "nbd_set_export_name": fn(*mut nbd_handle, *const c_char) -> c_int;
         add_meta_context = "nbd_add_meta_context": fn(*mut nbd_handle, *const c_char) -> c_int;
         connect_uri = "nbd_connect_uri": fn(*mut nbd_handle, *const c_char) -> c_int;
+        aio_connect_uri = "nbd_aio_connect_uri": fn(*mut nbd_handle, *const c_char) -> c_int;
+        aio_is_connecting = "nbd_aio_is_connecting": fn(*mut nbd_handle) -> c_int;
+        aio_is_ready = "nbd_aio_is_ready": fn(*mut nbd_handle) -> c_int;
+        poll = "nbd_poll": fn(*mut nbd_handle, c_int) -> c_int;
         connect_unix = "nbd_connect_unix": fn(*mut nbd_handle, *const c_char) -> c_int;
         connect_systemd_socket_activation = "nbd_connect_systemd_socket_activation":
             fn(*mut nbd_handle, *mut *mut c_char) -> c_int;

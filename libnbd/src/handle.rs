@@ -6,6 +6,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::ptr::{self, NonNull};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use crate::ffi::{self, Api};
 use crate::{Error, Extent};
@@ -145,6 +146,43 @@ impl Handle {
             (self.api.connect_uri)(self.raw(), uri.as_ptr())
         })
         .map(drop)
+    }
+
+    /// [`Handle::connect_uri`], giving up after `timeout` if the server
+    /// has not completed the handshake by then. A server that serves a
+    /// limited number of clients lets further ones connect and then leaves
+    /// them waiting, forever; the caller can then make do with the
+    /// connections it has.
+    pub fn connect_uri_within(&self, uri: &str, timeout: Duration) -> Result<(), Error> {
+        let c_uri = cstring("URI", uri)?;
+        // SAFETY: valid handle and NUL-terminated string.
+        check(self.api, "nbd_aio_connect_uri", unsafe {
+            (self.api.aio_connect_uri)(self.raw(), c_uri.as_ptr())
+        })?;
+        let deadline = Instant::now() + timeout;
+        while self.flag("nbd_aio_is_connecting", self.api.aio_is_connecting)? {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout {
+                    uri: uri.to_owned(),
+                    after: timeout,
+                });
+            }
+            let ms = c_int::try_from(left.as_millis().clamp(1, 1000)).unwrap_or(1000);
+            // SAFETY: valid handle; nbd_poll only waits on its socket.
+            check(self.api, "nbd_connect_uri", unsafe {
+                (self.api.poll)(self.raw(), ms)
+            })?;
+        }
+        if self.flag("nbd_aio_is_ready", self.api.aio_is_ready)? {
+            Ok(())
+        } else {
+            Err(Error::Nbd {
+                call: "nbd_connect_uri",
+                message: "the server closed the connection during the handshake".to_owned(),
+                errno: 0,
+            })
+        }
     }
 
     /// Connect to a server listening on a Unix domain socket.

@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use ekko_libnbd::{Handle, CONTEXT_BASE_ALLOCATION, STATE_DIRTY, STATE_ZERO};
 
@@ -23,22 +24,46 @@ pub struct NbdSource {
 /// Largest request we send (QEMU's NBD server accepts up to 32 MiB).
 const MAX_REQUEST: usize = 32 << 20;
 
+/// How long the first connection may take to complete the NBD handshake.
+/// A server that is up answers in milliseconds; one that accepted the
+/// connection and then never answers serves its limit of clients already.
+const FIRST_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The same for further connections, which only speed reads up: a server
+/// that leaves them waiting is read over fewer.
+const MORE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl NbdSource {
+    /// Open up to `connections` connections with `connect`, which is told
+    /// whether the connection is the first. Only the first must succeed:
+    /// a server that serves fewer clients at once (qemu-nbd serves one by
+    /// default, QEMU's server may have `max-connections`) refuses or
+    /// stalls the others, and the reads share the connections there are.
     fn from_connector(
         describe: String,
         bitmap: Option<&str>,
         connections: usize,
-        connect: &dyn Fn(&Handle) -> Result<()>,
+        connect: &dyn Fn(&Handle, bool) -> Result<()>,
     ) -> Result<NbdSource> {
         let bitmap_context = bitmap.map(ekko_libnbd::dirty_bitmap_context);
-        let mut handles = Vec::new();
+        let mut handles: Vec<Handle> = Vec::new();
         for _ in 0..connections.max(1) {
             let h = Handle::new()?;
             h.add_meta_context(CONTEXT_BASE_ALLOCATION)?;
             if let Some(c) = &bitmap_context {
                 h.add_meta_context(c)?;
             }
-            connect(&h)?;
+            match connect(&h, handles.is_empty()) {
+                Ok(()) => {}
+                Err(e) if !handles.is_empty() => {
+                    tracing::info!(
+                        "{describe}: reading over {} connection(s), as another one failed: {e}",
+                        handles.len()
+                    );
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
             handles.push(h);
             if !handles[0].can_multi_conn().unwrap_or(false)
                 && handles.len() == 1
@@ -77,8 +102,13 @@ impl NbdSource {
     }
 
     pub fn connect_uri(uri: &str, bitmap: Option<&str>, connections: usize) -> Result<NbdSource> {
-        Self::from_connector(uri.to_string(), bitmap, connections, &|h| {
-            Ok(h.connect_uri(uri)?)
+        Self::from_connector(uri.to_string(), bitmap, connections, &|h, first| {
+            let wait = if first {
+                FIRST_HANDSHAKE_TIMEOUT
+            } else {
+                MORE_HANDSHAKE_TIMEOUT
+            };
+            Ok(h.connect_uri_within(uri, wait)?)
         })
     }
 
@@ -108,7 +138,7 @@ impl NbdSource {
         } else {
             argv.extend(["-f", format, p]);
         }
-        Self::from_connector(path.display().to_string(), bitmap, connections, &|h| {
+        Self::from_connector(path.display().to_string(), bitmap, connections, &|h, _| {
             h.connect_systemd_socket_activation(&argv)
                 .map_err(|e| Error::Source {
                     source_name: p.to_string(),

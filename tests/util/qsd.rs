@@ -19,11 +19,18 @@ pub struct Qsd {
     /// Short path under /tmp: Unix socket paths are limited to 107 bytes.
     pub dir: tempfile::TempDir,
     pub disks: usize,
+    /// Options added to `--nbd-server` (e.g. `,max-connections=1`).
+    nbd_options: String,
 }
 
 impl Qsd {
     /// `disks` qcow2 disks of `size` bytes each.
     pub fn start(disks: usize, size: u64) -> Qsd {
+        Qsd::start_with(disks, size, "")
+    }
+
+    /// `start`, with `nbd_options` added to `--nbd-server`.
+    pub fn start_with(disks: usize, size: u64, nbd_options: &str) -> Qsd {
         crate::util::require("qemu-storage-daemon");
         crate::util::require("qemu-img");
         crate::util::require("qemu-io");
@@ -41,6 +48,7 @@ impl Qsd {
             child: None,
             dir,
             disks,
+            nbd_options: nbd_options.to_string(),
         };
         q.spawn();
         q
@@ -68,8 +76,9 @@ impl Qsd {
             cmd.arg("--monitor").arg(format!("chardev=mon{m}"));
         }
         cmd.arg("--nbd-server").arg(format!(
-            "addr.type=unix,addr.path={}",
-            d.join("nbd.sock").display()
+            "addr.type=unix,addr.path={}{}",
+            d.join("nbd.sock").display(),
+            self.nbd_options
         ));
         for i in 0..self.disks {
             cmd.arg("--export").arg(format!(
