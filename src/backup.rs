@@ -295,6 +295,46 @@ pub struct Session<'r> {
     /// how often it does.
     shared_at: Mutex<Instant>,
     share_every: Option<Duration>,
+    /// The snapshot manifest is stored.
+    committed: bool,
+}
+
+impl Drop for Session<'_> {
+    /// A session that ends without a snapshot (an error, a cancel) deletes
+    /// the packs it stored that no index file names yet: nobody else can
+    /// know of them, and on a full disk they hold the space that every
+    /// later command needs. Packs already named by an index file this
+    /// session published stay, for prune.
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        // The pack being filled was never stored; its chunks go with it.
+        self.pack.lock().map(|mut p| p.take()).ok();
+        let index = self.repo.index();
+        let Some(packs) = index.unpublished_packs() else {
+            return;
+        };
+        if packs.is_empty() {
+            return;
+        }
+        let backend = self.repo.backend();
+        let mut removed = 0usize;
+        for p in &packs {
+            match backend.delete(&crate::pack::pack_name(p)) {
+                Ok(()) => removed += 1,
+                Err(e) => {
+                    tracing::warn!(
+                        "could not delete pack {p} of the failed backup (a later prune will): {e}"
+                    );
+                }
+            }
+        }
+        index.discard_pending();
+        tracing::info!(
+            "deleted the {removed} pack(s) this backup had stored, as it committed nothing"
+        );
+    }
 }
 
 /// How often a running backup publishes the index of the packs it has
@@ -350,6 +390,7 @@ impl<'r> Session<'r> {
             domain: None,
             shared_at: Mutex::new(Instant::now()),
             share_every: share_every(),
+            committed: false,
         })
     }
 
@@ -428,6 +469,9 @@ impl<'r> Session<'r> {
 
     fn store_pack(&self, pack: PackWriter) -> Result<()> {
         let entries = pack.finish(self.repo.keys())?;
+        if let Some((_, loc)) = entries.first() {
+            self.guard.wrote(loc.pack);
+        }
         let ids: Vec<ChunkId> = entries.iter().map(|(id, _)| *id).collect();
         // Into the index first, then out of the claim set: no window in which
         // a worker would see neither and encode the chunk again.
@@ -787,6 +831,7 @@ impl<'r> Session<'r> {
         }
         snapshot::check_vm_name(vm).map_err(Error::Invalid)?;
         self.flush_pack()?;
+        self.guard.before_publishing(self.repo)?;
         self.repo
             .index()
             .flush(self.repo.backend().as_ref(), self.repo.keys())?;
@@ -804,6 +849,9 @@ impl<'r> Session<'r> {
         if let (true, Some(p)) = (self.kept_parent_chunks, &snap.parent) {
             self.guard.before_commit_on(self.repo, p, &snap.disks)?;
         }
+        // From here on the manifest may be stored, even if `save` fails
+        // (its folder fsync, say): the packs stay.
+        self.committed = true;
         snapshot::save(self.repo.backend().as_ref(), self.repo.keys(), &snap)?;
         tracing::info!(snapshot = %snap.id, elapsed = ?self.started.elapsed(), "snapshot committed");
         Ok(snap)

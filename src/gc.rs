@@ -257,6 +257,8 @@ pub struct Guard {
     seen: HashSet<String>,
     candidates: HashSet<ObjectId>,
     depends: Mutex<HashSet<ObjectId>>,
+    /// Packs this backup stored.
+    written: Mutex<HashSet<ObjectId>>,
     /// Chunks that a repair recorded as lost (`crate::lost`): a parent that
     /// references one is not built on.
     lost: HashSet<ChunkId>,
@@ -290,6 +292,7 @@ impl Guard {
             seen: marks.iter().map(|m| m.name.clone()).collect(),
             candidates: marks.iter().flat_map(|m| m.mark.pack_ids()).collect(),
             depends: Mutex::new(HashSet::new()),
+            written: Mutex::new(HashSet::new()),
             lost: crate::lost::lost_chunks(&records),
             check_parents: !bad.is_empty(),
         })
@@ -302,6 +305,7 @@ impl Guard {
             seen: HashSet::new(),
             candidates: HashSet::new(),
             depends: Mutex::new(HashSet::new()),
+            written: Mutex::new(HashSet::new()),
             lost: HashSet::new(),
             check_parents: false,
         }
@@ -316,6 +320,27 @@ impl Guard {
         }
         self.depends.lock().expect("guard lock").insert(pack);
         true
+    }
+
+    /// This backup stored `pack`: its snapshot relies on it too. A backup
+    /// that outlives its grace period can find a pack of its own marked,
+    /// and, after the next prune, deleted with its mark, so that no unseen
+    /// mark is left to tell; `before_commit` then finds the pack gone.
+    pub fn wrote(&self, pack: ObjectId) {
+        self.written.lock().expect("guard lock").insert(pack);
+    }
+
+    /// Before this backup publishes the index of its last packs: fail if
+    /// a pack it stored is gone, so that no index file names it.
+    pub fn before_publishing(&self, repo: &Repository) -> Result<()> {
+        let written: Vec<ObjectId> = self
+            .written
+            .lock()
+            .expect("guard lock")
+            .iter()
+            .copied()
+            .collect();
+        missing_packs_error(repo, written)
     }
 
     /// An incremental keeps the parent's chunks without reading them. If
@@ -390,38 +415,10 @@ impl Guard {
             .lock()
             .expect("guard lock")
             .iter()
+            .chain(self.written.lock().expect("guard lock").iter())
             .copied()
             .collect();
-        let missing: Vec<ObjectId> = if deps.len() > LIST_INSTEAD_OF_HEAD {
-            let present: HashSet<ObjectId> = backend
-                .list("packs/")?
-                .iter()
-                .filter_map(|o| crate::pack::pack_id_from_name(&o.name))
-                .collect();
-            deps.into_iter().filter(|p| !present.contains(p)).collect()
-        } else {
-            let mut v = Vec::new();
-            for p in deps {
-                match backend.size(&crate::pack::pack_name(&p)) {
-                    Ok(_) => {}
-                    Err(Error::NotFound { .. }) => v.push(p),
-                    Err(e) => return Err(e),
-                }
-            }
-            v
-        };
-        if let Some(p) = missing.first() {
-            // Usually a prune that this backup could not see; but a pack
-            // lost some other way looks the same, and then every retry
-            // fails alike until the index forgets it.
-            return Err(Error::GcRace {
-                reason: format!(
-                    "pack {p} (and {} more) that this backup deduplicated against was deleted by a prune, or lost (if the next backup fails the same way, the repository lost it: run `ekko check` to see which snapshots are affected, then `ekko index rebuild`, after which backups store its chunks again)",
-                    missing.len() - 1
-                ),
-            });
-        }
-        Ok(())
+        missing_packs_error(repo, deps)
     }
 
     /// Just before the manifest of a snapshot that kept chunks of `parent`
@@ -473,6 +470,41 @@ impl Guard {
     }
 }
 
+/// A `GcRace` error if any of `packs` is gone from the repository.
+fn missing_packs_error(repo: &Repository, deps: Vec<ObjectId>) -> Result<()> {
+    let backend = repo.backend().as_ref();
+    let missing: Vec<ObjectId> = if deps.len() > LIST_INSTEAD_OF_HEAD {
+        let present: HashSet<ObjectId> = backend
+            .list("packs/")?
+            .iter()
+            .filter_map(|o| crate::pack::pack_id_from_name(&o.name))
+            .collect();
+        deps.into_iter().filter(|p| !present.contains(p)).collect()
+    } else {
+        let mut v = Vec::new();
+        for p in deps {
+            match backend.size(&crate::pack::pack_name(&p)) {
+                Ok(_) => {}
+                Err(Error::NotFound { .. }) => v.push(p),
+                Err(e) => return Err(e),
+            }
+        }
+        v
+    };
+    if let Some(p) = missing.first() {
+        // Usually a prune that this backup could not see; but a pack
+        // lost some other way looks the same, and then every retry
+        // fails alike until the index forgets it.
+        return Err(Error::GcRace {
+            reason: format!(
+                "pack {p} (and {} more) that this backup stored or deduplicated against was deleted by a prune, or lost. A prune deletes a running backup's packs only when the backup takes longer than the grace period allows: give prune a longer --grace than the longest backup. (If the next backup fails the same way, the repository lost it: run `ekko check` to see which snapshots are affected, then `ekko index rebuild`, after which backups store its chunks again)",
+                missing.len() - 1
+            ),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -502,6 +534,7 @@ mod tests {
             seen: HashSet::new(),
             candidates: [ObjectId([1; 16])].into(),
             depends: Mutex::new(HashSet::new()),
+            written: Mutex::new(HashSet::new()),
             lost: HashSet::new(),
             check_parents: false,
         };

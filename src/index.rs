@@ -182,6 +182,8 @@ pub struct Index {
     checking_miss: Mutex<()>,
     /// Entries stored by this process and not yet written to an index file.
     pending: RwLock<HashMap<ChunkId, Location>>,
+    /// A `flush` failed to store its index file: it may exist even so.
+    publish_uncertain: AtomicBool,
     /// The cache as one read transaction saw it, shared by every lookup
     /// until `generation` moves on. A read transaction of a multi-process
     /// redb takes and drops file locks (`fcntl`), which cost lookups more
@@ -287,6 +289,7 @@ impl Index {
             miss_checked: AtomicBool::new(false),
             checking_miss: Mutex::default(),
             pending: RwLock::default(),
+            publish_uncertain: AtomicBool::new(false),
             view: Arc::default(),
             generation: AtomicU64::new(0),
             damaged: Mutex::default(),
@@ -683,6 +686,22 @@ impl Index {
         p.len() >= FLUSH_ENTRIES
     }
 
+    /// The packs of the pending entries, unless an index file that may
+    /// name some of them may have been stored (a `flush` whose put
+    /// failed): packs that nobody else can know of.
+    pub fn unpublished_packs(&self) -> Option<HashSet<ObjectId>> {
+        if self.publish_uncertain.load(Ordering::Acquire) {
+            return None;
+        }
+        let p = self.pending.read().expect("index lock");
+        Some(p.values().map(|l| l.pack).collect())
+    }
+
+    /// Forget the pending entries (their packs were deleted).
+    pub fn discard_pending(&self) {
+        self.pending.write().expect("index lock").clear();
+    }
+
     /// Write the pending entries as a new index file, then move them into the
     /// cache. Must only run after the packs they point to are stored.
     pub fn flush(&self, backend: &dyn Backend, keys: &Keys) -> Result<()> {
@@ -696,7 +715,12 @@ impl Index {
         let name = index_name(&ObjectId::random());
         let body = format::encode_index(&entries);
         let data = format::seal_file(keys, MAGIC_INDEX, &name, &body);
-        backend.put(&name, &data)?;
+        if let Err(e) = backend.put(&name, &data) {
+            // The file may be stored all the same (a put whose reply was
+            // lost, a folder fsync that failed after the rename).
+            self.publish_uncertain.store(true, Ordering::Release);
+            return Err(e);
+        }
         let size = u64::try_from(data.len()).expect("fits");
         let cached = {
             let store = self.store.read().expect("index lock");

@@ -19,6 +19,14 @@ fn main() -> ExitCode {
                 }
             }
             eprintln!("ekko: error: {}", error_chain(&e));
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
+            }) {
+                eprintln!(
+                    "ekko: the file system is full. A failed backup deletes the packs it stored; to free space in the repository, forget snapshots and prune (`ekko forget --keep-… --prune`). See \"When the repository's disk is full\" in the README"
+                );
+            }
             let damage = e
                 .downcast_ref::<ekko::Error>()
                 .is_some_and(ekko::Error::is_damage);

@@ -1951,3 +1951,43 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// A backup that fills the repository's file system fails cleanly, and
+/// deletes the packs it stored: the space is back at once, earlier
+/// snapshots are intact, and the next backup that fits succeeds.
+#[test]
+fn a_backup_that_fills_the_disk_gives_its_space_back() {
+    let env = Env::new();
+    let _small = TmpfsGuard::mount(&env.repo, "48m");
+    env.ok(&["init"]);
+    let first = env.path("first.img");
+    make_image(&first, 4 * MIB, &[(0, &random_bytes(61, 4 * MIB as usize))]);
+    let a = env.backup("vm", &[("sda", &first)]);
+    let packs = env.pack_files();
+    let big = env.path("big.img");
+    make_image(&big, 96 * MIB, &[(0, &random_bytes(62, 96 * MIB as usize))]);
+    let out = env.run(&[
+        "backup",
+        "--vm",
+        "big",
+        "--disk",
+        &format!("sda={}", big.display()),
+    ]);
+    let err = assert_clean_failure(&out, "no space left");
+    assert!(err.contains("forget"), "no way out named: {err}");
+    assert_eq!(
+        env.pack_files(),
+        packs,
+        "the failed backup left packs behind"
+    );
+    let next = env.path("next.img");
+    make_image(
+        &next,
+        24 * MIB,
+        &[(0, &random_bytes(63, 24 * MIB as usize))],
+    );
+    env.backup("vm2", &[("sda", &next)]);
+    env.ok(&["check", "--read-data"]);
+    let to = env.restore(&a, "sda");
+    assert_eq!(sha256_file(&to), sha256_file(&first));
+}

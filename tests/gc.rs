@@ -118,6 +118,7 @@ local_only!(
     prune_removes_temporary_files_that_killed_writers_left,
     a_backup_never_deduplicates_against_marked_packs,
     a_backup_that_outlives_a_new_marks_grace_aborts_without_committing,
+    a_backup_whose_own_pack_a_prune_deleted_aborts_without_committing,
     an_incremental_whose_parent_sits_in_marked_packs_reads_in_full,
 );
 
@@ -716,6 +717,43 @@ fn a_backup_that_outlives_a_new_marks_grace_aborts_without_committing(store: Sto
     assert!(
         !snapshots(&env).values().any(|s| s["vm"] == "slow"),
         "the slow backup committed a snapshot"
+    );
+    check_read_data(&env);
+}
+
+/// A backup that outlives prune's grace period twice over: a prune marks
+/// the first pack it stored (no index names it yet), the next deletes it
+/// with its mark, so that no new mark is left when the backup ends. The
+/// backup must find its own pack gone and commit nothing.
+fn a_backup_whose_own_pack_a_prune_deleted_aborts_without_committing(store: Store) {
+    let env = new_repo(store, "own-pack");
+    let img = env.path("img");
+    // One pack of random data first, then zeros read at 10 MB/s: about 6 s.
+    let mut data = random_bytes(13, 17 * MIB);
+    data.resize(64 * MIB, 0);
+    write_file(&img, &data);
+    let child = ekko(&env)
+        .args(["backup", "--vm", "slow", "--rate-limit", "10", "--disk"])
+        .arg(format!("sda={}", img.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Some(child);
+    let mut deleted = 0;
+    let out = loop {
+        if child.as_mut().unwrap().try_wait().unwrap().is_some() {
+            break child.take().unwrap().wait_with_output().unwrap();
+        }
+        let r = json(&env, &["prune", "--grace", "1s", "--clock-skew", "0s"]);
+        deleted += r["packs_deleted"].as_u64().unwrap_or(0);
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(deleted > 0, "no prune deleted a pack while the backup ran");
+    assert_clean_failure(&out, "nothing was committed");
+    assert!(
+        !snapshots(&env).values().any(|s| s["vm"] == "slow"),
+        "the backup committed a snapshot whose pack is gone"
     );
     check_read_data(&env);
 }
