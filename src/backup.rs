@@ -639,6 +639,7 @@ impl<'r> Session<'r> {
         if opts.cancel.load(Ordering::Relaxed) {
             return Err(Error::Interrupted);
         }
+        source.unchanged()?;
         stats.bytes_read = reader.bytes_read.into_inner();
         let node_bytes = AtomicU64::new(0);
         let map = builder.finish(&mut |e| self.store_map_node(e, &node_bytes))?;

@@ -425,6 +425,14 @@ fn select_disks(qmp: &mut Qmp, opts: &LiveOptions) -> Result<Vec<(String, NodeIn
         if info.read_only {
             return Err(Error::ReadOnly { name, node });
         }
+        if info.driver != "qcow2" {
+            // QEMU's transaction would fail with "Can't store persistent
+            // bitmaps … Operation not supported".
+            return Err(Error::Invalid(format!(
+                "disk {name} (node {node}) is a {} image, and QEMU keeps persistent dirty bitmaps only in qcow2 images: back up the VM's other disks (--disk NAME=NODE for each), and this one offline or once converted to qcow2",
+                info.driver
+            )));
+        }
         out.push((name, info));
     }
     Ok(out)

@@ -247,9 +247,18 @@ pub fn check_with(
                     referenced_packs.insert(loc.pack);
                     let pname = pack::pack_name(&loc.pack);
                     if bad_packs.contains(&loc.pack) {
-                        damaged
-                            .entry(id)
-                            .or_insert_with(|| format!("in damaged pack {pname}"));
+                        let unreadable = report
+                            .damage
+                            .unreadable_packs
+                            .iter()
+                            .any(|(p, _)| *p == loc.pack);
+                        damaged.entry(id).or_insert_with(|| {
+                            if unreadable {
+                                format!("in pack {pname}, which could not be read (not judged)")
+                            } else {
+                                format!("in damaged pack {pname}")
+                            }
+                        });
                     } else {
                         if !listed.contains(&loc.pack) {
                             report.damage.missing_packs.insert(loc.pack);

@@ -165,6 +165,10 @@ impl Source for RateLimited {
     fn read_threads(&self) -> usize {
         self.inner.read_threads()
     }
+
+    fn unchanged(&self) -> Result<()> {
+        self.inner.unchanged()
+    }
 }
 
 /// Parses a `--rate-limit` value in MB/s (10^6 bytes per second): `50`,

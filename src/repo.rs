@@ -130,6 +130,7 @@ impl Repository {
             Err(Error::NotFound { .. }) => {}
             Err(e) => return Err(e),
         }
+        Self::remove_unfinished_init(backend.as_ref())?;
         let mut rid = [0u8; 16];
         random_bytes(&mut rid);
         let id = hex::encode(rid);
@@ -161,6 +162,48 @@ impl Repository {
         }
         backend.put("config", &encode_json_file(MAGIC_CONFIG, &config))?;
         Ok(config)
+    }
+
+    /// Key files without a config are what an init that failed before
+    /// writing its config leaves: they belong to no repository, and would
+    /// sit beside the new one's key as a second key file. Removed, unless
+    /// the store holds data, which makes them a repository that lost its
+    /// config: a new init there would be a second, unrelated repository.
+    fn remove_unfinished_init(backend: &dyn Backend) -> Result<()> {
+        let keys = backend.list("keys/")?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        for prefix in ["snapshots/", "index/", "packs/"] {
+            if !backend.list(prefix)?.is_empty() {
+                return Err(Error::Invalid(format!(
+                    "{} holds key files and {prefix} but no config: its config file was lost or damaged. Put back a copy of it; an init here would make a second repository that cannot read the first one's data",
+                    backend.location()
+                )));
+            }
+        }
+        // An init running at this moment writes its config right after its
+        // key (within a second, even on an object store): a key file only
+        // seconds old may be one.
+        let young = keys.iter().any(|k| {
+            k.modified
+                .elapsed()
+                .map_or(true, |age| age < std::time::Duration::from_secs(10))
+        });
+        if young {
+            return Err(Error::Invalid(format!(
+                "{} holds a key file written seconds ago but no config: another `ekko init` may be running there. If none is, run init again in ten seconds",
+                backend.location()
+            )));
+        }
+        for k in &keys {
+            backend.delete(&k.name)?;
+        }
+        tracing::warn!(
+            "removed {} key file(s) that an earlier init left when it failed before writing the config",
+            keys.len()
+        );
+        Ok(())
     }
 
     pub fn read_config(backend: &dyn Backend) -> Result<Config> {

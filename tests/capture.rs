@@ -558,6 +558,34 @@ fn failures_leave_qemu_as_it_was_and_the_generation_usable() {
         assert_only_generation(&qsd, d, &gen_a);
     }
 
+    // A raw node, where QEMU cannot keep a persistent bitmap: refused
+    // before anything changes, with the way out.
+    let raw = qsd.dir.path().join("raw.img");
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(4 * MIB)
+        .unwrap();
+    qsd.qmp()
+        .execute(
+            "blockdev-add",
+            json!({ "driver": "raw", "node-name": "raw0",
+                    "file": { "driver": "file", "filename": raw } }),
+        )
+        .unwrap();
+    let out = env.run(&live_args(
+        &qsd,
+        &["--disk", "disk0=disk0", "--disk", "r=raw0"],
+    ));
+    let err = assert_clean_failure(&out, "only in qcow2 images");
+    assert!(err.contains("--disk NAME=NODE"), "{err}");
+    qsd.qmp()
+        .execute("blockdev-del", json!({ "node-name": "raw0" }))
+        .unwrap();
+    assert_no_leftovers(&qsd);
+    for d in names {
+        assert_only_generation(&qsd, d, &gen_a);
+    }
+
     // Interrupted while reading, by SIGTERM and by SIGINT, with guest
     // writes before and during each attempt.
     let mut written = vec![(4 * MIB, 4 * MIB)];
@@ -876,4 +904,22 @@ fn servers_that_take_one_client_are_read_over_one_connection() {
         );
     }
     env.ok(&["check", "--read-data"]);
+}
+
+/// A QEMU whose NBD server listens on TCP (`--nbd-server addr.type=inet`):
+/// ekko finds the port among QEMU's listeners and reads its exports there.
+#[test]
+fn a_qemu_nbd_server_on_tcp_is_found_and_used() {
+    let env = Env::init(&[]);
+    let qsd = Qsd::start_tcp(1, SIZE);
+    qsd.write("disk0", 0x51, 2 * MIB, 5 * MIB);
+    let refs = references(&qsd, &env, &["disk0"]);
+    let (full, _) = live(&env, &qsd, &[]);
+    assert_restores(&env, full["id"].as_str().unwrap(), &["disk0"], &refs);
+    qsd.write("disk0", 0x52, 30 * MIB, MIB);
+    let refs = references(&qsd, &env, &["disk0"]);
+    let (inc, _) = live(&env, &qsd, &[]);
+    assert_eq!(disk(&inc, "disk0")["mode"], "incremental", "{inc}");
+    assert_restores(&env, inc["id"].as_str().unwrap(), &["disk0"], &refs);
+    assert_no_leftovers(&qsd);
 }

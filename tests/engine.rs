@@ -1991,3 +1991,116 @@ fn a_backup_that_fills_the_disk_gives_its_space_back() {
     let to = env.restore(&a, "sda");
     assert_eq!(sha256_file(&to), sha256_file(&first));
 }
+
+/// An image that changes while it is read (another process writes or cuts
+/// it) gives no snapshot: its blocks would come from different moments.
+#[test]
+fn an_image_that_changes_during_the_backup_is_refused() {
+    require("qemu-img");
+    let env = Env::init(&[]);
+    let raw = env.path("d.raw");
+    make_image(&raw, 24 * MIB, &[(0, &random_bytes(71, 24 * MIB as usize))]);
+    let qcow = env.path("d.qcow2");
+    run_tool(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&qcow),
+    );
+    for (img, change) in [(&qcow, "truncate"), (&raw, "write")] {
+        let before = env.repo_state();
+        // About 2.4 s at 10 MB/s; the change comes after 0.5 s.
+        let child = env
+            .cmd()
+            .args(["backup", "--vm", "vm", "--rate-limit", "10", "--disk"])
+            .arg(format!("sda={}", img.display()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        let f = fs::OpenOptions::new().write(true).open(img).unwrap();
+        if change == "truncate" {
+            f.set_len(8 * MIB).unwrap();
+        } else {
+            use std::os::unix::fs::FileExt;
+            f.write_all_at(b"changed", 20 * MIB).unwrap();
+        }
+        drop(f);
+        let out = child.wait_with_output().unwrap();
+        let err = assert_clean_failure(&out, "changed while it was read");
+        assert!(err.contains("nothing was committed"), "{change}: {err}");
+        assert_eq!(env.repo_state(), before, "{change}: the repository changed");
+    }
+    // Left alone, the same image backs up and restores.
+    let id = env.backup("vm", &[("sda", &raw)]);
+    assert_eq!(sha256_file(&env.restore(&id, "sda")), sha256_file(&raw));
+}
+
+/// What an init that failed before writing its config leaves (a key file)
+/// is removed by the next init, so the new repository has one key file;
+/// key files beside data but no config are a repository that lost its
+/// config, and init refuses to make a second one there.
+#[test]
+fn init_removes_what_a_failed_init_left_but_never_a_repository() {
+    let donor = Env::init(&[]);
+    let key = fs::read_dir(donor.repo.join("keys"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let env = Env::new();
+    let keys = env.repo.join("keys");
+    fs::create_dir_all(&keys).unwrap();
+    let stale = keys.join(key.file_name().unwrap());
+    fs::copy(&key, &stale).unwrap();
+    // Seconds old: another init may be writing its config right now.
+    assert_clean_failure(&env.run(&["init"]), "another `ekko init` may be running");
+    run_tool(Command::new("touch").args(["-d", "1 hour ago"]).arg(&stale));
+    env.ok(&["init"]);
+    let listed = env.ok(&["key", "list"]);
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+    assert!(!stale.exists());
+
+    // Key files and packs, no config: a repository that lost its config.
+    let lost = Env::new();
+    fs::create_dir_all(lost.repo.join("keys")).unwrap();
+    fs::copy(&key, lost.repo.join("keys").join(key.file_name().unwrap())).unwrap();
+    let pack = donor.pack_files();
+    let img = donor.path("d.img");
+    make_image(&img, MIB, &[(0, &random_bytes(81, MIB as usize))]);
+    donor.backup("vm", &[("sda", &img)]);
+    let pack = donor
+        .pack_files()
+        .into_iter()
+        .find(|p| !pack.contains(p))
+        .unwrap();
+    fs::create_dir_all(lost.repo.join("packs")).unwrap();
+    fs::copy(
+        &pack,
+        lost.repo.join("packs").join(pack.file_name().unwrap()),
+    )
+    .unwrap();
+    let before = lost.repo_state();
+    let out = lost.run(&["init"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lost.repo_state(), before);
+
+    // A file given as the repository.
+    let file = env.path("a-file");
+    fs::write(&file, b"x").unwrap();
+    let out = env
+        .cmd()
+        .env("EKKO_REPO", &file)
+        .arg("init")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_clean_failure(&out, "is a file, not a folder");
+}

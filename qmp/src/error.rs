@@ -80,7 +80,7 @@ pub enum Error {
     Config(String),
 
     /// Another process owns the NBD server and its socket could not be located.
-    #[error("QEMU already runs an NBD server and its Unix socket could not be located ({reason}); pass the server's socket path in SessionConfig::nbd_socket")]
+    #[error("QEMU already runs an NBD server and ekko could not find where it listens ({reason}). ekko looks for it among the Unix sockets and TCP ports QEMU listens on: a server with TLS, or in another network namespace, is not reachable this way")]
     NbdServerUnknown { reason: String },
 
     /// A local file operation (workdir, fleece file) failed.

@@ -89,9 +89,19 @@ impl Qmp {
             version: (0, 0, 0),
             disconnected: false,
         };
-        let deadline = Instant::now() + timeout.min(GREETING_TIMEOUT);
+        let wait = timeout.min(GREETING_TIMEOUT);
+        let deadline = Instant::now() + wait;
         let greeting = loop {
-            let msg = qmp.read_message(deadline, "the QMP greeting")?;
+            let msg = qmp
+                .read_message(deadline, "the QMP greeting")
+                .map_err(|e| match e {
+                    // Say how long it waited for this, not for commands.
+                    Error::Timeout { what, .. } => Error::Timeout {
+                        what,
+                        secs: wait.as_secs(),
+                    },
+                    e => e,
+                })?;
             if msg.get("QMP").is_some() {
                 break msg;
             }

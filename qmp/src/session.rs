@@ -181,6 +181,9 @@ pub struct FleeceSession {
     cfg: SessionConfig,
     disks: Vec<DiskState>,
     socket: PathBuf,
+    /// The TCP address of QEMU's own NBD server, when it listens on TCP
+    /// (and `socket` is then unused).
+    tcp: Option<std::net::SocketAddr>,
     server_owned: bool,
     exports: Vec<SessionExport>,
     done: bool,
@@ -261,6 +264,7 @@ impl FleeceSession {
             },
             disks: states,
             socket,
+            tcp: None,
             server_owned: false,
             exports: Vec::new(),
             done: false,
@@ -400,6 +404,13 @@ impl FleeceSession {
         }
 
         let socket = util::percent_encode(&self.socket.to_string_lossy());
+        let uri = |export: &str| match self.tcp {
+            Some(addr) => format!("nbd://{addr}/{}", util::percent_encode(export)),
+            None => format!(
+                "nbd+unix:///{}?socket={socket}",
+                util::percent_encode(export)
+            ),
+        };
         self.exports = self
             .disks
             .iter()
@@ -408,10 +419,7 @@ impl FleeceSession {
                 node: d.spec.node.clone(),
                 size: d.size,
                 export_name: d.export_name.clone(),
-                uri: format!(
-                    "nbd+unix:///{}?socket={socket}",
-                    util::percent_encode(&d.export_name)
-                ),
+                uri: uri(&d.export_name),
                 bitmap_context: self
                     .cfg
                     .prev_bitmap
@@ -454,10 +462,15 @@ impl FleeceSession {
                 reason: format!("nbd-server-start said \"{desc}\" and QEMU's PID is unknown"),
             });
         };
-        match crate::nbd::find_nbd_socket(pid, qmp.path()) {
-            Ok(p) => {
+        match crate::nbd::find_nbd_server(pid, qmp.path()) {
+            Ok(crate::nbd::NbdAddress::Unix(p)) => {
                 tracing::info!(socket = %p.display(), "reusing the running NBD server");
                 self.socket = p;
+                Ok(())
+            }
+            Ok(crate::nbd::NbdAddress::Tcp(addr)) => {
+                tracing::info!(%addr, "reusing the running NBD server, on TCP");
+                self.tcp = Some(addr);
                 Ok(())
             }
             Err(reason) => Err(Error::NbdServerUnknown {

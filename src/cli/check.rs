@@ -139,6 +139,12 @@ pub fn run(g: &Global, a: CheckArgs) -> Result<ExitCode> {
             let all_known_lost = r.chunks_known_lost > 0
                 && r.chunks_known_lost == r.damaged_chunks.len()
                 && r.problems.len() == r.damaged_chunks.len() + r.damaged_snapshots.len();
+            if !r.damage.unreadable_packs.is_empty() {
+                eprintln!(
+                    "{} pack(s) could not be read (an I/O, permission or store error, not damage seen): make them readable and check again; a repair leaves them alone",
+                    r.damage.unreadable_packs.len()
+                );
+            }
             if all_known_lost {
                 eprintln!(
                     "every damaged chunk is known lost: the next backup of each affected VM stores what its disks still hold; forget the snapshots whose data is gone for good"

@@ -27,6 +27,12 @@ pub struct InitArgs {
 
 pub fn run(g: &Global, a: InitArgs) -> Result<ExitCode> {
     let path = g.repo_path()?;
+    if !ekko::backend::is_url(path.as_os_str()) && path.exists() && !path.is_dir() {
+        super::usage!(
+            "{} is a file, not a folder: give a new or empty folder for the repository",
+            path.display()
+        );
+    }
     // A local folder that holds other things is not where a repository
     // goes (a typo, or the wrong variable); an existing repository is
     // refused below with its own message. (`keys/` alone is what an init

@@ -53,6 +53,104 @@ pub trait Source: Send + Sync {
     fn dirty_ranges(&self) -> Result<Option<Vec<Range>>> {
         Ok(None)
     }
+    /// After the last read: an error if the source changed while it was
+    /// read, so that its blocks come from different moments.
+    fn unchanged(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What tells that an image file changed: its size, modification time,
+/// and identity (a file replaced under the same name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    mtime: (i64, i64),
+    dev: u64,
+    ino: u64,
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
+}
+
+/// An image file read offline, watched for changes: nothing keeps a
+/// process other than QEMU from writing or truncating it meanwhile, and
+/// its blocks would then come from different moments (a qcow2 image cut
+/// short even reads as zeros past its new end).
+struct Watched {
+    inner: Box<dyn Source>,
+    path: std::path::PathBuf,
+    before: Stamp,
+}
+
+impl Watched {
+    fn check(&self) -> Result<()> {
+        let now = std::fs::metadata(&self.path).map(|m| Stamp::of(&m));
+        let what = match now {
+            Err(e) => format!("it can no longer be opened ({e})"),
+            Ok(now) if now == self.before => return Ok(()),
+            Ok(now) if now.dev != self.before.dev || now.ino != self.before.ino => {
+                "another file replaced it".to_string()
+            }
+            Ok(now) if now.len != self.before.len => format!(
+                "its size went from {} to {} bytes",
+                self.before.len, now.len
+            ),
+            Ok(_) => "it was written to".to_string(),
+        };
+        Err(Error::Source {
+            source_name: self.path.display().to_string(),
+            reason: format!(
+                "the image changed while it was read ({what}), so its blocks would come from different moments; nothing was committed. Stop what writes to it (or back a running VM up live, with --qmp or --domain), then run the backup again"
+            ),
+        })
+    }
+}
+
+impl Source for Watched {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        // A read that fails because the file was cut short says so.
+        self.inner
+            .read_at(buf, offset)
+            .map_err(|e| self.check().err().unwrap_or(e))
+    }
+    fn data_ranges(&self) -> Result<Vec<Range>> {
+        self.inner.data_ranges()
+    }
+    fn will_need(&self, offset: u64, len: u64) {
+        self.inner.will_need(offset, len);
+    }
+    fn start_reading(&self) {
+        self.inner.start_reading();
+    }
+    fn read_direct(&self, hint: bool) {
+        self.inner.read_direct(hint);
+    }
+    fn read_threads(&self) -> usize {
+        self.inner.read_threads()
+    }
+    fn dirty_ranges(&self) -> Result<Option<Vec<Range>>> {
+        self.inner.dirty_ranges()
+    }
+    fn unchanged(&self) -> Result<()> {
+        self.inner.unchanged()?;
+        self.check()
+    }
 }
 
 /// How to open a source; see [`open`].
@@ -135,17 +233,27 @@ pub fn open(spec: &str, opts: &OpenOptions<'_>) -> Result<Box<dyn Source>> {
             }
         }
     }
-    if format == "raw" {
-        return Ok(Box::new(FileSource::from_file(path, file)?));
+    let inner: Box<dyn Source> = if format == "raw" {
+        Box::new(FileSource::from_file(path, file)?)
+    } else {
+        drop(file);
+        Box::new(NbdSource::qemu_nbd(
+            path,
+            format,
+            bitmap,
+            connections,
+            allow_in_use,
+        )?)
+    };
+    // --allow-in-use reads an image a VM writes: changes are expected.
+    if allow_in_use {
+        return Ok(inner);
     }
-    drop(file);
-    Ok(Box::new(NbdSource::qemu_nbd(
-        path,
-        format,
-        bitmap,
-        connections,
-        allow_in_use,
-    )?))
+    Ok(Box::new(Watched {
+        inner,
+        path: path.to_path_buf(),
+        before: Stamp::of(&meta),
+    }))
 }
 
 /// Whether reading `spec` (as `open` takes it) goes through libnbd: an NBD

@@ -24,6 +24,11 @@ pub struct NbdSource {
 /// Largest request we send (QEMU's NBD server accepts up to 32 MiB).
 const MAX_REQUEST: usize = 32 << 20;
 
+/// The largest disk read over NBD: far beyond any VM disk, and small
+/// enough that a server reporting a nonsense size (up to 2^63 - 1 bytes)
+/// is refused instead of asked for block status for days.
+const MAX_DISK_SIZE: u64 = 1 << 52;
+
 /// How long the first connection may take to complete the NBD handshake.
 /// A server that is up answers in milliseconds; one that accepted the
 /// connection and then never answers serves its limit of clients already.
@@ -78,6 +83,15 @@ impl NbdSource {
         }
         let first = &handles[0];
         let size = first.size()?;
+        if size > MAX_DISK_SIZE {
+            return Err(Error::Source {
+                source_name: describe,
+                reason: format!(
+                    "the server reports a disk of {size} bytes, larger than the {} PiB ekko backs up: check the export",
+                    MAX_DISK_SIZE >> 50
+                ),
+            });
+        }
         let has_allocation = first
             .can_meta_context(CONTEXT_BASE_ALLOCATION)
             .unwrap_or(false);

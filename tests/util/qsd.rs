@@ -21,6 +21,8 @@ pub struct Qsd {
     pub disks: usize,
     /// Options added to `--nbd-server` (e.g. `,max-connections=1`).
     nbd_options: String,
+    /// A TCP port for the NBD server on 127.0.0.1, instead of `nbd.sock`.
+    pub tcp_port: Option<u16>,
 }
 
 impl Qsd {
@@ -29,8 +31,27 @@ impl Qsd {
         Qsd::start_with(disks, size, "")
     }
 
+    /// `start`, with the NBD server on a free TCP port of 127.0.0.1.
+    pub fn start_tcp(disks: usize, size: u64) -> Qsd {
+        let mut q = Qsd::unstarted(disks, size, "");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        q.tcp_port = Some(port);
+        q.spawn();
+        q
+    }
+
     /// `start`, with `nbd_options` added to `--nbd-server`.
     pub fn start_with(disks: usize, size: u64, nbd_options: &str) -> Qsd {
+        let mut q = Qsd::unstarted(disks, size, nbd_options);
+        q.spawn();
+        q
+    }
+
+    /// Disks made, daemon not started.
+    fn unstarted(disks: usize, size: u64, nbd_options: &str) -> Qsd {
         crate::util::require("qemu-storage-daemon");
         crate::util::require("qemu-img");
         crate::util::require("qemu-io");
@@ -44,14 +65,13 @@ impl Qsd {
                 .arg(dir.path().join(format!("d{i}.qcow2")))
                 .arg(size.to_string()));
         }
-        let mut q = Qsd {
+        Qsd {
             child: None,
             dir,
             disks,
             nbd_options: nbd_options.to_string(),
-        };
-        q.spawn();
-        q
+            tcp_port: None,
+        }
     }
 
     fn spawn(&mut self) {
@@ -75,11 +95,12 @@ impl Qsd {
             ));
             cmd.arg("--monitor").arg(format!("chardev=mon{m}"));
         }
-        cmd.arg("--nbd-server").arg(format!(
-            "addr.type=unix,addr.path={}{}",
-            d.join("nbd.sock").display(),
-            self.nbd_options
-        ));
+        let server = match self.tcp_port {
+            Some(port) => format!("addr.type=inet,addr.host=127.0.0.1,addr.port={port}"),
+            None => format!("addr.type=unix,addr.path={}", d.join("nbd.sock").display()),
+        };
+        cmd.arg("--nbd-server")
+            .arg(format!("{server}{}", self.nbd_options));
         for i in 0..self.disks {
             cmd.arg("--export").arg(format!(
                 "type=nbd,id=rw{i},node-name=disk{i},name=disk{i},writable=on"
@@ -94,10 +115,11 @@ impl Qsd {
             .expect("qemu-storage-daemon must be installed (qemu-utils >= 7.2; run scripts/setup)");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !["qmp-a.sock", "qmp-t.sock", "nbd.sock"]
-            .iter()
-            .all(|s| d.join(s).exists())
-        {
+        let ready = |s: &&str| match (*s, self.tcp_port) {
+            ("nbd.sock", Some(port)) => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+            _ => d.join(s).exists(),
+        };
+        while !["qmp-a.sock", "qmp-t.sock", "nbd.sock"].iter().all(ready) {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!(
                     "qemu-storage-daemon exited with {st}: {}",
@@ -129,6 +151,9 @@ impl Qsd {
     }
 
     pub fn rw_uri(&self, disk: &str) -> String {
+        if let Some(port) = self.tcp_port {
+            return format!("nbd://127.0.0.1:{port}/{disk}");
+        }
         format!(
             "nbd+unix:///{disk}?socket={}",
             self.dir.path().join("nbd.sock").display()
