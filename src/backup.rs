@@ -853,7 +853,18 @@ impl<'r> Session<'r> {
         // From here on the manifest may be stored, even if `save` fails
         // (its folder fsync, say): the packs stay.
         self.committed = true;
-        snapshot::save(self.repo.backend().as_ref(), self.repo.keys(), &snap)?;
+        if let Err(e) = snapshot::save(self.repo.backend().as_ref(), self.repo.keys(), &snap) {
+            // A manifest renamed into place whose folder then failed to
+            // sync is listed: saying only "failed" invites a duplicate.
+            let name = snapshot::snapshot_name(&snap.id);
+            if self.repo.backend().size(&name).is_ok() {
+                return Err(Error::Invalid(format!(
+                    "snapshot {} of {vm} was stored, but not made durable ({e}): it may be lost if the host crashes now; `ekko snapshots` lists it",
+                    snap.id
+                )));
+            }
+            return Err(e);
+        }
         tracing::info!(snapshot = %snap.id, elapsed = ?self.started.elapsed(), "snapshot committed");
         Ok(snap)
     }
