@@ -271,7 +271,10 @@ enum Msg {
     },
 }
 
-/// One backup session: any number of disks, then one commit.
+/// One backup session: any number of disks, then one commit. One session
+/// at a time per `Repository`: the index's pending entries, which a
+/// commit publishes and a failed session deletes the packs of, belong to
+/// the repository handle, not to the session.
 pub struct Session<'r> {
     repo: &'r Repository,
     /// Touched only by the collecting thread; the lock is never contended.

@@ -160,6 +160,8 @@ pub struct LiveOptions {
     pub workdir_reserve: Option<u64>,
     /// How long to wait for each QMP answer.
     pub qmp_timeout: Duration,
+    /// The TCP address of an NBD server QEMU already runs (`--nbd-server`).
+    pub nbd_tcp: Option<std::net::SocketAddr>,
 }
 
 impl LiveOptions {
@@ -175,6 +177,7 @@ impl LiveOptions {
             rate_limit: None,
             workdir_reserve: None,
             qmp_timeout: Duration::from_secs(60),
+            nbd_tcp: None,
         }
     }
 }
@@ -634,6 +637,7 @@ impl<'r> LiveBackup<'r> {
             self.prev_bitmap.clone(),
         );
         cfg.freeze = self.opts.freeze.clone();
+        cfg.nbd_tcp = self.opts.nbd_tcp;
         cfg
     }
 

@@ -473,7 +473,10 @@ impl Guard {
 /// A `GcRace` error if any of `packs` is gone from the repository.
 fn missing_packs_error(repo: &Repository, deps: Vec<ObjectId>) -> Result<()> {
     let backend = repo.backend().as_ref();
-    let missing: Vec<ObjectId> = if deps.len() > LIST_INSTEAD_OF_HEAD {
+    // Many packs: one listing narrows them down to those it lacks. A
+    // listing may lag behind what was just stored (docs/GC.md), so each of
+    // those is asked for by name before it counts as gone.
+    let suspects: Vec<ObjectId> = if deps.len() > LIST_INSTEAD_OF_HEAD {
         let present: HashSet<ObjectId> = backend
             .list("packs/")?
             .iter()
@@ -481,16 +484,16 @@ fn missing_packs_error(repo: &Repository, deps: Vec<ObjectId>) -> Result<()> {
             .collect();
         deps.into_iter().filter(|p| !present.contains(p)).collect()
     } else {
-        let mut v = Vec::new();
-        for p in deps {
-            match backend.size(&crate::pack::pack_name(&p)) {
-                Ok(_) => {}
-                Err(Error::NotFound { .. }) => v.push(p),
-                Err(e) => return Err(e),
-            }
-        }
-        v
+        deps
     };
+    let mut missing = Vec::new();
+    for p in suspects {
+        match backend.size(&crate::pack::pack_name(&p)) {
+            Ok(_) => {}
+            Err(Error::NotFound { .. }) => missing.push(p),
+            Err(e) => return Err(e),
+        }
+    }
     if let Some(p) = missing.first() {
         // Usually a prune that this backup could not see; but a pack
         // lost some other way looks the same, and then every retry

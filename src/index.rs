@@ -184,6 +184,10 @@ pub struct Index {
     pending: RwLock<HashMap<ChunkId, Location>>,
     /// A `flush` failed to store its index file: it may exist even so.
     publish_uncertain: AtomicBool,
+    /// Packs named by an index file this process stored, whether or not
+    /// their entries have left `pending` (a cache update that failed
+    /// after the file was stored leaves them there).
+    published: Mutex<HashSet<ObjectId>>,
     /// The cache as one read transaction saw it, shared by every lookup
     /// until `generation` moves on. A read transaction of a multi-process
     /// redb takes and drops file locks (`fcntl`), which cost lookups more
@@ -290,6 +294,7 @@ impl Index {
             checking_miss: Mutex::default(),
             pending: RwLock::default(),
             publish_uncertain: AtomicBool::new(false),
+            published: Mutex::default(),
             view: Arc::default(),
             generation: AtomicU64::new(0),
             damaged: Mutex::default(),
@@ -693,8 +698,14 @@ impl Index {
         if self.publish_uncertain.load(Ordering::Acquire) {
             return None;
         }
+        let published = self.published.lock().expect("index lock");
         let p = self.pending.read().expect("index lock");
-        Some(p.values().map(|l| l.pack).collect())
+        Some(
+            p.values()
+                .map(|l| l.pack)
+                .filter(|pack| !published.contains(pack))
+                .collect(),
+        )
     }
 
     /// Forget the pending entries (their packs were deleted).
@@ -721,6 +732,11 @@ impl Index {
             self.publish_uncertain.store(true, Ordering::Release);
             return Err(e);
         }
+        // Stored: whatever fails below, others may read these entries.
+        self.published
+            .lock()
+            .expect("index lock")
+            .extend(entries.iter().map(|(_, l)| l.pack));
         let size = u64::try_from(data.len()).expect("fits");
         let cached = {
             let store = self.store.read().expect("index lock");
@@ -842,6 +858,30 @@ mod tests {
             kind: ChunkKind::Data,
             compressed: true,
         }
+    }
+
+    #[test]
+    fn only_packs_no_stored_index_file_names_are_unpublished() {
+        let (dir, backend, keys, _) = fixture();
+        let index = Index::open(&backend, &keys, None).unwrap();
+        let set = |packs: &[u8]| -> HashSet<ObjectId> {
+            packs.iter().map(|&i| ObjectId([i; 16])).collect()
+        };
+        index.add_pending(vec![(ChunkId([1; 32]), loc(1))]);
+        assert_eq!(index.unpublished_packs(), Some(set(&[1])));
+        index.flush(backend.as_ref(), &keys).unwrap();
+        index.add_pending(vec![(ChunkId([2; 32]), loc(2))]);
+        assert_eq!(index.unpublished_packs(), Some(set(&[2])));
+        // Once stored, an index file's packs stay published even while
+        // their entries are still pending (a cache update failed after).
+        index.published.lock().unwrap().insert(ObjectId([2; 16]));
+        assert_eq!(index.unpublished_packs(), Some(set(&[])));
+        // A put that failed may have stored the file all the same.
+        std::fs::write(dir.path().join("not-a-folder"), b"").unwrap();
+        let broken: Arc<dyn Backend> = Arc::new(LocalBackend::new(dir.path().join("not-a-folder")));
+        index.add_pending(vec![(ChunkId([3; 32]), loc(3))]);
+        assert!(index.flush(broken.as_ref(), &keys).is_err());
+        assert_eq!(index.unpublished_packs(), None);
     }
 
     #[test]

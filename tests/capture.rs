@@ -907,18 +907,23 @@ fn servers_that_take_one_client_are_read_over_one_connection() {
 }
 
 /// A QEMU whose NBD server listens on TCP (`--nbd-server addr.type=inet`):
-/// ekko finds the port among QEMU's listeners and reads its exports there.
+/// ekko does not probe QEMU's TCP ports, says to name the server, and
+/// reads its exports there once it is named.
 #[test]
-fn a_qemu_nbd_server_on_tcp_is_found_and_used() {
+fn a_qemu_nbd_server_on_tcp_is_used_when_named() {
     let env = Env::init(&[]);
     let qsd = Qsd::start_tcp(1, SIZE);
     qsd.write("disk0", 0x51, 2 * MIB, 5 * MIB);
     let refs = references(&qsd, &env, &["disk0"]);
-    let (full, _) = live(&env, &qsd, &[]);
+    let out = env.run(&live_args(&qsd, &[]));
+    assert_clean_failure(&out, "--nbd-server HOST:PORT");
+    assert_no_leftovers(&qsd);
+    let server = format!("127.0.0.1:{}", qsd.tcp_port.unwrap());
+    let (full, _) = live(&env, &qsd, &["--nbd-server", &server]);
     assert_restores(&env, full["id"].as_str().unwrap(), &["disk0"], &refs);
     qsd.write("disk0", 0x52, 30 * MIB, MIB);
     let refs = references(&qsd, &env, &["disk0"]);
-    let (inc, _) = live(&env, &qsd, &[]);
+    let (inc, _) = live(&env, &qsd, &["--nbd-server", &server]);
     assert_eq!(disk(&inc, "disk0")["mode"], "incremental", "{inc}");
     assert_restores(&env, inc["id"].as_str().unwrap(), &["disk0"], &refs);
     assert_no_leftovers(&qsd);

@@ -50,9 +50,9 @@ pub enum Error {
     /// of clients at once and has them all (qemu-nbd serves one unless
     /// started with `--shared`).
     #[error(
-        "the NBD server at {uri} accepted the connection but did not complete the handshake \
-         within {} s: it may serve a limited number of clients and have them all \
-         (qemu-nbd serves one unless started with --shared N)",
+        "the NBD server at {uri} did not complete the NBD handshake within {} s: it may \
+         serve a limited number of clients and have them all (qemu-nbd serves one unless \
+         started with --shared N), or be unreachable",
         .after.as_secs_f64()
     )]
     Timeout {

@@ -6,9 +6,9 @@
 //! from the outside: the QEMU PID comes from `SO_PEERCRED` on the QMP socket,
 //! its listening Unix sockets from `/proc/PID/fd` and `/proc/PID/net/unix`,
 //! and the one that greets with the NBD magic (`NBDMAGIC` `IHAVEOPT`) is it.
-//! A server on TCP (`--nbd-server addr.type=inet`) is found the same way in
-//! `/proc/PID/net/tcp` and `tcp6`, and reached on the loopback address when
-//! it listens on every address.
+//! A server on TCP is not looked for: probing QEMU's TCP ports could reach
+//! a gdb stub (which stops the VM) or a serial console; its address is
+//! given instead, and only checked with `probe_nbd_tcp`.
 
 use std::collections::HashSet;
 use std::io::Read;
@@ -88,98 +88,6 @@ pub fn probe_nbd_tcp(addr: &std::net::SocketAddr) -> bool {
     }
     let mut magic = [0u8; 16];
     s.read_exact(&mut magic).is_ok() && &magic == b"NBDMAGICIHAVEOPT"
-}
-
-/// The TCP addresses process `pid` listens on, as a client on this host
-/// reaches them (a wildcard address becomes the loopback one).
-pub fn listening_tcp(pid: u32) -> Result<Vec<std::net::SocketAddr>, String> {
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-    let inodes = socket_inodes(pid)?;
-    let mut out = Vec::new();
-    for (table, v6) in [("tcp", false), ("tcp6", true)] {
-        let path = format!("/proc/{pid}/net/{table}");
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() < 10 || cols[3] != "0A" {
-                continue; // not LISTEN
-            }
-            let Ok(inode) = cols[9].parse::<u64>() else {
-                continue;
-            };
-            if !inodes.contains(&inode) {
-                continue;
-            }
-            let Some((ip_hex, port_hex)) = cols[1].split_once(':') else {
-                continue;
-            };
-            let Ok(port) = u16::from_str_radix(port_hex, 16) else {
-                continue;
-            };
-            // The address is in 32-bit words of host byte order.
-            let words: Vec<u32> = (0..ip_hex.len() / 8)
-                .filter_map(|i| u32::from_str_radix(ip_hex.get(i * 8..i * 8 + 8)?, 16).ok())
-                .collect();
-            let ip = match (v6, words.as_slice()) {
-                (false, [w]) => {
-                    let ip = Ipv4Addr::from(w.to_ne_bytes());
-                    IpAddr::V4(if ip.is_unspecified() {
-                        Ipv4Addr::LOCALHOST
-                    } else {
-                        ip
-                    })
-                }
-                (true, [a, b, c, d]) => {
-                    let mut bytes = [0u8; 16];
-                    for (i, w) in [a, b, c, d].iter().enumerate() {
-                        bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-                    }
-                    let ip = Ipv6Addr::from(bytes);
-                    IpAddr::V6(if ip.is_unspecified() {
-                        Ipv6Addr::LOCALHOST
-                    } else {
-                        ip
-                    })
-                }
-                _ => continue,
-            };
-            let addr = SocketAddr::new(ip, port);
-            if !out.contains(&addr) {
-                out.push(addr);
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// Where an NBD server of QEMU listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NbdAddress {
-    Unix(PathBuf),
-    Tcp(std::net::SocketAddr),
-}
-
-/// Finds the NBD server of process `pid`: on a Unix socket (skipping
-/// `exclude`, the QMP socket), or else on TCP.
-pub fn find_nbd_server(pid: u32, exclude: &Path) -> Result<NbdAddress, String> {
-    let unix = find_nbd_socket(pid, exclude);
-    if let Ok(p) = unix {
-        return Ok(NbdAddress::Unix(p));
-    }
-    let tcp = listening_tcp(pid)?;
-    let n = tcp.len();
-    for addr in tcp {
-        if probe_nbd_tcp(&addr) {
-            return Ok(NbdAddress::Tcp(addr));
-        }
-    }
-    Err(format!(
-        "{}, and none of its {n} TCP listener(s) is",
-        unix.err().unwrap_or_default()
-    ))
 }
 
 /// Finds the NBD server socket of process `pid`, skipping `exclude` (the QMP

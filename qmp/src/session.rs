@@ -115,6 +115,10 @@ pub struct SessionConfig {
     /// runs one, where that one listens. `None`: a new socket in `workdir`,
     /// or the running server found through /proc.
     pub nbd_socket: Option<PathBuf>,
+    /// Where QEMU's own NBD server listens when it runs one on TCP: QMP
+    /// cannot tell, and ekko does not probe QEMU's TCP ports (one may be a
+    /// gdb stub that stops the VM when a client connects).
+    pub nbd_tcp: Option<std::net::SocketAddr>,
     /// qemu-guest-agent socket: if set, guest file systems are frozen around
     /// the snapshot transaction (and always thawed).
     pub freeze: Option<PathBuf>,
@@ -133,6 +137,7 @@ impl SessionConfig {
             new_bitmap: new_bitmap.into(),
             prev_bitmap,
             nbd_socket: None,
+            nbd_tcp: None,
             freeze: None,
             freeze_timeout: Duration::from_secs(30),
         }
@@ -457,20 +462,27 @@ impl FleeceSession {
                 ),
             });
         }
+        if let Some(addr) = self.cfg.nbd_tcp {
+            if crate::nbd::probe_nbd_tcp(&addr) {
+                tracing::info!(%addr, "reusing the running NBD server, on TCP");
+                self.tcp = Some(addr);
+                return Ok(());
+            }
+            return Err(Error::NbdServerUnknown {
+                reason: format!(
+                    "nbd-server-start said \"{desc}\" and {addr} does not answer as an NBD server"
+                ),
+            });
+        }
         let Some(pid) = qmp.peer_pid() else {
             return Err(Error::NbdServerUnknown {
                 reason: format!("nbd-server-start said \"{desc}\" and QEMU's PID is unknown"),
             });
         };
-        match crate::nbd::find_nbd_server(pid, qmp.path()) {
-            Ok(crate::nbd::NbdAddress::Unix(p)) => {
+        match crate::nbd::find_nbd_socket(pid, qmp.path()) {
+            Ok(p) => {
                 tracing::info!(socket = %p.display(), "reusing the running NBD server");
                 self.socket = p;
-                Ok(())
-            }
-            Ok(crate::nbd::NbdAddress::Tcp(addr)) => {
-                tracing::info!(%addr, "reusing the running NBD server, on TCP");
-                self.tcp = Some(addr);
                 Ok(())
             }
             Err(reason) => Err(Error::NbdServerUnknown {

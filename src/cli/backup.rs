@@ -74,6 +74,12 @@ pub struct BackupArgs {
     /// writes. Default: 1G, or a tenth of the file system if smaller.
     #[arg(long, value_name = "SIZE", value_parser = super::parse_bytes)]
     workdir_reserve: Option<u64>,
+    /// With --qmp, when QEMU already runs an NBD server on TCP (started
+    /// with `--nbd-server addr.type=inet`): its address. ekko's exports are
+    /// readable there for the length of the backup, so it should listen on
+    /// a loopback address. A server on a Unix socket is found unaided.
+    #[arg(long, value_name = "HOST:PORT")]
+    nbd_server: Option<std::net::SocketAddr>,
     /// Read everything, even when an incremental is possible.
     #[arg(long)]
     full: bool,
@@ -260,6 +266,9 @@ pub fn run(g: &Global, a: BackupArgs) -> Result<ExitCode> {
     if a.workdir.is_some() && a.qmp.is_none() && a.domain.is_none() {
         super::usage!("--workdir needs --qmp or --domain");
     }
+    if a.nbd_server.is_some() && a.qmp.is_none() {
+        super::usage!("--nbd-server needs --qmp");
+    }
     match (&a.fsfreeze, &a.qmp, &a.domain) {
         (Some(None), Some(_), _) => {
             super::usage!(
@@ -404,6 +413,7 @@ fn run_live(g: &Global, a: &BackupArgs, qmp: PathBuf) -> Result<ExitCode> {
     opts.connections = connections(a.threads);
     opts.rate_limit = a.rate_limit;
     opts.workdir_reserve = a.workdir_reserve;
+    opts.nbd_tcp = a.nbd_server;
     let _lock = ekko::lock::Lock::shared(
         repo.backend(),
         repo.keys(),

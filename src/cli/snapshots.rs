@@ -94,7 +94,8 @@ pub fn run(g: &Global, a: SnapshotsArgs) -> Result<ExitCode> {
         // The list above is incomplete: a script must not take it for the
         // whole truth (for example to pick the newest snapshot).
         eprintln!(
-            "ekko: {} snapshot manifest(s) could not be read and are missing from this list;              `ekko check --repair` puts back those this host's cache holds",
+            "ekko: {} snapshot manifest(s) could not be read and are missing from this list; \
+             `ekko check --repair` puts back those this host's cache holds",
             bad.len()
         );
         Ok(ExitCode::from(3))

@@ -94,7 +94,10 @@ struct Watched {
 
 impl Watched {
     fn check(&self) -> Result<()> {
-        let now = std::fs::metadata(&self.path).map(|m| Stamp::of(&m));
+        // Opened again, as at the start (see `open`).
+        let now = std::fs::File::open(&self.path)
+            .and_then(|f| f.metadata())
+            .map(|m| Stamp::of(&m));
         let what = match now {
             Err(e) => format!("it can no longer be opened ({e})"),
             Ok(now) if now == self.before => return Ok(()),
@@ -211,6 +214,9 @@ pub fn open(spec: &str, opts: &OpenOptions<'_>) -> Result<Box<dyn Source>> {
     // starting in between fails to get its write lock. (qemu-nbd keeps
     // writers out of a qcow2 image by itself, as long as it runs.)
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // Taken from the open file: a network file system refreshes its
+    // attributes on open, where a plain stat may return cached ones.
+    let before = Stamp::of(&file.metadata().map_err(|e| Error::io(path, e))?);
     if !allow_in_use {
         if let Err(e) = qemu_lock::forbid_writers(&file) {
             tracing::debug!(path = %path.display(), "cannot take QEMU's image lock: {e}");
@@ -252,7 +258,7 @@ pub fn open(spec: &str, opts: &OpenOptions<'_>) -> Result<Box<dyn Source>> {
     Ok(Box::new(Watched {
         inner,
         path: path.to_path_buf(),
-        before: Stamp::of(&meta),
+        before,
     }))
 }
 

@@ -30,13 +30,14 @@ const MAX_REQUEST: usize = 32 << 20;
 const MAX_DISK_SIZE: u64 = 1 << 52;
 
 /// How long the first connection may take to complete the NBD handshake.
-/// A server that is up answers in milliseconds; one that accepted the
-/// connection and then never answers serves its limit of clients already.
-const FIRST_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A local server answers in milliseconds, an nbdkit plugin that opens a
+/// remote disk (ssh, curl, VDDK) in seconds; one that accepted the
+/// connection and never answers serves its limit of clients already.
+const FIRST_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The same for further connections, which only speed reads up: a server
 /// that leaves them waiting is read over fewer.
-const MORE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+const MORE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl NbdSource {
     /// Open up to `connections` connections with `connect`, which is told
