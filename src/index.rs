@@ -728,8 +728,15 @@ impl Index {
         let data = format::seal_file(keys, MAGIC_INDEX, &name, &body);
         if let Err(e) = backend.put(&name, &data) {
             // The file may be stored all the same (a put whose reply was
-            // lost, a folder fsync that failed after the rename).
-            self.publish_uncertain.store(true, Ordering::Release);
+            // lost, a folder fsync that failed after the rename). In a
+            // local folder, one that is not there now never will be (the
+            // failed write removed its temporary file): a full disk that
+            // fails this put leaves nothing published.
+            let absent = !crate::backend::is_url(std::ffi::OsStr::new(&backend.location()))
+                && matches!(backend.size(&name), Err(Error::NotFound { .. }));
+            if !absent {
+                self.publish_uncertain.store(true, Ordering::Release);
+            }
             return Err(e);
         }
         // Stored: whatever fails below, others may read these entries.

@@ -24,7 +24,7 @@ fn main() -> ExitCode {
                     .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
             }) {
                 eprintln!(
-                    "ekko: a file system is full. If it is the repository's: a failed backup has deleted the packs it stored, and to free more, forget snapshots and prune (`ekko forget --keep-… --prune`). See \"When the repository's disk is full\" in the README"
+                    "ekko: a file system is full. If it is the repository's: a failed backup has deleted the packs it stored that no index file names, and to free more, forget snapshots and prune (`ekko forget --keep-… --prune`). See \"When the repository's disk is full\" in the README"
                 );
             }
             let damage = e

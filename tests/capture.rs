@@ -916,7 +916,7 @@ fn a_qemu_nbd_server_on_tcp_is_used_when_named() {
     qsd.write("disk0", 0x51, 2 * MIB, 5 * MIB);
     let refs = references(&qsd, &env, &["disk0"]);
     let out = env.run(&live_args(&qsd, &[]));
-    assert_clean_failure(&out, "--nbd-server HOST:PORT");
+    assert_clean_failure(&out, "--nbd-server IP:PORT");
     assert_no_leftovers(&qsd);
     let server = format!("127.0.0.1:{}", qsd.tcp_port.unwrap());
     let (full, _) = live(&env, &qsd, &["--nbd-server", &server]);

@@ -80,7 +80,7 @@ pub enum Error {
     Config(String),
 
     /// Another process owns the NBD server and its socket could not be located.
-    #[error("QEMU already runs an NBD server and ekko could not find where it listens ({reason}). ekko finds a server on a Unix socket unaided; for one on TCP, pass its address with --nbd-server HOST:PORT. A server that requires TLS is not supported")]
+    #[error("QEMU already runs an NBD server and ekko could not find where it listens ({reason}). ekko finds a server on a Unix socket unaided; for one on TCP, pass its address with --nbd-server IP:PORT (such as 127.0.0.1:10809). A server that requires TLS is not supported")]
     NbdServerUnknown { reason: String },
 
     /// A local file operation (workdir, fleece file) failed.

@@ -78,7 +78,7 @@ pub struct BackupArgs {
     /// with `--nbd-server addr.type=inet`): its address. ekko's exports are
     /// readable there for the length of the backup, so it should listen on
     /// a loopback address. A server on a Unix socket is found unaided.
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "IP:PORT")]
     nbd_server: Option<std::net::SocketAddr>,
     /// Read everything, even when an incremental is possible.
     #[arg(long)]
