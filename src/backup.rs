@@ -312,8 +312,6 @@ impl Drop for Session<'_> {
         if self.committed {
             return;
         }
-        // The pack being filled was never stored; its chunks go with it.
-        self.pack.lock().map(|mut p| p.take()).ok();
         let index = self.repo.index();
         let Some(packs) = index.unpublished_packs() else {
             return;

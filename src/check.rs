@@ -247,16 +247,13 @@ pub fn check_with(
                     referenced_packs.insert(loc.pack);
                     let pname = pack::pack_name(&loc.pack);
                     if bad_packs.contains(&loc.pack) {
-                        let unreadable = report
-                            .damage
-                            .unreadable_packs
-                            .iter()
-                            .any(|(p, _)| *p == loc.pack);
+                        // A bad pack that is not damaged could not be read.
+                        let seen_damaged = report.damage.bad_trailers.contains(&loc.pack);
                         damaged.entry(id).or_insert_with(|| {
-                            if unreadable {
-                                format!("in pack {pname}, which could not be read (not judged)")
-                            } else {
+                            if seen_damaged {
                                 format!("in damaged pack {pname}")
+                            } else {
+                                format!("in pack {pname}, which could not be read (not judged)")
                             }
                         });
                     } else {

@@ -21,14 +21,18 @@ const SO_ACCEPTCON: u64 = 0x10000;
 
 /// Whether a Unix socket greets like a newstyle NBD server.
 pub fn probe_nbd(path: &Path) -> bool {
-    let Some(mut s) = connect_without_waiting(path) else {
+    let Some(s) = connect_without_waiting(path) else {
         return false;
     };
-    if s.set_read_timeout(Some(Duration::from_millis(800)))
-        .is_err()
-    {
-        return false;
-    }
+    s.set_read_timeout(Some(PROBE_TIMEOUT)).is_ok() && greets_as_nbd(s)
+}
+
+/// How long a probe waits for a connection and for the greeting.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// Whether the first bytes read are a newstyle NBD server's greeting
+/// (`NBDMAGIC` `IHAVEOPT`).
+fn greets_as_nbd(mut s: impl Read) -> bool {
     let mut magic = [0u8; 16];
     s.read_exact(&mut magic).is_ok() && &magic == b"NBDMAGICIHAVEOPT"
 }
@@ -78,16 +82,10 @@ fn connect_without_waiting(path: &Path) -> Option<UnixStream> {
 
 /// Whether a TCP listener greets like a newstyle NBD server.
 pub fn probe_nbd_tcp(addr: &std::net::SocketAddr) -> bool {
-    let Ok(mut s) = std::net::TcpStream::connect_timeout(addr, Duration::from_millis(800)) else {
+    let Ok(s) = std::net::TcpStream::connect_timeout(addr, PROBE_TIMEOUT) else {
         return false;
     };
-    if s.set_read_timeout(Some(Duration::from_millis(800)))
-        .is_err()
-    {
-        return false;
-    }
-    let mut magic = [0u8; 16];
-    s.read_exact(&mut magic).is_ok() && &magic == b"NBDMAGICIHAVEOPT"
+    s.set_read_timeout(Some(PROBE_TIMEOUT)).is_ok() && greets_as_nbd(s)
 }
 
 /// Finds the NBD server socket of process `pid`, skipping `exclude` (the QMP
