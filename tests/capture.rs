@@ -667,6 +667,63 @@ fn killed_ekko_is_cleaned_up_by_the_next_backup() {
     assert_eq!(names, want);
 }
 
+/// A backup stuck on a QEMU that stopped answering (here: SIGSTOPped)
+/// cannot finish its first stop, which waits on QEMU; a second SIGTERM
+/// ends it at once with status 143, and the next backup, once QEMU
+/// answers again, removes what it left and captures the disk correctly.
+#[test]
+fn a_backup_stuck_on_a_stopped_qemu_ends_on_a_second_signal() {
+    let env = Env::init(&[]);
+    let qsd = Qsd::start(1, SIZE);
+    qsd.write("disk0", 0x21, 0, 2 * MIB);
+    let first_refs = references(&qsd, &env, &["disk0"]);
+    let (a, _) = live(&env, &qsd, &[]);
+    qsd.write("disk0", 0x22, 4 * MIB, 4 * MIB);
+
+    let mut child = spawn_live(&env, &qsd, &["--rate-limit", "1"]);
+    wait_for_session(&qsd, &mut child);
+    let qsd_pid = libc::pid_t::try_from(qsd.pid()).unwrap();
+    // SAFETY: kill(2) on the storage daemon this test started.
+    assert_eq!(unsafe { libc::kill(qsd_pid, libc::SIGSTOP) }, 0);
+    signal(&child, libc::SIGTERM);
+    std::thread::sleep(Duration::from_secs(2));
+    let stuck = child.try_wait().unwrap().is_none();
+    signal(&child, libc::SIGTERM);
+    let sent = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if sent.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            // SAFETY: as above.
+            unsafe { libc::kill(qsd_pid, libc::SIGCONT) };
+            panic!("ekko still ran 10 s after a second SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(qsd_pid, libc::SIGCONT) }, 0);
+    let err = child.wait_with_output_ref();
+    assert!(
+        stuck,
+        "the first SIGTERM should wait on the stopped QEMU: {err}"
+    );
+    assert_eq!(status.code(), Some(143), "{status}: {err}");
+    assert!(
+        err.contains("a second Ctrl-C or SIGTERM stops at once"),
+        "{err}"
+    );
+
+    let refs = references(&qsd, &env, &["disk0"]);
+    let (b, _) = live(&env, &qsd, &[]);
+    assert_eq!(b["parent"], a["id"], "{b}");
+    assert_restores(&env, b["id"].as_str().unwrap(), &["disk0"], &refs);
+    assert_restores(&env, a["id"].as_str().unwrap(), &["disk0"], &first_refs);
+    assert_no_leftovers(&qsd);
+    env.ok(&["check", "--read-data"]);
+}
+
 #[test]
 fn offline_qcow2_bitmap_reports_dirty_bytes() {
     require("qemu-img");

@@ -259,12 +259,31 @@ pub fn progress_bar(g: &Global, len: u64, what: &str) -> indicatif::ProgressBar 
     pb
 }
 
-/// A flag set by Ctrl-C or SIGTERM.
+/// A flag set by Ctrl-C or SIGTERM: the work stops at its next step and
+/// puts things back. A second signal ends the process at once, with status
+/// 128 + the signal, for a stop that waits on something stuck (an NBD
+/// server that stopped answering): the repository then holds at most
+/// unreferenced packs, which prune removes, and the next live backup ends
+/// what this one left in QEMU or libvirt.
 pub fn cancel_flag() -> Result<Arc<AtomicBool>> {
+    const STOPPING: &[u8] = b"ekko: stopping; a second Ctrl-C or SIGTERM stops at once\n";
     let flag = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&flag))
+        // The shutdown goes first: it fires only when the flag is already
+        // set, that is, on the second signal.
+        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&flag))
             .context("installing a signal handler")?;
+        let first = Arc::clone(&flag);
+        // SAFETY: the action only swaps an atomic and calls write(2), both
+        // async-signal-safe; it neither allocates nor takes locks.
+        unsafe {
+            signal_hook::low_level::register(sig, move || {
+                if !first.swap(true, Ordering::SeqCst) {
+                    libc::write(2, STOPPING.as_ptr().cast(), STOPPING.len());
+                }
+            })
+        }
+        .context("installing a signal handler")?;
     }
     Ok(flag)
 }
