@@ -143,6 +143,11 @@ impl PackRun {
     pub fn fetch_len(&self) -> u64 {
         self.end - self.start
     }
+
+    /// The disk blocks this run fills, in pack order.
+    pub fn block_indices(&self) -> impl Iterator<Item = u64> + '_ {
+        self.blocks.iter().map(|(idx, _, _)| *idx)
+    }
 }
 
 /// Blocks of a range of a disk: data in pack runs, and holes.

@@ -16,6 +16,7 @@
 //! to the next.
 
 use std::fs::{File, OpenOptions};
+use std::io::Write;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -220,6 +221,133 @@ pub fn restore(reader: &DiskReader, to: &Path, opts: &RestoreOptions<'_>) -> Res
         Existing::Keep
     })?;
     Ok(stats)
+}
+
+/// A block of a streaming restore's window: its index, and its bytes there.
+type Slot<'a> = (u64, &'a mut [u8]);
+
+/// Bytes of the disk a streaming restore decodes at a time. Two windows
+/// are in memory: one being decoded on all cores, one being written.
+const STREAM_WINDOW_BYTES: u64 = 16 << 20;
+
+/// Restore to a stream (standard output, a pipe, a character device such as
+/// `/dev/null`): the disk's bytes in order, holes as zeros. Each window of
+/// the disk is planned into pack runs like a file restore, its runs are
+/// fetched and decoded on `opts.threads` threads straight into the window's
+/// buffer, and a writer thread writes the previous window meanwhile. `to`
+/// names the output in messages.
+pub fn restore_stream(
+    reader: &DiskReader,
+    out: &mut (dyn Write + Send),
+    to: &Path,
+    opts: &RestoreOptions<'_>,
+) -> Result<RestoreStats> {
+    let cs = reader.chunk_size();
+    let window = (STREAM_WINDOW_BYTES / cs).max(4);
+    let block = usize::try_from(cs).expect("chunk size fits in memory");
+    let window_len = block * usize::try_from(window).expect("small");
+    let pipe = Pipeline::for_store(reader.prefers_large_reads(), opts.threads.max(1));
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads.max(pipe.fetchers))
+        .thread_name(|i| format!("ekko-restore-{i}"))
+        .build()
+        .map_err(|e| Error::Invalid(format!("starting restore threads: {e}")))?;
+    let (full_tx, full_rx) = bounded::<(Vec<u8>, usize)>(1);
+    let (free_tx, free_rx) = bounded::<Vec<u8>>(2);
+    for _ in 0..2 {
+        free_tx.send(vec![0u8; window_len]).expect("room");
+    }
+    let mut data = 0u64;
+    let mut done = 0u64;
+    let written: Result<()> = std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> Result<()> {
+            for (buf, len) in full_rx {
+                out.write_all(&buf[..len]).map_err(|e| Error::io(to, e))?;
+                // Gone only when the decoding side has stopped.
+                let _ = free_tx.send(buf);
+            }
+            out.flush().map_err(|e| Error::io(to, e))
+        });
+        let decoded = (|| -> Result<()> {
+            let mut from = 0;
+            while from < reader.nchunks() {
+                if opts.cancel.load(Ordering::Relaxed) {
+                    return Err(Error::Interrupted);
+                }
+                let to_idx = (from + window).min(reader.nchunks());
+                let Ok(mut buf) = free_rx.recv() else {
+                    break; // the writer failed: its error is returned below
+                };
+                let plan = reader.plan(from, to_idx, pipe.max_run)?;
+                let mut slots: Vec<Option<&mut [u8]>> = buf.chunks_mut(block).map(Some).collect();
+                let slot = |idx: u64| usize::try_from(idx - from).expect("within the window");
+                for &idx in &plan.holes {
+                    if let Some(s) = slots[slot(idx)].take() {
+                        s.fill(0);
+                    }
+                }
+                // Each run gets the buffers of its own blocks: the runs
+                // are decoded side by side into disjoint parts of `buf`.
+                let jobs: Vec<(PackRun, Vec<Slot<'_>>)> = plan
+                    .runs
+                    .into_iter()
+                    .map(|run| {
+                        let mut mine: Vec<Slot<'_>> = Vec::new();
+                        for idx in run.block_indices() {
+                            if let Some(s) = slots[slot(idx)].take() {
+                                mine.push((idx, s));
+                            }
+                        }
+                        (run, mine)
+                    })
+                    .collect();
+                let decoded: u64 = pool.install(|| {
+                    use rayon::prelude::*;
+                    jobs.into_par_iter()
+                        .map(|(run, mut mine)| -> Result<u64> {
+                            let mut fetched = reader.fetch_run(&run);
+                            let mut n = 0u64;
+                            reader.decode_run(&run, fetched.as_deref_mut(), |idx, plain| {
+                                let len = reader.block_len(idx);
+                                let out = mine
+                                    .iter_mut()
+                                    .find(|(i, _)| *i == idx)
+                                    .map(|(_, s)| &mut s[..usize::try_from(len).expect("fits")])
+                                    .expect("a run's blocks have their buffers");
+                                plain.write_to(out)?;
+                                n += len;
+                                Ok(())
+                            })?;
+                            Ok(n)
+                        })
+                        .try_reduce(|| 0, |a, b| Ok(a + b))
+                })?;
+                data += decoded;
+                let len = (from..to_idx).map(|i| reader.block_len(i)).sum::<u64>();
+                done += len;
+                if full_tx
+                    .send((buf, usize::try_from(len).expect("within the window")))
+                    .is_err()
+                {
+                    break;
+                }
+                if let Some(p) = opts.progress {
+                    p(done);
+                }
+                from = to_idx;
+            }
+            Ok(())
+        })();
+        drop(full_tx);
+        let wrote = writer.join().expect("the writer thread does not panic");
+        // A write error explains a stopped decoder; report it first.
+        wrote.and(decoded)
+    });
+    written?;
+    Ok(RestoreStats {
+        bytes: reader.size(),
+        bytes_data: data,
+    })
 }
 
 /// Restore into `file`: a block device at `to`, or a new file already

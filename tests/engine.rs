@@ -833,6 +833,100 @@ fn flipped_bit_in_a_pack_is_detected_and_never_restored() {
     assert_eq!(fs::read(&to).unwrap(), b"older");
 }
 
+/// `restore --to -` streams the disk in order, holes as zeros, through a
+/// pipe (read here by the real `sha256sum`), and so does a restore to a
+/// FIFO or to `/dev/null`. A damaged chunk stops the stream with exit 3
+/// before any byte of its window is written.
+#[test]
+fn a_restore_streams_to_a_pipe_bit_for_bit() {
+    require("sha256sum");
+    let env = Env::init(&["--chunk-size", "64K"]);
+    let img = env.path("d.img");
+    // Five windows of the stream (16 MiB each), holes, a short last block.
+    let size = 70 * MIB + 4321;
+    make_image(
+        &img,
+        size,
+        &[
+            (0, &random_bytes(41, 3 * MIB as usize)),
+            (20 * MIB + 100, &text_bytes(42, 5 * MIB as usize)),
+            (33 * MIB - 7, &random_bytes(43, MIB as usize)),
+            (size - 9000, &random_bytes(44, 9000)),
+        ],
+    );
+    let want = sha256_file(&img);
+    let id = env.backup("vm", &[("sda", &img)]);
+    let piped = |to: &str| -> (Option<i32>, String, String) {
+        let mut ekko = env
+            .cmd()
+            .args(["restore", &id, "--to", to])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let sum = Command::new("sha256sum")
+            .stdin(ekko.stdout.take().unwrap())
+            .output()
+            .unwrap();
+        let out = ekko.wait_with_output().unwrap();
+        let sum = String::from_utf8(sum.stdout).unwrap();
+        (
+            out.status.code(),
+            sum.split_whitespace().next().unwrap_or("").to_string(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, got, err) = piped("-");
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(got, want, "the stream differs from the image");
+    assert!(err.contains("to standard output"), "{err}");
+
+    let fifo = env.path("out.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let reader = std::thread::spawn({
+        let fifo = fifo.clone();
+        move || sha256_bytes(&fs::read(fifo).unwrap())
+    });
+    env.ok(&["restore", &id, "--to", fifo.to_str().unwrap()]);
+    assert_eq!(reader.join().unwrap(), want, "the FIFO got other bytes");
+    env.ok(&["restore", &id, "--to", "/dev/null"]);
+
+    // Damage in the third window: a byte of the random data at 33 MiB,
+    // found in its pack (unencrypted, and random data is stored raw). The
+    // stream ends with exit 3 after exactly the two windows before it,
+    // never writing a wrong byte.
+    let plain = Env::init(&["--chunk-size", "64K", "--encryption", "none"]);
+    let id = plain.backup("vm", &[("sda", &img)]);
+    // Within one 64 KiB block (the data starts 7 bytes before a boundary).
+    let needle = &random_bytes(43, MIB as usize)[600 << 10..][..64];
+    let mut flipped = 0;
+    for p in plain.pack_files() {
+        let bytes = fs::read(&p).unwrap();
+        if let Some(at) = bytes.windows(needle.len()).position(|w| w == needle) {
+            xor_byte(&p, u64::try_from(at).unwrap() + 10, 0x04);
+            flipped += 1;
+        }
+    }
+    assert_eq!(flipped, 1, "the chunk is stored once");
+    let mut ekko = plain
+        .cmd()
+        .args(["restore", &id, "--to", "-"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut streamed = Vec::new();
+    std::io::Read::read_to_end(ekko.stdout.as_mut().unwrap(), &mut streamed).unwrap();
+    let out = ekko.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("damaged"), "{err}");
+    let image = fs::read(&img).unwrap();
+    assert_eq!(streamed.len(), 32 * MIB as usize, "{err}");
+    assert!(image.starts_with(&streamed), "a wrong byte was streamed");
+}
+
 /// `check --read-data-subset N/M` reads disjoint parts of the packs that
 /// together cover them all: a flipped bit is found by exactly the one part
 /// that holds its pack, and by `100%`.

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use ekko::restore::{restore, RestoreOptions};
+use ekko::restore::{restore, restore_stream, RestoreOptions};
 use ekko::DiskReader;
 
 use super::Global;
@@ -22,7 +22,9 @@ pub struct RestoreArgs {
     /// `DISK.img` (the names the FUSE tree uses).
     #[arg(long)]
     all: bool,
-    /// Output file (created sparse) or block device; with `--all`, a folder
+    /// Output file (created sparse) or block device; `-` for standard
+    /// output, or a pipe or character device (`/dev/null` to verify), which
+    /// get every byte in order, holes as zeros; with `--all`, a folder
     /// (created if missing).
     #[arg(long)]
     to: PathBuf,
@@ -78,6 +80,33 @@ pub fn run(g: &Global, a: RestoreArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Where a streaming restore writes.
+enum Stream {
+    /// `--to -`
+    Stdout,
+    /// An existing pipe or character device, such as `/dev/null`.
+    Path,
+}
+
+/// `Some` when `to` is a stream rather than a file or block device to
+/// write at offsets. Standard output on a terminal is refused.
+fn stream_target(to: &Path) -> Result<Option<Stream>> {
+    use std::io::IsTerminal;
+    use std::os::unix::fs::FileTypeExt;
+    if to == Path::new("-") {
+        if std::io::stdout().is_terminal() {
+            anyhow::bail!(
+                "standard output is a terminal: redirect it to a file or pipe (`ekko restore … --to - | …`), or give a path"
+            );
+        }
+        return Ok(Some(Stream::Stdout));
+    }
+    Ok(match std::fs::metadata(to) {
+        Ok(m) if m.file_type().is_fifo() || m.file_type().is_char_device() => Some(Stream::Path),
+        _ => None,
+    })
+}
+
 fn restore_one(
     g: &Global,
     a: &RestoreArgs,
@@ -91,17 +120,32 @@ fn restore_one(
     let reader = DiskReader::open(repo.clone(), snap, disk)?;
     let pb = super::progress_bar(g, reader.size(), disk);
     let progress = |n: u64| pb.set_position(n);
-    let result = restore(
-        &reader,
-        to,
-        &RestoreOptions {
-            buffered: a.buffered,
-            threads: a.threads,
-            overwrite: a.force,
-            cancel,
-            progress: Some(&progress),
-        },
-    );
+    let opts = RestoreOptions {
+        buffered: a.buffered,
+        threads: a.threads,
+        overwrite: a.force,
+        cancel,
+        progress: Some(&progress),
+    };
+    let result = match stream_target(to)? {
+        Some(Stream::Stdout) => {
+            // A descriptor of its own: big writes go straight to the pipe,
+            // not through stdout's line buffer.
+            use std::os::fd::AsFd;
+            let fd = std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("opening standard output")?;
+            let mut out = std::fs::File::from(fd);
+            restore_stream(&reader, &mut out, Path::new("standard output"), &opts)
+        }
+        Some(Stream::Path) => std::fs::OpenOptions::new()
+            .write(true)
+            .open(to)
+            .with_context(|| format!("opening {}", to.display()))
+            .map(|mut f| restore_stream(&reader, &mut f, to, &opts))?,
+        None => restore(&reader, to, &opts),
+    };
     pb.finish_and_clear();
     let stats =
         result.with_context(|| format!("restoring disk {disk} of snapshot {}", snap.short_id()))?;
@@ -112,7 +156,11 @@ fn restore_one(
             disk,
             super::mb(stats.bytes),
             super::mb(stats.bytes_data),
-            to.display(),
+            if to == Path::new("-") {
+                "standard output".into()
+            } else {
+                to.display().to_string()
+            },
             secs
         );
     }
