@@ -294,6 +294,8 @@ pub struct Session<'r> {
     kept_parent_chunks: bool,
     /// The libvirt domain, recorded in the manifest.
     domain: Option<snapshot::DomainRecord>,
+    /// Tags recorded in the manifest.
+    tags: Vec<String>,
     /// When this session last shared its progress (see `maybe_share`), and
     /// how often it does.
     shared_at: Mutex<Instant>,
@@ -389,6 +391,7 @@ impl<'r> Session<'r> {
             guard,
             kept_parent_chunks: false,
             domain: None,
+            tags: Vec::new(),
             shared_at: Mutex::new(Instant::now()),
             share_every: share_every(),
             committed: false,
@@ -421,6 +424,15 @@ impl<'r> Session<'r> {
             tracing::warn!("could not take in other backups' index files: {e}");
         }
         Ok(())
+    }
+
+    /// Records `tags` in the manifest (sorted, each once). Each must pass
+    /// `snapshot::check_tag`, or the commit fails.
+    pub fn set_tags(&mut self, tags: &[String]) {
+        let mut t = tags.to_vec();
+        t.sort();
+        t.dedup();
+        self.tags = t;
     }
 
     /// Records the libvirt domain the disks come from in the manifest.
@@ -832,6 +844,9 @@ impl<'r> Session<'r> {
             return Err(Error::Invalid("a snapshot needs at least one disk".into()));
         }
         snapshot::check_vm_name(vm).map_err(Error::Invalid)?;
+        for t in &self.tags {
+            snapshot::check_tag(t).map_err(Error::Invalid)?;
+        }
         self.flush_pack()?;
         self.guard.before_publishing(self.repo)?;
         self.repo
@@ -846,6 +861,7 @@ impl<'r> Session<'r> {
             disks: std::mem::take(&mut self.disks),
             ekko_version: env!("CARGO_PKG_VERSION").to_string(),
             domain: self.domain.take(),
+            tags: std::mem::take(&mut self.tags),
         };
         self.guard.before_commit(self.repo)?;
         if let (true, Some(p)) = (self.kept_parent_chunks, &snap.parent) {

@@ -162,6 +162,8 @@ pub struct LiveOptions {
     pub qmp_timeout: Duration,
     /// The TCP address of an NBD server QEMU already runs (`--nbd-server`).
     pub nbd_tcp: Option<std::net::SocketAddr>,
+    /// Tags recorded in the snapshot (`Session::set_tags`).
+    pub tags: Vec<String>,
 }
 
 impl LiveOptions {
@@ -178,6 +180,7 @@ impl LiveOptions {
             workdir_reserve: None,
             qmp_timeout: Duration::from_secs(60),
             nbd_tcp: None,
+            tags: Vec::new(),
         }
     }
 }
@@ -713,6 +716,7 @@ impl<'r> LiveBackup<'r> {
             Ok(b) => b,
             Err(e) => return Err(abort(session, e.into())),
         };
+        backup.set_tags(&self.opts.tags);
         let (read, low) = space::watch(&self.opts.workdir, reserve, &opts.cancel, || {
             self.read_disks(&mut session, &mut backup, limiter.as_ref(), opts, progress)
         });
@@ -1070,6 +1074,7 @@ mod tests {
             disks: disks.iter().map(|d| disk(d)).collect(),
             ekko_version: "test".into(),
             domain: None,
+            tags: Vec::new(),
         }
     }
 

@@ -535,6 +535,7 @@ mod tests {
             disks: vec![disk],
             ekko_version: "0".into(),
             domain: None,
+            tags: Vec::new(),
         };
         let r = DiskReader::open(repo, &snap, "d").unwrap();
         assert_eq!(r.disk().map.depth, 7);

@@ -199,6 +199,7 @@ mod tests {
             disks: vec![],
             ekko_version: "0".into(),
             domain: None,
+            tags: Vec::new(),
         }
     }
 

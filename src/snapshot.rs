@@ -98,6 +98,10 @@ pub struct Snapshot {
     /// Set by libvirt domain backups; older manifests lack it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domain: Option<DomainRecord>,
+    /// Labels given at backup (`--tag`), sorted, each once; older
+    /// manifests lack them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
 }
 
 impl Snapshot {
@@ -150,6 +154,24 @@ pub fn check_vm_name(vm: &str) -> std::result::Result<(), String> {
     }
     if vm.trim() != vm {
         return bad("must not begin or end with a space");
+    }
+    Ok(())
+}
+
+/// Whether `tag` may label a snapshot, with the reason if not: 1 to 64
+/// bytes of letters, digits and `-_.:+=@`, so that a tag is safe in file
+/// names, shell words and the table that `ekko snapshots` prints.
+pub fn check_tag(tag: &str) -> std::result::Result<(), String> {
+    if tag.is_empty() || tag.len() > 64 {
+        return Err(format!("tag {tag:?}: must be 1 to 64 bytes long"));
+    }
+    if let Some(c) = tag
+        .chars()
+        .find(|c| !(c.is_alphanumeric() || "-_.:+=@".contains(*c)))
+    {
+        return Err(format!(
+            "tag {tag:?}: {c:?} is not allowed (letters, digits and -_.:+=@ are)"
+        ));
     }
     Ok(())
 }

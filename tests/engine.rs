@@ -927,6 +927,106 @@ fn a_restore_streams_to_a_pipe_bit_for_bit() {
     assert!(image.starts_with(&streamed), "a wrong byte was streamed");
 }
 
+/// `--tag` labels a snapshot (sorted, each once); `snapshots --tag` lists
+/// the snapshots carrying every tag given, and `forget --tag` applies its
+/// policy to those alone. A malformed tag is refused before anything is
+/// written.
+#[test]
+fn tags_label_snapshots_and_select_them_for_listing_and_forget() {
+    let env = Env::init(&["--chunk-size", "64K"]);
+    let img = env.path("d.img");
+    let mut ids = Vec::new();
+    for (n, tags) in [
+        vec!["nightly"],
+        vec!["pre-upgrade", "nightly", "nightly"],
+        vec![],
+        vec!["nightly"],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        make_image(&img, MIB, &[(0, &random_bytes(60 + n as u64, 128 << 10))]);
+        let mut extra = Vec::new();
+        for t in &tags {
+            extra.extend(["--tag", t]);
+        }
+        let v = env.backup_json("a", &[("sda", img.to_str().unwrap())], &extra);
+        let mut want: Vec<&str> = tags.clone();
+        want.sort();
+        want.dedup();
+        assert_eq!(v["tags"], serde_json::json!(want), "{v}");
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+    let listed = |args: &[&str]| -> Vec<String> {
+        let mut all = vec!["snapshots", "--json"];
+        all.extend_from_slice(args);
+        let v: serde_json::Value = serde_json::from_str(&env.ok(&all)).unwrap();
+        let mut out: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_string())
+            .collect();
+        out.sort();
+        out
+    };
+    let sorted = |v: &[&String]| -> Vec<String> {
+        let mut v: Vec<String> = v.iter().map(|s| s.to_string()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        listed(&["--tag", "nightly"]),
+        sorted(&[&ids[0], &ids[1], &ids[3]])
+    );
+    assert_eq!(
+        listed(&["--tag", "nightly", "--tag", "pre-upgrade"]),
+        sorted(&[&ids[1]])
+    );
+    assert!(listed(&["--tag", "weekly"]).is_empty());
+    let table = env.ok(&["snapshots"]);
+    assert!(table.contains("tags: nightly,pre-upgrade"), "{table}");
+
+    let before = env.repo_state();
+    for bad in ["", "two words", "a/b", &"x".repeat(65)] {
+        let out = env.run(&[
+            "backup",
+            "--vm",
+            "a",
+            "--disk",
+            &format!("sda={}", img.display()),
+            "--tag",
+            bad,
+        ]);
+        assert_eq!(out.status.code(), Some(2), "tag {bad:?}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("tag"),
+            "{out:?}"
+        );
+    }
+    assert_eq!(env.repo_state(), before, "a refused tag wrote something");
+
+    // The policy sees the tagged snapshots only: the untagged one stays.
+    let r: serde_json::Value = serde_json::from_str(&env.ok(&[
+        "forget",
+        "--json",
+        "--tag",
+        "nightly",
+        "--keep-last",
+        "1",
+    ]))
+    .unwrap();
+    let removed: Vec<&str> = r["remove"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(removed.len(), 2, "{r}");
+    assert!(removed.contains(&ids[0].as_str()) && removed.contains(&ids[1].as_str()));
+    assert_eq!(listed(&[]), sorted(&[&ids[2], &ids[3]]));
+}
+
 /// `check --read-data-subset N/M` reads disjoint parts of the packs that
 /// together cover them all: a flipped bit is found by exactly the one part
 /// that holds its pack, and by `100%`.

@@ -167,6 +167,8 @@ pub struct DomainOptions {
     /// Free space to keep in `workdir` (see `super::space`); `None`: the
     /// default.
     pub workdir_reserve: Option<u64>,
+    /// Tags recorded in the snapshot (`Session::set_tags`).
+    pub tags: Vec<String>,
 }
 
 impl DomainOptions {
@@ -182,6 +184,7 @@ impl DomainOptions {
             connections: 4,
             rate_limit: None,
             workdir_reserve: None,
+            tags: Vec::new(),
         }
     }
 }
@@ -458,6 +461,7 @@ impl<'r> DomainBackup<'r> {
         let time = crate::time::now_rfc3339_nanos();
         let mut backup = Session::new(self.repo)?;
         backup.set_domain(self.record());
+        backup.set_tags(&self.opts.tags);
         let mut dirty = Vec::new();
         for d in &self.disks {
             if opts.cancel.load(Ordering::Relaxed) {
@@ -754,6 +758,7 @@ impl<'r> DomainBackup<'r> {
 
         let mut backup = Session::new(self.repo)?;
         backup.set_domain(self.record());
+        backup.set_tags(&self.opts.tags);
         let read_all =
             || self.read_running(&mut backup, &socket_s, &checkpoint, limiter, opts, progress);
         let (read, low) = super::space::watch(&self.opts.workdir, reserve, &opts.cancel, read_all);

@@ -101,6 +101,11 @@ pub struct BackupArgs {
     /// Print a JSON summary instead of the snapshot id.
     #[arg(long)]
     json: bool,
+    /// Label the snapshot; may be given several times. Letters, digits and
+    /// -_.:+=@, up to 64 bytes. `ekko snapshots --tag` and
+    /// `ekko forget --tag` select snapshots by their tags.
+    #[arg(long = "tag", value_name = "TAG", value_parser = parse_tag)]
+    tags: Vec<String>,
     /// Record this RFC 3339 instant as the snapshot's time instead of now
     /// (for tests of retention on a synthetic history).
     #[arg(long, hide = true, value_name = "RFC3339")]
@@ -127,6 +132,10 @@ pub fn resource_usage() -> (f64, u64) {
     let cpu = secs(ru.ru_utime) + secs(ru.ru_stime);
     let rss = u64::try_from(ru.ru_maxrss).unwrap_or(0) * 1024;
     (cpu, rss)
+}
+
+pub fn parse_tag(s: &str) -> std::result::Result<String, String> {
+    ekko::snapshot::check_tag(s).map(|()| s.to_string())
 }
 
 /// Splits `NAME=VALUE` arguments, checking names.
@@ -201,6 +210,7 @@ fn print_summary(
     if a.json {
         let mut v = json!({
             "id": snap.id, "vm": snap.vm, "time": snap.time, "parent": snap.parent,
+            "tags": snap.tags,
             "bytes_read": read, "bytes_new": total("bytes_new"),
             "bytes_stored": stored,
             "duration_seconds": start.elapsed().as_secs_f64(),
@@ -318,6 +328,7 @@ fn run_domain(g: &Global, a: &BackupArgs, domain: String) -> Result<ExitCode> {
     }
     opts.disks = a.disks.clone();
     opts.full = a.full;
+    opts.tags = a.tags.clone();
     opts.fsfreeze = a.fsfreeze.is_some();
     opts.require_fsfreeze = a.require_fsfreeze;
     if opts.require_fsfreeze && !opts.fsfreeze {
@@ -414,6 +425,7 @@ fn run_live(g: &Global, a: &BackupArgs, qmp: PathBuf) -> Result<ExitCode> {
     opts.rate_limit = a.rate_limit;
     opts.workdir_reserve = a.workdir_reserve;
     opts.nbd_tcp = a.nbd_server;
+    opts.tags = a.tags.clone();
     let _lock = ekko::lock::Lock::shared(
         repo.backend(),
         repo.keys(),
@@ -539,6 +551,7 @@ fn run_offline(g: &Global, a: &BackupArgs) -> Result<ExitCode> {
         .collect();
 
     let mut session = Session::new(&repo)?;
+    session.set_tags(&a.tags);
     let opts_base = BackupOptions {
         threads: a.threads,
         cancel: cancel.clone(),

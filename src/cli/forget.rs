@@ -35,6 +35,11 @@ pub struct ForgetArgs {
     /// Only this VM's snapshots (the policy always applies per VM).
     #[arg(long)]
     vm: Option<String>,
+    /// Apply the policy only to snapshots carrying this tag (given several
+    /// times: carrying every one); the others are left alone. Not with
+    /// named snapshots.
+    #[arg(long = "tag", value_name = "TAG", value_parser = super::backup::parse_tag, conflicts_with = "snapshots")]
+    tags: Vec<String>,
     /// Show what would be removed; remove nothing.
     #[arg(long)]
     dry_run: bool,
@@ -75,6 +80,7 @@ pub fn run(g: &Global, a: ForgetArgs) -> Result<ExitCode> {
     let snaps: Vec<_> = snaps
         .into_iter()
         .filter(|s| a.vm.as_ref().is_none_or(|v| &s.vm == v))
+        .filter(|s| a.tags.iter().all(|t| s.tags.contains(t)))
         .collect();
     if let Some(vm) = &a.vm {
         if snaps.is_empty() && !g.quiet {

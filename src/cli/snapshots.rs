@@ -12,7 +12,11 @@ pub struct SnapshotsArgs {
     /// Only this VM's snapshots.
     #[arg(long)]
     vm: Option<String>,
-    /// One JSON array on stdout (id, vm, time, parent, host, disks, …).
+    /// Only snapshots carrying this tag; given several times, only those
+    /// carrying every one.
+    #[arg(long = "tag", value_name = "TAG", value_parser = super::backup::parse_tag)]
+    tags: Vec<String>,
+    /// One JSON array on stdout (id, vm, time, parent, host, tags, disks, …).
     #[arg(long)]
     json: bool,
 }
@@ -26,6 +30,7 @@ pub fn run(g: &Global, a: SnapshotsArgs) -> Result<ExitCode> {
     let snaps: Vec<_> = snaps
         .into_iter()
         .filter(|s| a.vm.as_ref().is_none_or(|v| &s.vm == v))
+        .filter(|s| a.tags.iter().all(|t| s.tags.contains(t)))
         .collect();
     let protected = ekko::gc::protected_ids(repo.backend().as_ref())?;
     let mut out = std::io::stdout().lock();
@@ -35,7 +40,7 @@ pub fn run(g: &Global, a: SnapshotsArgs) -> Result<ExitCode> {
             .map(|s| {
                 let mut v = json!({
                     "id": s.id, "vm": s.vm, "time": s.time, "parent": s.parent, "host": s.host,
-                    "protected": protected.contains(&s.id),
+                    "protected": protected.contains(&s.id), "tags": s.tags,
                     "disks": s.disks.iter().map(|d| json!({
                         "name": d.name, "size": d.size, "chunk_size": d.chunk_size,
                         "mode": d.capture.mode, "bitmap": d.capture.bitmap,
@@ -57,6 +62,7 @@ pub fn run(g: &Global, a: SnapshotsArgs) -> Result<ExitCode> {
             "{:<10} {:<16} {:<31} {:<12} {:<9} {:>10}  disks",
             "id", "vm", "time", "mode", "protected", "added"
         )?;
+        let any_tags = snaps.iter().any(|s| !s.tags.is_empty());
         for s in &snaps {
             let mode = if s
                 .disks
@@ -77,14 +83,19 @@ pub fn run(g: &Global, a: SnapshotsArgs) -> Result<ExitCode> {
             let added: u64 = s.disks.iter().map(|d| d.stats.bytes_stored).sum();
             writeln!(
                 out,
-                "{:<10} {:<16} {:<31} {:<12} {:<9} {:>10}  {}",
+                "{:<10} {:<16} {:<31} {:<12} {:<9} {:>10}  {}{}",
                 s.short_id(),
                 s.vm,
                 s.time,
                 mode,
                 if protected.contains(&s.id) { "yes" } else { "" },
                 super::mb(added),
-                disks.join(" ")
+                disks.join(" "),
+                if any_tags && !s.tags.is_empty() {
+                    format!("  tags: {}", s.tags.join(","))
+                } else {
+                    String::new()
+                }
             )?;
         }
     }
