@@ -14,6 +14,7 @@ pub mod capture;
 pub mod check;
 pub mod chunk;
 pub mod crypto;
+pub mod diff;
 pub mod error;
 pub mod format;
 pub mod gc;

@@ -4,6 +4,7 @@
 
 mod backup;
 mod check;
+mod diff;
 mod forget;
 mod index;
 mod init;
@@ -65,6 +66,8 @@ pub enum Command {
     Snapshots(snapshots::SnapshotsArgs),
     /// Restore a disk of a snapshot to a file or block device (or --all disks into a folder).
     Restore(restore::RestoreArgs),
+    /// Show the byte ranges of each disk that changed between two snapshots.
+    Diff(diff::DiffArgs),
     /// Verify the repository.
     Check(check::CheckArgs),
     /// Manage passphrases (key files).
@@ -94,6 +97,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Backup(a) => backup::run(g, a),
         Command::Snapshots(a) => snapshots::run(g, a),
         Command::Restore(a) => restore::run(g, a),
+        Command::Diff(a) => diff::run(g, a),
         Command::Check(a) => check::run(g, a),
         Command::Key(a) => key::run(g, a),
         Command::Mount(a) => mount::run(g, a),
