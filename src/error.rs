@@ -46,9 +46,10 @@ pub enum Error {
     ChunkMissing { id: ChunkId },
 
     #[error(
-        "unsupported {what} version {version} (this ekko reads up to {supported}); upgrade ekko"
+        "{name}: {what} format version {version}, and this ekko reads up to {supported}: it was written by a newer ekko (upgrade ekko to read it), or its header is damaged"
     )]
     UnsupportedVersion {
+        name: String,
         what: &'static str,
         version: u32,
         supported: u32,

@@ -178,6 +178,41 @@ pub fn read_trailer_past_header(
     trailer(backend, keys, name, false)
 }
 
+/// Which of `candidates` is the id of the pack stored at `name`: the one
+/// whose id, as associated data, opens its trailer. A pack whose trailer
+/// does not open under its own name may be another pack, moved or
+/// renamed. Only the footer is trusted for the trailer's length.
+pub fn trailer_opens_as(
+    backend: &dyn Backend,
+    keys: &Keys,
+    name: &str,
+    candidates: &[ObjectId],
+) -> Result<Option<ObjectId>> {
+    let size = backend.size(name)?;
+    let min = u64::try_from(HEADER_LEN + PACK_FOOTER_LEN).expect("small");
+    if size < min || candidates.is_empty() {
+        return Ok(None);
+    }
+    let footer = backend.get_range(name, size - 16, PACK_FOOTER_LEN)?;
+    let Ok(tlen) = format::pack_footer_trailer_len(name, &footer) else {
+        return Ok(None);
+    };
+    let Some(tstart) = (size - 16)
+        .checked_sub(u64::from(tlen))
+        .filter(|&s| s >= 16)
+    else {
+        return Ok(None);
+    };
+    let Ok(len) = usize::try_from(tlen) else {
+        return Ok(None);
+    };
+    let sealed = backend.get_range(name, tstart, len)?;
+    Ok(candidates
+        .iter()
+        .find(|id| keys.open(&trailer_ad(id), &sealed).is_some())
+        .copied())
+}
+
 /// Whether `read_trailer` failed on what a damaged header gives.
 pub fn header_error(e: &Error) -> bool {
     e.is_damage() || matches!(e, Error::UnsupportedVersion { .. })

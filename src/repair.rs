@@ -13,8 +13,10 @@
 
 use std::collections::HashSet;
 
+use crate::backend::Backend;
 use crate::check::{self, CheckReport, ReadData};
 use crate::chunk::{self, EncodedChunk};
+use crate::crypto::Keys;
 use crate::error::{Error, Result};
 use crate::format::{self, Location, MAGIC_INDEX};
 use crate::id::{ChunkId, ObjectId};
@@ -121,6 +123,9 @@ fn replace_index(
 /// What `check --repair` did.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct RepairReport {
+    /// Packs found stored under another pack's name (moved or renamed),
+    /// as (where it was, its own name): copied back to their own names.
+    pub packs_moved_back: Vec<(String, String)>,
     /// Damaged packs replaced by packs of their intact chunks, then deleted.
     pub packs_replaced: usize,
     pub packs_written: usize,
@@ -219,13 +224,27 @@ pub fn check_and_repair(
 
     let _lock = Lock::exclusive(repo.backend(), keys, "check --repair")?;
     repo.refresh_index()?;
-    let now = check::check_with(
+    let mut now = check::check_with(
         repo,
         ReadData::None,
         threads,
         &first.damage.packs_to_repair(),
     )?;
     refuse_unjudged(&now, opts)?;
+    // 0. Packs stored under another pack's name: copied back to their own
+    //    names, and the repository checked again.
+    report.packs_moved_back = move_back(backend, keys, &now.damage, &step)?;
+    if !report.packs_moved_back.is_empty() {
+        repo.refresh_index()?;
+        now = check::check_with(
+            repo,
+            ReadData::None,
+            threads,
+            &first.damage.packs_to_repair(),
+        )?;
+        refuse_unjudged(&now, opts)?;
+    }
+    refuse_if_nothing_opens(&now)?;
     let damage = &now.damage;
     // A pack the listing lacks may only be late to appear (some stores'
     // listings lag): dropping it from the index would let prune delete it.
@@ -267,10 +286,11 @@ pub fn check_and_repair(
             .collect();
         let known = IndexKnowledge::read(repo, &old_index, &damage.bad_trailers)?;
         // A pack whose trailer is damaged cannot say all it holds (an
-        // index file may be damaged, lost, or split): it is kept while
-        // snapshots lack chunks, which it might hold. Once none does,
-        // nothing in it is needed.
-        let needed_elsewhere = !damage.referenced_unindexed.is_empty();
+        // index file may be damaged, lost, or split, and the pack may be
+        // a copy of a missing one): it is kept while snapshots lack
+        // chunks, which it might hold. Once none does, nothing in it is
+        // needed.
+        let needed_elsewhere = !damage.referenced_damaged.is_empty();
 
         // 1. Copy the intact chunks of the damaged packs into new packs.
         let mut packer = pack::Packer::new(backend, u64::from(repo.config().pack_size));
@@ -406,6 +426,74 @@ pub fn check_and_repair(
         repair: report,
         after: Some(after),
     })
+}
+
+/// When no pack's trailer opens, the packs are not all damaged: the key
+/// is wrong (in an unencrypted repository, the config's `id_key` is
+/// damaged), and a repair would drop every chunk. It stops, changing
+/// nothing.
+fn refuse_if_nothing_opens(r: &CheckReport) -> Result<()> {
+    let d = &r.damage;
+    if !d.bad_trailers.is_empty() && d.bad_trailers.len() == d.listed_packs.len() {
+        return Err(Error::Invalid(format!(
+            "none of the {} packs' trailers opens with this repository's key: that is a wrong key, not {} damaged packs (in an unencrypted repository, a damaged `id_key` in the config; put back a copy of the config). Nothing was changed",
+            d.listed_packs.len(),
+            d.listed_packs.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Packs whose trailer does not open under their own name, tried under the
+/// names of the missing packs and of each other (a swap): one that opens
+/// is a pack moved or renamed, and is copied back to its own name (the
+/// copy at the wrong name is then a damaged pack like any other, deleted
+/// once it holds nothing needed). All are read before any is written, so
+/// that a swap is undone whole. Returns (from, to) names.
+fn move_back(
+    backend: &dyn Backend,
+    keys: &Keys,
+    damage: &check::Damage,
+    step: &dyn Fn(),
+) -> Result<Vec<(String, String)>> {
+    /// Bytes of moved packs held at once; more are left for the next run.
+    const MAX_HELD: usize = 1 << 30;
+    let mut candidates: Vec<ObjectId> = damage
+        .missing_packs
+        .iter()
+        .chain(&damage.bad_trailers)
+        .copied()
+        .collect();
+    candidates.sort_by_key(|p| p.0);
+    candidates.dedup();
+    let mut sources: Vec<ObjectId> = damage.bad_trailers.iter().copied().collect();
+    sources.sort_by_key(|p| p.0);
+    let mut found: Vec<(ObjectId, ObjectId, Vec<u8>)> = Vec::new();
+    let mut held = 0usize;
+    for from in sources {
+        let others: Vec<ObjectId> = candidates.iter().filter(|c| **c != from).copied().collect();
+        let name = pack::pack_name(&from);
+        let Some(to) = pack::trailer_opens_as(backend, keys, &name, &others)? else {
+            continue;
+        };
+        if found.iter().any(|(_, t, _)| *t == to) {
+            continue; // two copies of one pack: the first will do
+        }
+        let data = backend.get(&name)?;
+        held = held.saturating_add(data.len());
+        if held > MAX_HELD {
+            tracing::warn!("more moved packs than a repair holds at once; run the repair again");
+            break;
+        }
+        found.push((from, to, data));
+    }
+    let mut moved = Vec::new();
+    for (from, to, data) in found {
+        backend.put(&pack::pack_name(&to), &data)?;
+        moved.push((pack::pack_name(&from), pack::pack_name(&to)));
+        step();
+    }
+    Ok(moved)
 }
 
 /// A repair judges every pack it touches: it stops, changing nothing, on

@@ -1355,6 +1355,102 @@ fn a_damaged_index_cache_is_never_believed() {
     env.ok(&["check", "--read-data"]);
 }
 
+/// `check --repair` finds packs stored under another pack's name (one
+/// renamed, two swapped) and copies them back instead of deleting the only
+/// copy of intact data; it refuses to touch anything when no pack opens
+/// at all (an unencrypted repository whose config lost its `id_key`).
+#[test]
+fn repair_puts_moved_packs_back_and_refuses_a_wrong_key() {
+    // Two packs swapped, and a third renamed to a name no pack has.
+    let env = Env::init(&["--chunk-size", "64K", "--pack-size", "1M"]);
+    let img = env.path("d.img");
+    make_image(&img, 3 * MIB, &[(0, &random_bytes(80, 3 * MIB as usize))]);
+    let want = sha256_file(&img);
+    let id = env.backup("vm", &[("sda", &img)]);
+    let mut packs = env.pack_files();
+    packs.sort();
+    assert!(packs.len() >= 3, "{packs:?}");
+    let tmp = env.path("swap");
+    fs::rename(&packs[0], &tmp).unwrap();
+    fs::rename(&packs[1], &packs[0]).unwrap();
+    fs::rename(&tmp, &packs[1]).unwrap();
+    let elsewhere = env.repo.join("packs/01/0123456789abcdef0123456789abcdef");
+    fs::create_dir_all(elsewhere.parent().unwrap()).unwrap();
+    fs::rename(&packs[2], &elsewhere).unwrap();
+    let out = env.run(&["check", "--read-data"]);
+    assert_eq!(out.status.code(), Some(3));
+    let report = env.ok(&["check", "--read-data", "--repair"]);
+    assert_eq!(
+        report
+            .matches("stored under another name: copied back")
+            .count(),
+        3,
+        "{report}"
+    );
+    assert!(!elsewhere.exists(), "the copy under the wrong name stays");
+    env.ok(&["check", "--read-data"]);
+    assert_eq!(sha256_file(&env.restore(&id, "sda")), want);
+
+    // An unencrypted repository whose config's id_key is damaged: every
+    // file fails to authenticate, and the repair changes nothing.
+    let plain = Env::init(&["--chunk-size", "64K", "--encryption", "none"]);
+    let id = plain.backup("vm", &[("sda", &img)]);
+    let config = plain.repo.join("config");
+    let good = fs::read(&config).unwrap();
+    let text = String::from_utf8(good[16..].to_vec()).unwrap();
+    let at = text.find("\"id_key\": \"").unwrap() + 11;
+    let digit = text.as_bytes()[at];
+    let mut bad = good.clone();
+    bad[16 + at] = if digit == b'0' { b'1' } else { b'0' };
+    fs::write(&config, &bad).unwrap();
+    let before = plain.repo_state();
+    let out = plain.run(&["check", "--read-data", "--repair"]);
+    let err = assert_clean_failure(&out, "id_key");
+    assert!(err.contains("Nothing was changed"), "{err}");
+    assert_eq!(plain.repo_state(), before, "a refused repair changed files");
+    fs::write(&config, &good).unwrap();
+    assert_eq!(sha256_file(&plain.restore(&id, "sda")), want);
+}
+
+/// A file whose header names an unknown format version is either written
+/// by a newer ekko or damaged; sealed files tell which (the header is
+/// sealed with the body). A damaged one is damage like any other: named,
+/// and it does not lock every command out.
+#[test]
+fn a_damaged_version_byte_is_damage_and_named() {
+    let env = Env::init(&["--chunk-size", "64K"]);
+    let img = env.path("d.img");
+    make_image(&img, MIB, &[(0, &random_bytes(81, MIB as usize))]);
+    let id = env.backup("vm", &[("sda", &img)]);
+    let index: Vec<_> = fs::read_dir(env.repo.join("index"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(index.len(), 1);
+    xor_byte(&index[0], 8, 0x03); // version 1 -> 2
+    let _ = fs::remove_dir_all(&env.cache);
+    let name = format!("index/{}", index[0].file_name().unwrap().to_str().unwrap());
+    let out = env.run(&["snapshots"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = env.run(&["check"]);
+    assert_eq!(out.status.code(), Some(3));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&name) && text.contains("header is damaged"),
+        "{text}"
+    );
+    env.ok(&["index", "rebuild"]);
+    assert_eq!(sha256_file(&env.restore(&id, "sda")), sha256_file(&img));
+
+    let manifest = env.repo.join("snapshots").join(&id);
+    xor_byte(&manifest, 8, 0x03);
+    // Not from this host's manifest cache, which holds a good copy.
+    let _ = fs::remove_dir_all(&env.cache);
+    let out = env.run(&["restore", &id, "--to", env.path("r.img").to_str().unwrap()]);
+    let err = assert_clean_failure(&out, &format!("snapshots/{id}"));
+    assert!(err.contains("header is damaged"), "{err}");
+}
+
 #[test]
 fn truncated_empty_or_missing_files_give_precise_errors() {
     let env = Env::init(&[]);

@@ -174,6 +174,9 @@ fn exit(ok: bool) -> ExitCode {
 }
 
 fn print_repair(r: &ekko::repair::RepairReport) {
+    for (from, to) in &r.packs_moved_back {
+        println!("repair: {from} is pack {to}, stored under another name: copied back to {to}");
+    }
     if r.packs_replaced + r.packs_written + r.chunks_dropped + r.packs_missing > 0
         || !r.packs_kept.is_empty()
     {
