@@ -376,8 +376,10 @@ impl DiskReader {
                     }
                     dec.to_vec(&o)?
                 } else {
-                    // Not fetched: read it alone, so that an error names it.
-                    self.repo.read_chunk_at(id, loc)?
+                    // Not fetched: read it alone, so that an error names it
+                    // (and, if a prune deleted its pack meanwhile, where a
+                    // fresh index places it).
+                    self.repo.read_chunk_from(id, loc)?
                 };
                 for (idx, _, _) in blocks.iter() {
                     self.check_len(*idx, plain.len())?;

@@ -90,6 +90,16 @@ pub fn rebuild_index(repo: &Repository) -> Result<RebuildReport> {
             }
         }
     }
+    // A chunk stored twice, once in a pack a prune has marked for deletion
+    // (it copied the chunk out first): the index names the other copy, so
+    // that readers and backups do not come to rely on the marked one.
+    if let Ok((marks, _)) = crate::gc::read_marks(backend, keys) {
+        let marked: HashSet<ObjectId> = marks.iter().flat_map(|m| m.mark.pack_ids()).collect();
+        if !marked.is_empty() {
+            entries.sort_by_key(|(id, loc)| (id.0, marked.contains(&loc.pack)));
+            entries.dedup_by(|later, first| later.0 == first.0 && marked.contains(&later.1.pack));
+        }
+    }
     report.chunks = entries.len();
     (report.index_files_written, report.index_files_removed) =
         replace_index(repo, &entries, &old, &|| {})?;

@@ -434,6 +434,14 @@ impl Repository {
     /// have moved the chunk since the index was loaded: look it up again once.
     pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
         let loc = self.index.lookup_referenced(id)?;
+        self.read_chunk_from(id, &loc)
+    }
+
+    /// `read_chunk_at`, and if the pack at `loc` is gone (a prune moved the
+    /// chunk and deleted it since the location was looked up), the chunk
+    /// where a fresh index places it.
+    pub fn read_chunk_from(&self, id: &ChunkId, loc: &Location) -> Result<Vec<u8>> {
+        let loc = *loc;
         match self.read_chunk_at(id, &loc) {
             Err(e @ Error::ChunkDamaged { .. }) if self.pack_missing(&loc)? => {
                 self.refresh_index()?;

@@ -120,6 +120,7 @@ local_only!(
     a_backup_that_outlives_a_new_marks_grace_aborts_without_committing,
     a_backup_whose_own_pack_a_prune_deleted_aborts_without_committing,
     an_incremental_whose_parent_sits_in_marked_packs_reads_in_full,
+    index_rebuild_names_the_copy_that_a_prune_keeps,
 );
 
 /// The same, object store only (a test that stops the store's proxy).
@@ -2304,4 +2305,68 @@ fn forget_with_vm_narrows_a_prefix_that_other_vms_share(store: Store) {
     let left = snapshots(&env);
     assert!(!left.contains_key(&a_id));
     assert_eq!(left.len(), b_ids.len());
+}
+
+/// A prune that repacks copies a pack's live chunks out and marks the pack;
+/// an `index rebuild` before the mark is due sees both copies and must
+/// name the kept one, or readers and backups would come to rely on a pack
+/// the next prune deletes (found by a stress run: a restore then failed,
+/// calling an intact repository damaged).
+fn index_rebuild_names_the_copy_that_a_prune_keeps(store: Store) {
+    let env = new_repo(store, "rebuild-marked");
+    let a = env.path("a.img");
+    let g = env.path("g.img");
+    // `old` holds a's 64 KiB blocks interleaved with others, so that every
+    // pack of it is half garbage once `old` is forgotten.
+    let a_bytes = random_bytes(90, 4 * MIB);
+    let other = random_bytes(91, 4 * MIB);
+    let mut ag = Vec::new();
+    for (x, y) in a_bytes.chunks(64 * KIB).zip(other.chunks(64 * KIB)) {
+        ag.extend_from_slice(x);
+        ag.extend_from_slice(y);
+    }
+    write_file(&a, &a_bytes);
+    write_file(&g, &ag);
+    let old = backup(&env, "old", &g, None);
+    let id = backup(&env, "a", &a, None);
+    ok(&env, &["forget", &old, "-q"]);
+    age_past_grace(store);
+    let r = prune(&env, &["--repack-threshold", "1"]);
+    assert!(r["packs_marked"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["packs_repacked"].as_u64().unwrap() > 0, "{r}");
+    ok(&env, &["index", "rebuild", "-q"]);
+
+    let backend = Arc::new(ekko::LocalBackend::new(env.repo.clone()));
+    let repo =
+        ekko::Repository::open_with_cache(backend, || Ok(PASSWORD.as_bytes().to_vec()), false)
+            .unwrap();
+    let (b, keys) = (repo.backend().as_ref(), repo.keys());
+    let (marks, _) = ekko::gc::read_marks(b, keys).unwrap();
+    let marked: std::collections::HashSet<ekko::id::ObjectId> =
+        marks.iter().flat_map(|m| m.mark.pack_ids()).collect();
+    assert!(!marked.is_empty());
+    // Garbage chunks are only in the marked packs; a chunk that also has
+    // a copy elsewhere must be indexed there alone.
+    let mut packs_of: HashMap<ekko::id::ChunkId, Vec<ekko::id::ObjectId>> = HashMap::new();
+    for o in b.list("index/").unwrap() {
+        for (chunk, loc) in ekko::index::read_index_file(b, keys, &o.name).unwrap() {
+            packs_of.entry(chunk).or_default().push(loc.pack);
+        }
+    }
+    let mut kept_copies = 0;
+    for (chunk, packs) in &packs_of {
+        if packs.iter().any(|p| !marked.contains(p)) {
+            kept_copies += 1;
+            assert!(
+                packs.iter().all(|p| !marked.contains(p)),
+                "chunk {chunk} is also indexed in a marked pack: {packs:?}"
+            );
+        }
+    }
+    assert!(kept_copies > 0);
+    age_past_grace(store);
+    let r = prune(&env, &[]);
+    assert!(r["packs_deleted"].as_u64().unwrap() > 0, "{r}");
+    check_read_data(&env);
+    assert_eq!(restore_sha(&env, &id), sha256_bytes(&a_bytes));
 }
