@@ -508,7 +508,7 @@ impl<'r> Session<'r> {
     fn claim(&self, id: &ChunkId) -> Result<bool> {
         // A chunk in a pack that prune marked is stored again.
         if let Some(loc) = self.repo.index().lookup(id)? {
-            if self.guard.reuse(loc.pack) {
+            if self.guard.reuse(&loc) {
                 return Ok(false);
             }
         }

@@ -17,7 +17,7 @@
 //! still exists and that it has not outlived the grace period of a mark it
 //! did not see when it started.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -27,7 +27,7 @@ use crate::backend::Backend;
 use crate::blockmap::MapRef;
 use crate::crypto::Keys;
 use crate::error::{Error, Result};
-use crate::format::{self, ChunkKind, MAGIC_GC_MARK, MAGIC_PROTECT};
+use crate::format::{self, ChunkKind, Location, MAGIC_GC_MARK, MAGIC_PROTECT};
 use crate::id::{ChunkId, ObjectId};
 use crate::repo::Repository;
 use crate::snapshot::Disk;
@@ -256,7 +256,10 @@ pub struct Guard {
     started: Instant,
     seen: HashSet<String>,
     candidates: HashSet<ObjectId>,
-    depends: Mutex<HashSet<ObjectId>>,
+    /// Packs the snapshot relies on for chunks it did not store, each with
+    /// the end of the last such chunk in it: a pack shorter than that was
+    /// truncated.
+    depends: Mutex<HashMap<ObjectId, u64>>,
     /// Packs this backup stored.
     written: Mutex<HashSet<ObjectId>>,
     /// Chunks that a repair recorded as lost (`crate::lost`): a parent that
@@ -291,7 +294,7 @@ impl Guard {
             started,
             seen: marks.iter().map(|m| m.name.clone()).collect(),
             candidates: marks.iter().flat_map(|m| m.mark.pack_ids()).collect(),
-            depends: Mutex::new(HashSet::new()),
+            depends: Mutex::new(HashMap::new()),
             written: Mutex::new(HashSet::new()),
             lost: crate::lost::lost_chunks(&records),
             check_parents: !bad.is_empty(),
@@ -304,21 +307,21 @@ impl Guard {
             started: Instant::now(),
             seen: HashSet::new(),
             candidates: HashSet::new(),
-            depends: Mutex::new(HashSet::new()),
+            depends: Mutex::new(HashMap::new()),
             written: Mutex::new(HashSet::new()),
             lost: HashSet::new(),
             check_parents: false,
         }
     }
 
-    /// May a chunk stored in `pack` be reused? Not if prune marked the pack:
-    /// the chunk is stored again instead. If it may, the snapshot now relies
-    /// on the pack.
-    pub fn reuse(&self, pack: ObjectId) -> bool {
-        if self.candidates.contains(&pack) {
+    /// May a chunk stored at `loc` be reused? Not if prune marked its
+    /// pack: the chunk is stored again instead. If it may, the snapshot
+    /// now relies on the pack, up to the chunk's end.
+    pub fn reuse(&self, loc: &Location) -> bool {
+        if self.candidates.contains(&loc.pack) {
             return false;
         }
-        self.depends.lock().expect("guard lock").insert(pack);
+        rely(&mut self.depends.lock().expect("guard lock"), loc);
         true
     }
 
@@ -333,12 +336,12 @@ impl Guard {
     /// Before this backup publishes the index of its last packs: fail if
     /// a pack it stored is gone, so that no index file names it.
     pub fn before_publishing(&self, repo: &Repository) -> Result<()> {
-        let written: Vec<ObjectId> = self
+        let written: Vec<(ObjectId, u64)> = self
             .written
             .lock()
             .expect("guard lock")
             .iter()
-            .copied()
+            .map(|p| (*p, 0))
             .collect();
         missing_packs_error(repo, written)
     }
@@ -354,7 +357,7 @@ impl Guard {
         }
         let mut seen = HashSet::new();
         let mut blocked: Option<String> = None;
-        let mut packs = HashSet::new();
+        let mut packs = HashMap::new();
         let walked = walk_map(repo, &parent.map, &mut seen, &mut |id, _| {
             if blocked.is_some() {
                 return Ok(());
@@ -366,9 +369,7 @@ impl Guard {
                         loc.pack
                     ));
                 }
-                Some(loc) => {
-                    packs.insert(loc.pack);
-                }
+                Some(loc) => rely(&mut packs, &loc),
                 None if self.lost.contains(&id) => {
                     blocked = Some(format!(
                         "the parent's chunk {id} was lost (a repair recorded it): reading the disk in full stores it again if the disk still holds it"
@@ -386,7 +387,11 @@ impl Guard {
             r => r?,
         }
         if blocked.is_none() {
-            self.depends.lock().expect("guard lock").extend(packs);
+            let mut d = self.depends.lock().expect("guard lock");
+            for (p, end) in packs {
+                let e = d.entry(p).or_insert(0);
+                *e = (*e).max(end);
+            }
         }
         Ok(blocked)
     }
@@ -410,14 +415,20 @@ impl Guard {
                 });
             }
         }
-        let deps: Vec<ObjectId> = self
+        let mut deps: Vec<(ObjectId, u64)> = self
             .depends
             .lock()
             .expect("guard lock")
             .iter()
-            .chain(self.written.lock().expect("guard lock").iter())
-            .copied()
+            .map(|(p, end)| (*p, *end))
             .collect();
+        deps.extend(
+            self.written
+                .lock()
+                .expect("guard lock")
+                .iter()
+                .map(|p| (*p, 0)),
+        );
         missing_packs_error(repo, deps)
     }
 
@@ -471,24 +482,44 @@ impl Guard {
 }
 
 /// A `GcRace` error if any of `packs` is gone from the repository.
-fn missing_packs_error(repo: &Repository, deps: Vec<ObjectId>) -> Result<()> {
+/// The snapshot relies on `pack` up to `loc`'s chunk's end.
+fn rely(packs: &mut HashMap<ObjectId, u64>, loc: &Location) {
+    let end = loc.offset.saturating_add(u64::from(loc.stored_len));
+    let e = packs.entry(loc.pack).or_insert(0);
+    *e = (*e).max(end);
+}
+
+/// Fail if a pack of `deps` is gone, or shorter than the end given with it
+/// (truncated: the snapshot would reference chunks that are not there).
+fn missing_packs_error(repo: &Repository, deps: Vec<(ObjectId, u64)>) -> Result<()> {
     let backend = repo.backend().as_ref();
-    // Many packs: one listing narrows them down to those it lacks. A
-    // listing may lag behind what was just stored (docs/GC.md), so each of
-    // those is asked for by name before it counts as gone.
-    let suspects: Vec<ObjectId> = if deps.len() > LIST_INSTEAD_OF_HEAD {
-        let present: HashSet<ObjectId> = backend
+    // Many packs: one listing narrows them down to those it lacks or lists
+    // too short. A listing may lag behind what was just stored
+    // (docs/GC.md), so each of those is asked for by name before it counts.
+    let suspects: Vec<(ObjectId, u64)> = if deps.len() > LIST_INSTEAD_OF_HEAD {
+        let present: HashMap<ObjectId, u64> = backend
             .list("packs/")?
             .iter()
-            .filter_map(|o| crate::pack::pack_id_from_name(&o.name))
+            .filter_map(|o| Some((crate::pack::pack_id_from_name(&o.name)?, o.size)))
             .collect();
-        deps.into_iter().filter(|p| !present.contains(p)).collect()
+        deps.into_iter()
+            .filter(|(p, end)| present.get(p).is_none_or(|size| size < end))
+            .collect()
     } else {
         deps
     };
     let mut missing = Vec::new();
-    for p in suspects {
-        match backend.size(&crate::pack::pack_name(&p)) {
+    for (p, end) in suspects {
+        let name = crate::pack::pack_name(&p);
+        match backend.size(&name) {
+            Ok(size) if size < end => {
+                return Err(Error::corrupt(
+                    &name,
+                    format!(
+                        "it is {size} bytes long, but chunks this backup deduplicated against lie up to byte {end}: it was truncated. Nothing was committed; `ekko check --read-data --repair` keeps what is intact, after which backups store the rest again"
+                    ),
+                ));
+            }
             Ok(_) => {}
             Err(Error::NotFound { .. }) => missing.push(p),
             Err(e) => return Err(e),
@@ -500,8 +531,11 @@ fn missing_packs_error(repo: &Repository, deps: Vec<ObjectId>) -> Result<()> {
         // fails alike until the index forgets it.
         return Err(Error::GcRace {
             reason: format!(
-                "pack {p} (and {} more) that this backup stored or deduplicated against was deleted by a prune, or lost. A prune deletes a running backup's packs only when the backup takes longer than the grace period allows: give prune a longer --grace than the longest backup. (If the next backup fails the same way, the repository lost it: run `ekko check` to see which snapshots are affected, then `ekko index rebuild`, after which backups store its chunks again)",
-                missing.len() - 1
+                "pack {p}{} that this backup stored or deduplicated against was deleted by a prune, or lost. A prune deletes a running backup's packs only when the backup takes longer than the grace period allows: give prune a longer --grace than the longest backup. (If the next backup fails the same way, the repository lost it: run `ekko check` to see which snapshots are affected, then `ekko index rebuild`, after which backups store its chunks again)",
+                match missing.len() {
+                    1 => String::new(),
+                    n => format!(" (and {} more)", n - 1),
+                }
             ),
         });
     }
@@ -536,14 +570,23 @@ mod tests {
             started: Instant::now(),
             seen: HashSet::new(),
             candidates: [ObjectId([1; 16])].into(),
-            depends: Mutex::new(HashSet::new()),
+            depends: Mutex::new(HashMap::new()),
             written: Mutex::new(HashSet::new()),
             lost: HashSet::new(),
             check_parents: false,
         };
-        assert!(!g.reuse(ObjectId([1; 16])));
-        assert!(g.reuse(ObjectId([2; 16])));
+        let at = |pack: u8, offset: u64| Location {
+            pack: ObjectId([pack; 16]),
+            offset,
+            stored_len: 100,
+            raw_len: 100,
+            kind: crate::format::ChunkKind::Data,
+            compressed: false,
+        };
+        assert!(!g.reuse(&at(1, 16)));
+        assert!(g.reuse(&at(2, 500)));
+        assert!(g.reuse(&at(2, 16)));
         let deps = g.depends.lock().unwrap().clone();
-        assert_eq!(deps, [ObjectId([2; 16])].into());
+        assert_eq!(deps, [(ObjectId([2; 16]), 600)].into());
     }
 }

@@ -254,7 +254,7 @@ pub fn check_and_repair(
         )?;
         refuse_unjudged(&now, opts)?;
     }
-    refuse_if_nothing_opens(&now)?;
+    refuse_if_nothing_opens(repo, &now)?;
     let damage = &now.damage;
     // A pack the listing lacks may only be late to appear (some stores'
     // listings lag): dropping it from the index would let prune delete it.
@@ -438,13 +438,22 @@ pub fn check_and_repair(
     })
 }
 
-/// When no pack's trailer opens, the packs are not all damaged: the key
-/// is wrong (in an unencrypted repository, the config's `id_key` is
-/// damaged), and a repair would drop every chunk. It stops, changing
-/// nothing.
-fn refuse_if_nothing_opens(r: &CheckReport) -> Result<()> {
+/// When no pack's trailer, index file or snapshot manifest opens, they are
+/// not all damaged: the key is wrong (in an unencrypted repository, the
+/// config's `id_key` is damaged), and a repair would drop every chunk. It
+/// stops, changing nothing.
+fn refuse_if_nothing_opens(repo: &Repository, r: &CheckReport) -> Result<()> {
     let d = &r.damage;
-    if !d.bad_trailers.is_empty() && d.bad_trailers.len() == d.listed_packs.len() {
+    if d.bad_trailers.is_empty() || d.bad_trailers.len() != d.listed_packs.len() {
+        return Ok(());
+    }
+    let (backend, keys) = (repo.store().as_ref(), repo.keys());
+    let (snaps, _) = crate::snapshot::load_all(backend, keys)?;
+    let index_opens = backend
+        .list("index/")?
+        .iter()
+        .any(|o| index::read_index_file(backend, keys, &o.name).is_ok());
+    if snaps.is_empty() && !index_opens {
         return Err(Error::Invalid(format!(
             "none of the {} packs' trailers opens with this repository's key: that is a wrong key, not {} damaged packs (in an unencrypted repository, a damaged `id_key` in the config; put back a copy of the config). Nothing was changed",
             d.listed_packs.len(),

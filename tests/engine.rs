@@ -1412,6 +1412,46 @@ fn repair_puts_moved_packs_back_and_refuses_a_wrong_key() {
     assert_eq!(sha256_file(&plain.restore(&id, "sda")), want);
 }
 
+/// A backup that deduplicates against a truncated pack (found empty or
+/// short by the size check before the commit) commits nothing, and says
+/// what to do; after the repair the next backup stores the data again.
+#[test]
+fn a_backup_never_commits_onto_a_truncated_pack() {
+    let env = Env::init(&["--chunk-size", "64K"]);
+    let img = env.path("d.img");
+    make_image(&img, 2 * MIB, &[(0, &random_bytes(82, 2 * MIB as usize))]);
+    env.backup("vm", &[("sda", &img)]);
+    let packs = env.pack_files();
+    assert_eq!(packs.len(), 1);
+    for len in [0, fs::metadata(&packs[0]).unwrap().len() / 2] {
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&packs[0])
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+        let before = env.repo_state();
+        let out = env.run(&[
+            "backup",
+            "--vm",
+            "vm",
+            "--disk",
+            &format!("sda={}", img.display()),
+        ]);
+        let err = assert_clean_failure(&out, "truncated");
+        assert_eq!(out.status.code(), Some(3), "{err}");
+        assert!(err.contains("Nothing was committed"), "{err}");
+        assert_eq!(env.repo_state(), before, "a refused backup changed files");
+    }
+    env.run(&["check", "--read-data", "--repair"]);
+    let id = env.backup("vm", &[("sda", &img)]);
+    assert_eq!(sha256_file(&env.restore(&id, "sda")), sha256_file(&img));
+    // The damaged pack was kept while snapshots lacked chunks it might
+    // hold; now that the backup stored them again, a repair removes it.
+    env.ok(&["check", "--read-data", "--repair"]);
+    env.ok(&["check", "--read-data"]);
+}
+
 /// A file whose header names an unknown format version is either written
 /// by a newer ekko or damaged; sealed files tell which (the header is
 /// sealed with the body). A damaged one is damage like any other: named,
