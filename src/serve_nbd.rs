@@ -396,7 +396,7 @@ fn start_cancellable(opts: &ServeOptions, cancel: &AtomicBool) -> Result<NbdServ
                 )
             })
         })?;
-        let snap = snapshot::resolve(repo.backend().as_ref(), repo.keys(), &opts.snapshot)?;
+        let snap = snapshot::resolve_exact(repo.backend().as_ref(), repo.keys(), &opts.snapshot)?;
         let disk = match &opts.disk {
             Some(d) => snap.disk(d)?.name.clone(),
             None => match snap.disks.as_slice() {

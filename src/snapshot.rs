@@ -295,7 +295,29 @@ pub fn is_listed_full_id(backend: &dyn Backend, spec: &str) -> bool {
         .is_some_and(|id| list_ids(backend).is_ok_and(|l| l.contains(&id.to_hex())))
 }
 
-/// Resolve a full id, a unique prefix, or `VM@latest`.
+/// `resolve`, for a snapshot to read or to act on: `VM@latest` is refused
+/// while a manifest does not open, as that one may be the VM's newest (a
+/// restore would silently give older data). A backup's parent is chosen
+/// with `resolve`, which takes the newest that opens.
+pub fn resolve_exact(backend: &dyn Backend, keys: &Keys, spec: &str) -> Result<Snapshot> {
+    if let Some(vm) = spec.strip_suffix("@latest") {
+        let (_, bad) = load_all(backend, keys)?;
+        if let Some(first) = bad.first() {
+            return Err(Error::corrupt(
+                "snapshots/",
+                format!(
+                    "{} snapshot manifest(s) do not open ({first}{}), and one may be {vm}'s newest snapshot, so {spec} cannot be told: name the snapshot by its id (`ekko snapshots --vm {vm}` lists those that open), or repair the manifest (`ekko check --repair`)",
+                    bad.len(),
+                    if bad.len() > 1 { ", …" } else { "" }
+                ),
+            ));
+        }
+    }
+    resolve(backend, keys, spec)
+}
+
+/// Resolve a full id, a unique prefix, or `VM@latest` (the newest of the
+/// VM's snapshots whose manifests open).
 pub fn resolve(backend: &dyn Backend, keys: &Keys, spec: &str) -> Result<Snapshot> {
     if let Some(vm) = spec.strip_suffix("@latest") {
         let (all, bad) = load_all(backend, keys)?;

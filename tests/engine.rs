@@ -1489,6 +1489,21 @@ fn a_damaged_version_byte_is_damage_and_named() {
     let out = env.run(&["restore", &id, "--to", env.path("r.img").to_str().unwrap()]);
     let err = assert_clean_failure(&out, &format!("snapshots/{id}"));
     assert!(err.contains("header is damaged"), "{err}");
+
+    // With the newest manifest damaged, `vm@latest` cannot be told: a
+    // restore or an export of it is refused (exit 3) instead of silently
+    // giving the older snapshot; a backup still finds a parent.
+    env.backup("old", &[("sda", &img)]);
+    let newer = env.backup("vm", &[("sda", &img)]);
+    let _ = fs::remove_dir_all(&env.cache);
+    xor_byte(&env.repo.join("snapshots").join(&newer), 40, 0x01);
+    let out = env.run(&["restore", "vm@latest", "--to", "-"]);
+    let err = assert_clean_failure(&out, "name the snapshot by its id");
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(out.stdout.is_empty(), "a refused restore streamed bytes");
+    let out = env.run(&["diff", "old@latest", "vm@latest"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    env.backup("vm", &[("sda", &img)]);
 }
 
 #[test]

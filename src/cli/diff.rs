@@ -28,8 +28,8 @@ pub struct DiffArgs {
 pub fn run(g: &Global, a: DiffArgs) -> Result<ExitCode> {
     let repo = g.open()?;
     let (backend, keys) = (repo.backend().as_ref(), repo.keys());
-    let from = ekko::snapshot::resolve(backend, keys, &a.from)?;
-    let to = ekko::snapshot::resolve(backend, keys, &a.to)?;
+    let from = ekko::snapshot::resolve_exact(backend, keys, &a.from)?;
+    let to = ekko::snapshot::resolve_exact(backend, keys, &a.to)?;
     let mut names: Vec<&str> = from.disks.iter().map(|d| d.name.as_str()).collect();
     for d in &to.disks {
         if !names.contains(&d.name.as_str()) {

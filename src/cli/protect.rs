@@ -19,7 +19,7 @@ pub struct ProtectArgs {
 pub fn run(g: &Global, a: ProtectArgs) -> Result<ExitCode> {
     let repo = g.open()?;
     let backend = repo.backend().as_ref();
-    let snap = match ekko::snapshot::resolve(backend, repo.keys(), &a.snapshot) {
+    let snap = match ekko::snapshot::resolve_exact(backend, repo.keys(), &a.snapshot) {
         // A protected snapshot whose manifest is damaged beyond repair:
         // its protection must be removable, or forget could never remove
         // it (and prune stays blocked by it).

@@ -42,7 +42,7 @@ pub struct RestoreArgs {
 
 pub fn run(g: &Global, a: RestoreArgs) -> Result<ExitCode> {
     let repo = Arc::new(g.open()?);
-    let snap = ekko::snapshot::resolve(repo.backend().as_ref(), repo.keys(), &a.snapshot)?;
+    let snap = ekko::snapshot::resolve_exact(repo.backend().as_ref(), repo.keys(), &a.snapshot)?;
     let cancel = super::cancel_flag()?;
     if a.all {
         std::fs::create_dir_all(&a.to)
