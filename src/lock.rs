@@ -55,8 +55,26 @@ pub struct LockInfo {
     pub gc: bool,
     pub host: String,
     pub pid: u32,
+    /// Which process `pid` was: the host's boot id and the process's start
+    /// time (`process_start`), so that a PID the kernel reused for another
+    /// process does not keep a dead holder's lock alive. Absent in older
+    /// locks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<String>,
     pub time: String,
     pub purpose: String,
+}
+
+/// `<boot id>:<start time in clock ticks since boot>` of process `pid` on
+/// this host, or `None` if it does not run (or /proc does not say).
+pub fn process_start(pid: u32) -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold anything:
+    // the fields after its last ')' start at field 3.
+    let after = &stat[stat.rfind(')')? + 1..];
+    let start = after.split_whitespace().nth(19)?;
+    Some(format!("{}:{start}", boot.trim()))
 }
 
 /// How often a holder rewrites its lock.
@@ -98,10 +116,18 @@ impl Found {
     /// Why this lock is stale at the store's time `now`, or `None` if its
     /// holder may still be running.
     pub fn stale(&self, now: SystemTime) -> Option<String> {
-        if self.info.host == crate::time::hostname()
-            && !std::path::Path::new(&format!("/proc/{}", self.info.pid)).exists()
-        {
-            return Some(format!("process {} is gone on this host", self.info.pid));
+        if self.info.host == crate::time::hostname() {
+            if !std::path::Path::new(&format!("/proc/{}", self.info.pid)).exists() {
+                return Some(format!("process {} is gone on this host", self.info.pid));
+            }
+            if let Some(start) = &self.info.start {
+                if process_start(self.info.pid).is_some_and(|now| now != *start) {
+                    return Some(format!(
+                        "process {} is gone on this host (its pid now belongs to another process)",
+                        self.info.pid
+                    ));
+                }
+            }
         }
         let age = now.duration_since(self.modified).unwrap_or_default();
         (age > STALE_AFTER).then(|| {
@@ -145,6 +171,7 @@ pub fn list(backend: &dyn Backend, keys: &Keys) -> Result<Vec<Found>> {
                     gc: false,
                     host: String::new(),
                     pid: 0,
+                    start: None,
                     time: String::new(),
                     purpose: String::new(),
                 },
@@ -179,6 +206,7 @@ impl Lock {
             gc: kind == Kind::Gc,
             host: crate::time::hostname(),
             pid: std::process::id(),
+            start: process_start(std::process::id()),
             time: crate::time::now_rfc3339(),
             purpose: purpose.into(),
         };
@@ -338,5 +366,40 @@ impl Drop for Lock {
         if let Err(e) = self.backend.delete(&self.name) {
             tracing::warn!("could not remove lock {}: {e}", self.name);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn found(pid: u32, start: Option<String>) -> Found {
+        Found {
+            name: "locks/x".into(),
+            info: LockInfo {
+                exclusive: false,
+                gc: false,
+                host: crate::time::hostname(),
+                pid,
+                start,
+                time: String::new(),
+                purpose: "test".into(),
+            },
+            modified: SystemTime::now(),
+            damaged: None,
+        }
+    }
+
+    #[test]
+    fn a_reused_pid_does_not_keep_a_dead_holders_lock() {
+        let me = std::process::id();
+        let start = process_start(me).expect("/proc tells our start");
+        let now = SystemTime::now();
+        assert!(found(me, Some(start.clone())).stale(now).is_none());
+        // An older lock without a start time: the pid alone decides.
+        assert!(found(me, None).stale(now).is_none());
+        // Our pid, but another process's start: the holder is gone.
+        let why = found(me, Some(format!("{start}0"))).stale(now).unwrap();
+        assert!(why.contains("belongs to another process"), "{why}");
     }
 }
