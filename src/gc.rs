@@ -470,7 +470,7 @@ impl Guard {
             if let Some(what) = missing {
                 return Err(Error::GcRace {
                     reason: format!(
-                        "the parent snapshot {parent} was forgotten while this backup started, and disk {} kept from it {what}; nothing was committed. Run the backup again: it builds on the VM's latest snapshot now",
+                        "the parent snapshot {parent} was forgotten while this backup started, and disk {} kept from it {what} (run again, the backup builds on the VM's latest snapshot now)",
                         d.name
                     ),
                 });
