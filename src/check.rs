@@ -198,7 +198,14 @@ pub fn check_with(
     let mut bad_packs: HashSet<ObjectId> = HashSet::new();
     for p in &packs {
         let Some(pid) = pack::pack_id_from_name(&p.name) else {
-            report.problems.push(format!("{}: not a pack name", p.name));
+            match pack::misplaced_pack_id(&p.name) {
+                Some(id) => report.problems.push(format!(
+                    "{}: a pack file in the wrong place: pack {id} belongs at {} (`ekko check --repair` puts it back if nothing is there)",
+                    p.name,
+                    pack::pack_name(&id)
+                )),
+                None => report.problems.push(format!("{}: not a pack name", p.name)),
+            }
             continue;
         };
         match pack::read_trailer(backend, keys, &p.name) {

@@ -17,7 +17,19 @@ pub fn pack_name(id: &ObjectId) -> String {
 }
 
 /// Parse `packs/xx/<hex>` back into an id.
+/// The id of the pack stored as `name`, which must be exactly its
+/// `pack_name`: a pack file in another folder is not a pack (see
+/// `misplaced_pack_id`).
 pub fn pack_id_from_name(name: &str) -> Option<ObjectId> {
+    loose_pack_id(name).filter(|id| pack_name(id) == name)
+}
+
+/// The id a pack file in the wrong place (`packs/d9/d8…`) names.
+pub fn misplaced_pack_id(name: &str) -> Option<ObjectId> {
+    loose_pack_id(name).filter(|id| pack_name(id) != name)
+}
+
+fn loose_pack_id(name: &str) -> Option<ObjectId> {
     let file = name.strip_prefix("packs/")?.split('/').nth(1)?;
     ObjectId::from_hex(file)
 }

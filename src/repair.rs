@@ -487,8 +487,18 @@ fn move_back(
     candidates.dedup();
     let mut sources: Vec<ObjectId> = damage.bad_trailers.iter().copied().collect();
     sources.sort_by_key(|p| p.0);
-    let mut found: Vec<(ObjectId, ObjectId, Vec<u8>)> = Vec::new();
+    let mut found: Vec<(String, ObjectId, Vec<u8>)> = Vec::new();
     let mut held = 0usize;
+    // A pack file in the wrong folder, whose own name is free.
+    for o in backend.list("packs/")? {
+        if let Some(to) = pack::misplaced_pack_id(&o.name) {
+            if damage.missing_packs.contains(&to) && !found.iter().any(|(_, t, _)| *t == to) {
+                let data = backend.get(&o.name)?;
+                held = held.saturating_add(data.len());
+                found.push((o.name, to, data));
+            }
+        }
+    }
     for from in sources {
         let others: Vec<ObjectId> = candidates.iter().filter(|c| **c != from).copied().collect();
         let name = pack::pack_name(&from);
@@ -504,12 +514,16 @@ fn move_back(
             tracing::warn!("more moved packs than a repair holds at once; run the repair again");
             break;
         }
-        found.push((from, to, data));
+        found.push((name, to, data));
     }
     let mut moved = Vec::new();
     for (from, to, data) in found {
         backend.put(&pack::pack_name(&to), &data)?;
-        moved.push((pack::pack_name(&from), pack::pack_name(&to)));
+        if pack::pack_id_from_name(&from).is_none() {
+            // Not a pack name: nothing else would ever remove it.
+            backend.delete(&from)?;
+        }
+        moved.push((from, pack::pack_name(&to)));
         step();
     }
     Ok(moved)

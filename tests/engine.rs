@@ -1364,12 +1364,12 @@ fn repair_puts_moved_packs_back_and_refuses_a_wrong_key() {
     // Two packs swapped, and a third renamed to a name no pack has.
     let env = Env::init(&["--chunk-size", "64K", "--pack-size", "1M"]);
     let img = env.path("d.img");
-    make_image(&img, 3 * MIB, &[(0, &random_bytes(80, 3 * MIB as usize))]);
+    make_image(&img, 5 * MIB, &[(0, &random_bytes(80, 5 * MIB as usize))]);
     let want = sha256_file(&img);
     let id = env.backup("vm", &[("sda", &img)]);
     let mut packs = env.pack_files();
     packs.sort();
-    assert!(packs.len() >= 3, "{packs:?}");
+    assert!(packs.len() >= 4, "{packs:?}");
     let tmp = env.path("swap");
     fs::rename(&packs[0], &tmp).unwrap();
     fs::rename(&packs[1], &packs[0]).unwrap();
@@ -1377,6 +1377,22 @@ fn repair_puts_moved_packs_back_and_refuses_a_wrong_key() {
     let elsewhere = env.repo.join("packs/01/0123456789abcdef0123456789abcdef");
     fs::create_dir_all(elsewhere.parent().unwrap()).unwrap();
     fs::rename(&packs[2], &elsewhere).unwrap();
+    // And one in the wrong folder (packs/xx/ must be its id's first byte).
+    let file = packs[3].file_name().unwrap().to_owned();
+    let folder = if file.to_str().unwrap().starts_with("ff") {
+        "00"
+    } else {
+        "ff"
+    };
+    let wrong = env.repo.join("packs").join(folder).join(&file);
+    fs::create_dir_all(wrong.parent().unwrap()).unwrap();
+    fs::rename(&packs[3], &wrong).unwrap();
+    let out = env.run(&["check"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("a pack file in the wrong place"),
+        "{out:?}"
+    );
     let out = env.run(&["check", "--read-data"]);
     assert_eq!(out.status.code(), Some(3));
     let report = env.ok(&["check", "--read-data", "--repair"]);
@@ -1384,10 +1400,11 @@ fn repair_puts_moved_packs_back_and_refuses_a_wrong_key() {
         report
             .matches("stored under another name: copied back")
             .count(),
-        3,
+        4,
         "{report}"
     );
     assert!(!elsewhere.exists(), "the copy under the wrong name stays");
+    assert!(!wrong.exists(), "the file in the wrong folder stays");
     env.ok(&["check", "--read-data"]);
     assert_eq!(sha256_file(&env.restore(&id, "sda")), want);
 
