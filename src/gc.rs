@@ -389,8 +389,7 @@ impl Guard {
         if blocked.is_none() {
             let mut d = self.depends.lock().expect("guard lock");
             for (p, end) in packs {
-                let e = d.entry(p).or_insert(0);
-                *e = (*e).max(end);
+                raise(&mut d, p, end);
             }
         }
         Ok(blocked)
@@ -484,8 +483,16 @@ impl Guard {
 /// A `GcRace` error if any of `packs` is gone from the repository.
 /// The snapshot relies on `pack` up to `loc`'s chunk's end.
 fn rely(packs: &mut HashMap<ObjectId, u64>, loc: &Location) {
-    let end = loc.offset.saturating_add(u64::from(loc.stored_len));
-    let e = packs.entry(loc.pack).or_insert(0);
+    raise(
+        packs,
+        loc.pack,
+        loc.offset.saturating_add(u64::from(loc.stored_len)),
+    );
+}
+
+/// Relied on up to `end` in `pack`, at least.
+fn raise(packs: &mut HashMap<ObjectId, u64>, pack: ObjectId, end: u64) {
+    let e = packs.entry(pack).or_insert(0);
     *e = (*e).max(end);
 }
 

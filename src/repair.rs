@@ -233,26 +233,25 @@ pub fn check_and_repair(
     }
 
     let _lock = Lock::exclusive(repo.backend(), keys, "check --repair")?;
-    repo.refresh_index()?;
-    let mut now = check::check_with(
-        repo,
-        ReadData::None,
-        threads,
-        &first.damage.packs_to_repair(),
-    )?;
-    refuse_unjudged(&now, opts)?;
-    // 0. Packs stored under another pack's name: copied back to their own
-    //    names, and the repository checked again.
-    report.packs_moved_back = move_back(backend, keys, &now.damage, &step)?;
-    if !report.packs_moved_back.is_empty() {
+    // The structure as it is now, under the lock, with the suspect packs
+    // read again.
+    let recheck = || -> Result<CheckReport> {
         repo.refresh_index()?;
-        now = check::check_with(
+        let r = check::check_with(
             repo,
             ReadData::None,
             threads,
             &first.damage.packs_to_repair(),
         )?;
-        refuse_unjudged(&now, opts)?;
+        refuse_unjudged(&r, opts)?;
+        Ok(r)
+    };
+    let mut now = recheck()?;
+    // 0. Packs stored under another pack's name: copied back to their own
+    //    names, and the repository checked again.
+    report.packs_moved_back = move_back(backend, keys, &now.damage, &step)?;
+    if !report.packs_moved_back.is_empty() {
+        now = recheck()?;
     }
     refuse_if_nothing_opens(repo, &now)?;
     let damage = &now.damage;

@@ -121,6 +121,11 @@ impl Snapshot {
             })
     }
 
+    /// Whether the snapshot carries every one of `tags`.
+    pub fn has_tags(&self, tags: &[String]) -> bool {
+        tags.iter().all(|t| self.tags.contains(t))
+    }
+
     pub fn short_id(&self) -> &str {
         &self.id[..self.id.len().min(8)]
     }
@@ -301,7 +306,7 @@ pub fn is_listed_full_id(backend: &dyn Backend, spec: &str) -> bool {
 /// with `resolve`, which takes the newest that opens.
 pub fn resolve_exact(backend: &dyn Backend, keys: &Keys, spec: &str) -> Result<Snapshot> {
     if let Some(vm) = spec.strip_suffix("@latest") {
-        let (_, bad) = load_all(backend, keys)?;
+        let (all, bad) = load_all(backend, keys)?;
         if let Some(first) = bad.first() {
             return Err(Error::corrupt(
                 "snapshots/",
@@ -312,8 +317,17 @@ pub fn resolve_exact(backend: &dyn Backend, keys: &Keys, spec: &str) -> Result<S
                 ),
             ));
         }
+        return latest_of(all, vm, spec);
     }
     resolve(backend, keys, spec)
+}
+
+/// The newest of `all` (sorted oldest first) whose VM is `vm`.
+fn latest_of(all: Vec<Snapshot>, vm: &str, spec: &str) -> Result<Snapshot> {
+    all.into_iter()
+        .rev()
+        .find(|s| s.vm == vm)
+        .ok_or_else(|| Error::SnapshotNotFound { spec: spec.into() })
 }
 
 /// Resolve a full id, a unique prefix, or `VM@latest` (the newest of the
@@ -327,11 +341,7 @@ pub fn resolve(backend: &dyn Backend, keys: &Keys, spec: &str) -> Result<Snapsho
                 bad.len()
             );
         }
-        return all
-            .into_iter()
-            .rev()
-            .find(|s| s.vm == vm)
-            .ok_or_else(|| Error::SnapshotNotFound { spec: spec.into() });
+        return latest_of(all, vm, spec);
     }
     let spec_l = spec.to_ascii_lowercase();
     if spec_l.is_empty() || !spec_l.chars().all(|c| c.is_ascii_hexdigit()) {

@@ -80,7 +80,7 @@ pub fn run(g: &Global, a: ForgetArgs) -> Result<ExitCode> {
     let snaps: Vec<_> = snaps
         .into_iter()
         .filter(|s| a.vm.as_ref().is_none_or(|v| &s.vm == v))
-        .filter(|s| a.tags.iter().all(|t| s.tags.contains(t)))
+        .filter(|s| s.has_tags(&a.tags))
         .collect();
     if let Some(vm) = &a.vm {
         if snaps.is_empty() && !g.quiet {

@@ -30,7 +30,7 @@ pub fn run(g: &Global, a: SnapshotsArgs) -> Result<ExitCode> {
     let snaps: Vec<_> = snaps
         .into_iter()
         .filter(|s| a.vm.as_ref().is_none_or(|v| &s.vm == v))
-        .filter(|s| a.tags.iter().all(|t| s.tags.contains(t)))
+        .filter(|s| s.has_tags(&a.tags))
         .collect();
     let protected = ekko::gc::protected_ids(repo.backend().as_ref())?;
     let mut out = std::io::stdout().lock();
