@@ -486,34 +486,46 @@ fn move_back(
     candidates.dedup();
     let mut sources: Vec<ObjectId> = damage.bad_trailers.iter().copied().collect();
     sources.sort_by_key(|p| p.0);
-    let mut found: Vec<(String, ObjectId, Vec<u8>)> = Vec::new();
-    let mut held = 0usize;
-    // A pack file in the wrong folder, whose own name is free.
+    // (file, the pack it is): files in the wrong folder, and damaged packs
+    // that open under another pack's id. Each is authenticated by its
+    // trailer before anything is written.
+    let mut pairs: Vec<(String, ObjectId)> = Vec::new();
     for o in backend.list("packs/")? {
         if let Some(to) = pack::misplaced_pack_id(&o.name) {
-            if damage.missing_packs.contains(&to) && !found.iter().any(|(_, t, _)| *t == to) {
-                let data = backend.get(&o.name)?;
-                held = held.saturating_add(data.len());
-                found.push((o.name, to, data));
+            if pack::trailer_opens_as(backend, keys, &o.name, &[to])?.is_some() {
+                pairs.push((o.name, to));
             }
         }
     }
     for from in sources {
         let others: Vec<ObjectId> = candidates.iter().filter(|c| **c != from).copied().collect();
         let name = pack::pack_name(&from);
-        let Some(to) = pack::trailer_opens_as(backend, keys, &name, &others)? else {
-            continue;
-        };
+        if let Some(to) = pack::trailer_opens_as(backend, keys, &name, &others)? {
+            pairs.push((name, to));
+        }
+    }
+    let mut found: Vec<(String, ObjectId, Vec<u8>)> = Vec::new();
+    let mut held = 0usize;
+    for (from, to) in pairs {
         if found.iter().any(|(_, t, _)| *t == to) {
             continue; // two copies of one pack: the first will do
         }
-        let data = backend.get(&name)?;
+        // Only a name that holds nothing, or a damaged pack, is written
+        // over: a pack a lagging listing lacks may well exist.
+        if !damage.bad_trailers.contains(&to) {
+            match backend.size(&pack::pack_name(&to)) {
+                Err(Error::NotFound { .. }) => {}
+                Ok(_) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let data = backend.get(&from)?;
         held = held.saturating_add(data.len());
         if held > MAX_HELD {
             tracing::warn!("more moved packs than a repair holds at once; run the repair again");
             break;
         }
-        found.push((name, to, data));
+        found.push((from, to, data));
     }
     let mut moved = Vec::new();
     for (from, to, data) in found {

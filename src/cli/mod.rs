@@ -272,16 +272,20 @@ pub fn progress_bar(g: &Global, len: u64, what: &str) -> indicatif::ProgressBar 
 pub fn cancel_flag() -> Result<Arc<AtomicBool>> {
     const STOPPING: &[u8] = b"ekko: stopping; a second Ctrl-C or SIGTERM stops at once\n";
     let flag = Arc::new(AtomicBool::new(false));
+    // Set by signals alone: ekko sets `flag` itself too (a failed read, a
+    // filling work folder), and a signal after that is still the first.
+    let signalled = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // The shutdown goes first: it fires only when the flag is already
-        // set, that is, on the second signal.
-        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&flag))
+        // The shutdown goes first: it fires only when a signal came
+        // before, that is, on the second signal.
+        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&signalled))
             .context("installing a signal handler")?;
-        let first = Arc::clone(&flag);
-        // SAFETY: the action only swaps an atomic and calls write(2), both
+        let (first, cancel) = (Arc::clone(&signalled), Arc::clone(&flag));
+        // SAFETY: the action only sets atomics and calls write(2), all
         // async-signal-safe; it neither allocates nor takes locks.
         unsafe {
             signal_hook::low_level::register(sig, move || {
+                cancel.store(true, Ordering::SeqCst);
                 if !first.swap(true, Ordering::SeqCst) {
                     libc::write(2, STOPPING.as_ptr().cast(), STOPPING.len());
                 }
